@@ -1,0 +1,489 @@
+"""`HashIndex`: the embedded index of codes, features, ids and metadata, searched by the Numba kernels.
+
+Concurrency: the arrays live in a `_Snapshot` that searches read without locks. Adds append into spare capacity past
+the snapshot's count and then publish a new snapshot, so a search running meanwhile never sees a half-written item;
+removals (and re-adds of an existing id, which replace the old item) build compacted copies and publish them.
+Writers are serialized by a lock. Rows keep insertion order, and Hamming ties are broken by that order.
+
+On disk (`save(dir)`): `dir/CURRENT` names a generation folder `dir/gen-N/` holding `header.json` (format version,
+bits, feature dim and dtype, count, sha256 of every file) and the arrays as `.npy` files, which `open` memory-maps.
+A save writes a new generation, fsyncs it, then atomically replaces `CURRENT`: a crash midway leaves the previous
+generation readable. Older generations are removed after the switch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from latenthash.backend import Items, SearchResult
+from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
+from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound
+
+FORMAT = "latenthash-index"
+VERSION = 1
+FEATURE_DTYPES = ("float32", "float16", "int8")
+MAX_K = 100_000
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    n: int
+    words: np.ndarray  # (capacity, W) uint64
+    ids: np.ndarray  # (capacity,) int64
+    features: np.ndarray | None  # (capacity, D) float32 / float16 / int8
+    scales: np.ndarray | None  # (capacity,) float32, int8 storage only
+    metadata: list  # JSON text (str) or None per row; rows past n may exist
+
+
+def _kernels():
+    from latenthash import kernels  # lazy: numba is heavy to import
+
+    return kernels
+
+
+class HashIndex:
+    """Packed binary codes with optional features and metadata, searchable by Hamming distance and cosine re-rank.
+
+    >>> index = HashIndex(bits=48, feature_dim=256)
+    >>> index.add([7, 8], codes, features, metadata=[{"path": "a.jpg"}, {"path": "b.jpg"}])
+    >>> result = index.search(query_codes, k=10, features=query_features)  # result.ids: (queries, 10)
+
+    Ids are caller-chosen 64-bit integers; adding an id that is already present replaces its item (it then ranks
+    as the newest item in ties)."""
+
+    def __init__(self, *, bits: int, feature_dim: int | None = None, feature_dtype: str = "float16",
+                 path: str | os.PathLike | None = None):
+        self.bits = check_bits(bits)
+        if feature_dim is not None and (not isinstance(feature_dim, (int, np.integer)) or feature_dim < 1):
+            raise InvalidInput(f"feature_dim must be a positive integer or None, got {feature_dim!r}")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise InvalidInput(f"feature_dtype must be one of {FEATURE_DTYPES}, got {feature_dtype!r}")
+        self.feature_dim = int(feature_dim) if feature_dim is not None else None
+        self.feature_dtype = feature_dtype
+        self.path = Path(path) if path is not None else None
+        self._lock = threading.RLock()
+        self._rows: dict[int, int] = {}
+        self._snap = self._empty_snapshot(0)
+        self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
+
+    # ------------------------------------------------------------------------------------------------ storage
+    def _empty_snapshot(self, capacity: int) -> _Snapshot:
+        w = n_words(self.bits)
+        feats = scales = None
+        if self.feature_dim:
+            feats = np.zeros((capacity, self.feature_dim), dtype=self.feature_dtype)
+            if self.feature_dtype == "int8":
+                scales = np.ones(capacity, dtype=np.float32)
+        return _Snapshot(0, np.zeros((capacity, w), np.uint64), np.zeros(capacity, np.int64), feats, scales, [])
+
+    def _grown(self, snap: _Snapshot, need: int) -> _Snapshot:
+        """A snapshot with room for `need` rows: the same arrays if they fit, else copies with doubled capacity."""
+        if need <= len(snap.ids) and snap.words.flags.writeable:
+            return snap
+        bigger = self._empty_snapshot(max(need, 2 * len(snap.ids), 1024))
+        n = snap.n
+        bigger.words[:n] = snap.words[:n]
+        bigger.ids[:n] = snap.ids[:n]
+        if bigger.features is not None:
+            bigger.features[:n] = snap.features[:n]
+        if bigger.scales is not None:
+            bigger.scales[:n] = snap.scales[:n]
+        return _Snapshot(n, bigger.words, bigger.ids, bigger.features, bigger.scales, list(snap.metadata[:n]))
+
+    def __len__(self) -> int:
+        return self._snap.n
+
+    def __contains__(self, id_: int) -> bool:
+        return int(id_) in self._rows
+
+    @property
+    def ids(self) -> np.ndarray:
+        snap = self._snap
+        return snap.ids[: snap.n].copy()
+
+    # ------------------------------------------------------------------------------------------------ input checks
+    def _check_ids(self, ids) -> np.ndarray:
+        arr = np.atleast_1d(np.asarray(ids))
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise InvalidInput(f"ids must be a 1-D sequence of integers, got dtype {arr.dtype} shape {arr.shape}")
+        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+            raise InvalidInput("ids must fit in a signed 64-bit integer")
+        return arr.astype(np.int64)
+
+    def _prepare_features(self, features, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if features is None:
+            if self.feature_dim:
+                raise InvalidInput(f"this index stores {self.feature_dim}-d features: pass features= with add()")
+            return None, None
+        if not self.feature_dim:
+            raise InvalidInput("this index was created without feature_dim: it cannot store features")
+        f = np.asarray(features, dtype=np.float32)
+        if f.ndim == 1:
+            f = f[None, :]
+        if f.shape != (n, self.feature_dim):
+            raise ModelMismatch(f"features must have shape ({n}, {self.feature_dim}), got {f.shape}")
+        if not np.all(np.isfinite(f)):
+            raise InvalidInput("features contain NaN or infinite values")
+        f = normalize(f)
+        if self.feature_dtype == "int8":
+            scale = np.maximum(np.abs(f).max(axis=1), 1e-12) / 127.0
+            return np.round(f / scale[:, None]).astype(np.int8), scale.astype(np.float32)
+        return f.astype(self.feature_dtype), None
+
+    # ------------------------------------------------------------------------------------------------ writes
+    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> None:
+        """Add items; an id already present is replaced. codes: packed uint8 (N, ceil(bits/8)) or 0/1 (N, bits)."""
+        ids = self._check_ids(ids)
+        packed = pack_codes(codes, self.bits)
+        n = len(ids)
+        if len(packed) != n:
+            raise InvalidInput(f"{n} ids but {len(packed)} codes")
+        if len(np.unique(ids)) != n:
+            raise InvalidInput("ids given to one add() must be unique")
+        feats, scales = self._prepare_features(features, n)
+        if metadata is not None and len(metadata) != n:
+            raise InvalidInput(f"{n} ids but {len(metadata)} metadata entries")
+        try:
+            meta = [None if m is None else json.dumps(m) for m in metadata] if metadata is not None else [None] * n
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"metadata must be JSON-serializable: {exc}") from None
+        if n == 0:
+            return
+        with self._lock:
+            present = [i for i in ids.tolist() if i in self._rows]
+            if present:
+                self._remove_locked(np.asarray(present, dtype=np.int64))
+            snap = self._grown(self._snap, self._snap.n + n)
+            lo, hi = snap.n, snap.n + n
+            snap.words[lo:hi] = to_words(packed, self.bits)
+            snap.ids[lo:hi] = ids
+            if feats is not None:
+                snap.features[lo:hi] = feats
+            if scales is not None:
+                snap.scales[lo:hi] = scales
+            del snap.metadata[lo:]
+            snap.metadata.extend(meta)
+            for r, i in enumerate(ids.tolist(), lo):
+                self._rows[i] = r
+            self._snap = _Snapshot(hi, snap.words, snap.ids, snap.features, snap.scales, snap.metadata)
+
+    def remove(self, ids) -> int:
+        """Remove items by id; returns how many were present (unknown ids are ignored)."""
+        ids = self._check_ids(ids)
+        with self._lock:
+            return self._remove_locked(ids)
+
+    def _remove_locked(self, ids: np.ndarray) -> int:
+        rows = [self._rows[i] for i in ids.tolist() if i in self._rows]
+        if not rows:
+            return 0
+        snap = self._snap
+        keep = np.ones(snap.n, bool)
+        keep[rows] = False
+        cap = max(1024, len(snap.ids))
+        new = self._empty_snapshot(cap)
+        m = int(keep.sum())
+        new.words[:m] = snap.words[: snap.n][keep]
+        new.ids[:m] = snap.ids[: snap.n][keep]
+        if new.features is not None:
+            new.features[:m] = snap.features[: snap.n][keep]
+        if new.scales is not None:
+            new.scales[:m] = snap.scales[: snap.n][keep]
+        meta = [snap.metadata[r] for r in np.flatnonzero(keep).tolist()]
+        self._rows = {i: r for r, i in enumerate(new.ids[:m].tolist())}
+        self._snap = _Snapshot(m, new.words, new.ids, new.features, new.scales, meta)
+        return len(rows)
+
+    # ------------------------------------------------------------------------------------------------ reads
+    def get(self, ids) -> Items:
+        """Stored codes, features and metadata of the given ids, in the order given; NotFound names missing ids."""
+        ids = self._check_ids(ids)
+        with self._lock:
+            snap = self._snap
+            missing = [i for i in ids.tolist() if i not in self._rows]
+            if missing:
+                raise NotFound(f"ids not in the index: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            rows = np.asarray([self._rows[i] for i in ids.tolist()], dtype=np.int64)
+        feats = self._float_features(snap, rows) if snap.features is not None else None
+        meta = [None if snap.metadata[r] is None else json.loads(snap.metadata[r]) for r in rows.tolist()]
+        return Items(ids, from_words(snap.words[rows], self.bits), feats, meta)
+
+    def metadata(self, ids) -> list[Any]:
+        """Metadata of the given ids (None for unknown ids, e.g. the -1 padding of a search result)."""
+        snap = self._snap
+        rows = self._rows
+        out = []
+        for i in np.asarray(ids).ravel().tolist():
+            r = rows.get(i)
+            text = snap.metadata[r] if r is not None and r < snap.n else None
+            out.append(None if text is None else json.loads(text))
+        return out
+
+    @staticmethod
+    def _float_features(snap: _Snapshot, rows: np.ndarray) -> np.ndarray:
+        f = snap.features[rows].astype(np.float32)
+        return f * snap.scales[rows, None] if snap.scales is not None else f
+
+    def _query_words(self, codes) -> np.ndarray:
+        return to_words(pack_codes(codes, self.bits), self.bits)
+
+    def search(self, codes, k: int = 10, *, features=None, pool: int | None = None, radius: int | None = None,
+               rerank: bool | None = None, threads: int | None = None) -> SearchResult:
+        """Two-step search for one query code or a batch.
+
+        Step 1 takes the Hamming candidate pool: the `pool` nearest codes (default max(10 k, 1000)), or every code
+        within `radius`. Step 2 (when `features` are given and the index stores features; `rerank=False` skips it)
+        re-ranks the pool by cosine similarity and keeps the best k. Without step 2, the result is the exact
+        Hamming top-k (or, with `radius`, every code within it, nearest first, at most k when k is given)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        if radius is not None and (not isinstance(radius, (int, np.integer)) or not 0 <= radius <= self.bits):
+            raise InvalidInput(f"radius must be an integer from 0 to {self.bits}, got {radius!r}")
+        qw = self._query_words(codes)
+        do_rerank = (features is not None) if rerank is None else bool(rerank)
+        if do_rerank and features is None:
+            raise InvalidInput("rerank=True needs the query features (features=...)")
+        if do_rerank and self.feature_dim is None:
+            raise InvalidInput("this index stores no features, so it cannot re-rank: pass rerank=False")
+        qf = None
+        if do_rerank:
+            qf = np.asarray(features, dtype=np.float32)
+            qf = qf[None, :] if qf.ndim == 1 else qf
+            if qf.shape != (len(qw), self.feature_dim):
+                raise ModelMismatch(f"query features must have shape ({len(qw)}, {self.feature_dim}), got {qf.shape}")
+            qf = normalize(qf)
+        if threads is not None:
+            _kernels().set_threads(threads)
+        snap = self._snap  # one consistent view for the whole call
+        want = max(10 * k, 1000) if pool is None else pool
+        if pool is not None and (not isinstance(pool, (int, np.integer)) or not 1 <= pool <= 10 * MAX_K):
+            raise InvalidInput(f"pool must be an integer from 1 to {10 * MAX_K}, got {pool!r}")
+        step1 = want if do_rerank else k
+        if radius is None:
+            rows, dists, counts = self._topk_rows(snap, qw, step1)
+        else:
+            rows, dists, counts = self._radius_rows(snap, qw, radius, step1)
+        if not do_rerank:
+            ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
+            return SearchResult(ids, dists, counts)
+        K = _kernels()
+        feats, scales, lut = K.rerank_args(snap.features, snap.scales)
+        pos, scores = K.cosine_rerank(qf, feats, scales, lut, rows, counts, np.int64(k))
+        valid = pos >= 0
+        safe = np.maximum(pos, 0)
+        sel_rows = np.take_along_axis(rows, safe, 1)
+        ids = np.where(valid, snap.ids[np.maximum(sel_rows, 0)] if snap.n else -1, -1)
+        return SearchResult(ids, np.where(valid, np.take_along_axis(dists, safe, 1), -1), valid.sum(1), scores)
+
+    def _topk_rows(self, snap: _Snapshot, qw: np.ndarray, k: int):
+        K = _kernels()
+        n, w = snap.n, qw.shape[1]
+        flat = snap.words[:n].reshape(-1)
+        k_eff = min(k, max(n, 1))
+        if len(qw) == 1:
+            r, d = K.topk_single(flat, n, w, qw[0], k_eff, self.bits, max(1, min(K.threads(), n // 65536 + 1)))
+            rows = np.full((1, k_eff), -1, np.int64)
+            dists = np.full((1, k_eff), -1, np.int64)
+            rows[0, : len(r)], dists[0, : len(d)] = r, d
+        else:
+            rows, dists = K.topk_batch(flat, n, w, qw.reshape(-1), k_eff, self.bits,
+                                       max(1, min(len(qw), 4 * K.threads())))
+        return rows, dists, (rows >= 0).sum(1)
+
+    def _radius_rows(self, snap: _Snapshot, qw: np.ndarray, radius: int, limit: int):
+        K = _kernels()
+        n, w = snap.n, qw.shape[1]
+        flat, qflat = snap.words[:n].reshape(-1), qw.reshape(-1)
+        hist = K.radius_counts(flat, n, w, qflat, self.bits)
+        counts = np.minimum(hist[:, : radius + 1].sum(1), limit)
+        offsets, found, ids, dists = K.radius_search(flat, n, w, qflat, np.int64(radius), counts.astype(np.int64))
+        width = max(1, int(found.max(initial=0)))
+        rows = np.full((len(qw), width), -1, np.int64)
+        out_d = np.full((len(qw), width), -1, np.int64)
+        for i in range(len(qw)):
+            rows[i, : found[i]] = ids[offsets[i]: offsets[i] + found[i]]
+            out_d[i, : found[i]] = dists[offsets[i]: offsets[i] + found[i]]
+        return rows, out_d, found
+
+    def radius_counts(self, codes) -> np.ndarray:
+        """How many items lie at each Hamming distance 0..bits from each query: int64 (Q, bits + 1)."""
+        qw = self._query_words(codes)
+        snap = self._snap
+        return _kernels().radius_counts(snap.words[: snap.n].reshape(-1), snap.n, qw.shape[1], qw.reshape(-1),
+                                        self.bits)
+
+    def warmup(self) -> float:
+        """Compile (or load cached) kernels on a tiny query, off the query path; returns the seconds it took."""
+        t0 = time.perf_counter()
+        probe = np.zeros((1, self.bits), dtype=bool)
+        if len(self):
+            self.search(probe, k=1)
+            self.search(np.zeros((2, self.bits), dtype=bool), k=1)
+            if self.feature_dim:
+                self.search(probe, k=1, features=np.ones((1, self.feature_dim), np.float32))
+        return time.perf_counter() - t0
+
+    def stats(self) -> dict:
+        snap = self._snap
+        n = snap.n
+        nbytes = n * snap.words.shape[1] * 8 + n * 8
+        if snap.features is not None:
+            nbytes += n * snap.features.shape[1] * snap.features.itemsize
+        if snap.scales is not None:
+            nbytes += n * 4
+        nbytes += sum(len(m) for m in snap.metadata[:n] if m)
+        return {"count": n, "bits": self.bits, "feature_dim": self.feature_dim, "feature_dtype": self.feature_dtype,
+                "index_bytes": int(nbytes), "bytes_per_item": nbytes / n if n else 0.0,
+                "path": str(self.path) if self.path else None, "model": self.model_info}
+
+    # ------------------------------------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Atomically write the index to a directory (the one it was opened from when no path is given)."""
+        root = Path(path) if path is not None else self.path
+        if root is None:
+            raise InvalidInput("save() needs a directory: this index was not opened from one")
+        with self._lock:
+            snap = self._snap
+            root.mkdir(parents=True, exist_ok=True)
+            current = _read_current(root)
+            gen = (int(current.split("-")[1]) + 1) if current else 1
+            gen_dir = root / f"gen-{gen}"
+            if gen_dir.exists():
+                shutil.rmtree(gen_dir)
+            gen_dir.mkdir()
+            n = snap.n
+            arrays = {"codes.npy": snap.words[:n], "ids.npy": snap.ids[:n]}
+            if snap.features is not None:
+                arrays["features.npy"] = snap.features[:n]
+            if snap.scales is not None:
+                arrays["scales.npy"] = snap.scales[:n]
+            blob, offsets = _pack_metadata(snap.metadata[:n])
+            arrays["metadata_offsets.npy"] = offsets
+            files = {}
+            for name, arr in arrays.items():
+                files[name] = _write_file(gen_dir / name, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
+            files["metadata.bin"] = _write_file(gen_dir / "metadata.bin", lambda f: f.write(blob))
+            header = {"format": FORMAT, "version": VERSION, "bits": self.bits, "feature_dim": self.feature_dim,
+                      "feature_dtype": self.feature_dtype, "count": n, "code_layout": "uint64-le-words",
+                      "files": files, "model": self.model_info, "saved_at": time.time()}
+            _write_file(gen_dir / "header.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
+            _fsync_dir(gen_dir)
+            tmp = root / "CURRENT.tmp"
+            _write_file(tmp, lambda f: f.write(gen_dir.name.encode()))
+            os.replace(tmp, root / "CURRENT")
+            _fsync_dir(root)
+            for old in root.glob("gen-*"):
+                if old.name != gen_dir.name:
+                    shutil.rmtree(old, ignore_errors=True)
+            self.path = root
+            return gen_dir
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True) -> "HashIndex":
+        """Open a saved index: read and check the versioned header, then memory-map the arrays.
+
+        `verify` also checks every file's sha256 (about a second per GB); sizes and shapes are always checked."""
+        root = Path(path)
+        if not root.is_dir():
+            raise NotFound(f"no index directory at {root}")
+        current = _read_current(root)
+        if current is None:
+            raise IndexCorrupt(f"{root} is not a latenthash index (no CURRENT file)")
+        gen_dir = root / current
+        try:
+            header = json.loads((gen_dir / "header.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise IndexCorrupt(f"cannot read the index header {gen_dir / 'header.json'}: {exc}") from None
+        if header.get("format") != FORMAT:
+            raise IndexCorrupt(f"{gen_dir} is not a latenthash index header")
+        if header.get("version") != VERSION:
+            raise IndexCorrupt(f"index format version {header.get('version')} in {root}; this latenthash reads "
+                               f"version {VERSION}: upgrade latenthash or rebuild the index")
+        files = header["files"]
+        for name, meta in files.items():
+            file = gen_dir / name
+            if not file.is_file() or file.stat().st_size != meta["size"]:
+                raise IndexCorrupt(f"{file} is missing or truncated (expected {meta['size']} bytes)")
+            if verify and _sha256(file) != meta["sha256"]:
+                raise IndexCorrupt(f"{file} fails its checksum: the index is corrupt; restore or rebuild it")
+        index = cls(bits=header["bits"], feature_dim=header["feature_dim"], feature_dtype=header["feature_dtype"],
+                    path=root)
+        index.model_info = header.get("model", {})
+        n = header["count"]
+        mode = "r" if mmap else None
+
+        def load(name: str, dtype, shape) -> np.ndarray:
+            arr = np.load(gen_dir / name, mmap_mode=mode, allow_pickle=False)
+            if arr.dtype != np.dtype(dtype) or arr.shape != shape:
+                raise IndexCorrupt(f"{gen_dir / name} holds {arr.dtype} {arr.shape}, the header says {dtype} {shape}")
+            return arr
+
+        words = load("codes.npy", np.uint64, (n, n_words(index.bits)))
+        ids = load("ids.npy", np.int64, (n,))
+        feats = load("features.npy", index.feature_dtype, (n, index.feature_dim)) if index.feature_dim else None
+        scales = load("scales.npy", np.float32, (n,)) if index.feature_dtype == "int8" and index.feature_dim else None
+        offsets = load("metadata_offsets.npy", np.int64, (n + 1,))
+        blob = (gen_dir / "metadata.bin").read_bytes()
+        metadata = [None if offsets[i] == offsets[i + 1] else blob[offsets[i]:offsets[i + 1]].decode()
+                    for i in range(n)]
+        index._rows = {i: r for r, i in enumerate(ids.tolist())}
+        if len(index._rows) != n:
+            raise IndexCorrupt(f"{gen_dir / 'ids.npy'} holds duplicate ids")
+        index._snap = _Snapshot(n, words, ids, feats, scales, metadata)
+        return index
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalization (zero rows stay zero)."""
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _pack_metadata(texts: list) -> tuple[bytes, np.ndarray]:
+    encoded = [t.encode() if t is not None else b"" for t in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return b"".join(encoded), offsets
+
+
+def _write_file(path: Path, write) -> dict:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_current(root: Path) -> str | None:
+    try:
+        name = (root / "CURRENT").read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not name.startswith("gen-") or not (root / name).is_dir():
+        raise IndexCorrupt(f"{root / 'CURRENT'} names {name!r}, which is not a generation folder of this index")
+    return name

@@ -1,0 +1,366 @@
+"""Numba kernels: exact Hamming top-k, radius search, cosine re-rank, retrieval statistics.
+
+Pure functions over explicit dtypes: codes are uint64 words (N * W flattened, row-major; see `codes.py`),
+distances int64, ids int64, features float32 / float16 / int8 (+ float32 per-vector scale). Every kernel is
+parity-tested against a brute-force numpy reference in tests/test_kernels.py.
+
+Top-k selection is fused with the scan: distances are integers in 0..bits, so each query keeps a histogram of the
+candidates it holds and a threshold T, accepting a code only when its distance is below T, and lowering T as soon
+as k held candidates lie below it (a code at distance T can no longer enter: ties go to the earlier item). The
+database is scanned in groups of 64 codes; a group whose smallest distance is not below T is skipped after one
+vectorised popcount pass. Ties are broken by database order, so results are deterministic.
+
+Parallelism: one query splits the database into chunks across threads (one selection state per chunk, merged by a
+stable counting sort); a batch gives each thread whole queries and walks the database in L2-sized blocks that
+every query of the thread reuses.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from latenthash.errors import MissingDependency
+
+try:
+    import numba
+    from numba import njit, prange
+except ImportError as exc:  # pragma: no cover - numba is a base dependency
+    raise MissingDependency("latenthash's search kernels need numba: pip install numba") from exc
+
+GROUP = 64  # codes per skip group
+BLOCK = 16384  # codes per cache block in batch scans
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+_S1, _S2, _S4, _S56 = np.uint64(1), np.uint64(2), np.uint64(4), np.uint64(56)
+
+
+@njit(inline="always", cache=True)
+def popcount64(x):
+    """SWAR popcount; LLVM turns it into the hardware instruction (vpopcntq where AVX-512 has it)."""
+    x = x - ((x >> _S1) & _M1)
+    x = (x & _M2) + ((x >> _S2) & _M2)
+    x = (x + (x >> _S4)) & _M4
+    return np.int64((x * _H01) >> _S56)
+
+
+@njit(inline="always", cache=True)
+def _distances(db, n, q, w, out):
+    """out[j] = Hamming distance of code j (of n, flattened words db) to query words q."""
+    if w == 1:
+        q0 = q[0]
+        for j in range(n):
+            out[j] = popcount64(db[j] ^ q0)
+    else:
+        for j in range(n):
+            d = np.int64(0)
+            for t in range(w):
+                d += popcount64(db[j * w + t] ^ q[t])
+            out[j] = d
+
+
+@njit(cache=True)
+def _scan(db, n, base, q, w, k, hist, cand_i, cand_d, state, dist_buf):
+    """Fused scan of n codes (db flattened, ids base..base+n-1) into one selection state.
+
+    state = [held, threshold, held below threshold]; cand_i/cand_d hold candidates in database order."""
+    cap = cand_i.shape[0]
+    held, thr, below = state[0], state[1], state[2]
+    for g0 in range(0, n, GROUP):
+        m = min(GROUP, n - g0)
+        _distances(db[g0 * w:(g0 + m) * w], m, q, w, dist_buf)
+        mn = dist_buf[0]
+        for j in range(1, m):
+            mn = min(mn, dist_buf[j])
+        if mn >= thr:
+            continue
+        for j in range(m):
+            d = dist_buf[j]
+            if d < thr:
+                if held == cap:  # compact: keep what can still enter (all below thr, the first k - below at thr)
+                    keep, at_thr = 0, 0
+                    for c in range(held):
+                        e = cand_d[c]
+                        if e < thr or (e == thr and at_thr < k - below):
+                            at_thr += e == thr
+                            cand_i[keep] = cand_i[c]
+                            cand_d[keep] = e
+                            keep += 1
+                    held = keep
+                cand_i[held] = base + g0 + j
+                cand_d[held] = d
+                held += 1
+                hist[d] += 1
+                below += 1
+                while below >= k:
+                    thr -= 1
+                    below -= hist[thr]
+    state[0], state[1], state[2] = held, thr, below
+
+
+@njit(cache=True)
+def _finish(hist, cand_i, cand_d, state, k, out_i, out_d):
+    """Stable counting sort of the held candidates by distance; writes the first k (or fewer). Returns the count."""
+    held, thr = state[0], state[1]
+    nb = hist.shape[0]
+    start = np.zeros(nb + 1, np.int64)
+    for c in range(held):
+        if cand_d[c] <= thr:
+            start[cand_d[c] + 1] += 1
+    for d in range(nb):
+        start[d + 1] += start[d]
+    total = min(k, start[nb])
+    for c in range(held):
+        d = cand_d[c]
+        if d <= thr:
+            p = start[d]
+            start[d] += 1
+            if p < total:
+                out_i[p] = cand_i[c]
+                out_d[p] = d
+    return total
+
+
+@njit(parallel=True, cache=True)
+def topk_single(db, n, w, q, k, bits, chunks):
+    """Top-k of one query over n codes, the database split into `chunks` parallel parts.
+
+    Returns (ids int64 (<=k,), distances int64 (<=k,)) sorted by (distance, database order)."""
+    per = (n + chunks - 1) // chunks
+    per = (per + GROUP - 1) // GROUP * GROUP
+    cap = 2 * k + 4 * GROUP
+    loc_i = np.empty((chunks, k), np.int64)
+    loc_d = np.empty((chunks, k), np.int64)
+    loc_n = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        lo = min(n, c * per)
+        hi = min(n, lo + per)
+        hist = np.zeros(bits + 2, np.int64)
+        cand_i = np.empty(cap, np.int64)
+        cand_d = np.empty(cap, np.int64)
+        dist_buf = np.empty(GROUP, np.int64)
+        state = np.array([0, bits + 1, 0], np.int64)
+        _scan(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, dist_buf)
+        loc_n[c] = _finish(hist, cand_i, cand_d, state, k, loc_i[c], loc_d[c])
+    # merge: chunks are in database order, so a stable counting sort by distance keeps ties in order
+    counts = np.zeros(bits + 2, np.int64)
+    for c in range(chunks):
+        for j in range(loc_n[c]):
+            counts[loc_d[c, j] + 1] += 1
+    for d in range(bits + 1):
+        counts[d + 1] += counts[d]
+    total = min(k, counts[bits + 1])
+    out_i = np.empty(total, np.int64)
+    out_d = np.empty(total, np.int64)
+    for c in range(chunks):
+        for j in range(loc_n[c]):
+            d = loc_d[c, j]
+            p = counts[d]
+            counts[d] += 1
+            if p < total:
+                out_i[p] = loc_i[c, j]
+                out_d[p] = d
+    return out_i, out_d
+
+
+@njit(parallel=True, cache=True)
+def topk_batch(db, n, w, qs, k, bits, query_blocks):
+    """Top-k of each of nq queries (qs flattened (nq * w)); rows padded with id -1 / distance -1 when n < k.
+
+    Threads take blocks of queries; each walks the database in BLOCK-code pieces that its queries share in L2."""
+    nq = qs.shape[0] // w
+    out_i = np.full((nq, k), -1, np.int64)
+    out_d = np.full((nq, k), -1, np.int64)
+    cap = 2 * k + 4 * GROUP
+    per_block = (nq + query_blocks - 1) // query_blocks
+    hists = np.zeros((nq, bits + 2), np.int64)
+    cand_i = np.empty((nq, cap), np.int64)
+    cand_d = np.empty((nq, cap), np.int64)
+    states = np.zeros((nq, 3), np.int64)
+    bufs = np.empty((query_blocks, GROUP), np.int64)
+    for b in prange(query_blocks):
+        q0 = b * per_block
+        q1 = min(nq, q0 + per_block)
+        for i in range(q0, q1):
+            states[i, 1] = bits + 1
+        for lo in range(0, n, BLOCK):
+            hi = min(n, lo + BLOCK)
+            block = db[lo * w:hi * w]
+            for i in range(q0, q1):
+                _scan(block, hi - lo, lo, qs[i * w:(i + 1) * w], w, k, hists[i], cand_i[i], cand_d[i], states[i],
+                      bufs[b])
+        for i in range(q0, q1):
+            _finish(hists[i], cand_i[i], cand_d[i], states[i], k, out_i[i], out_d[i])
+    return out_i, out_d
+
+
+@njit(parallel=True, cache=True)
+def radius_counts(db, n, w, qs, bits):
+    """Per-query histogram of distances over all n codes: (nq, bits + 1) int64."""
+    nq = qs.shape[0] // w
+    out = np.zeros((nq, bits + 1), np.int64)
+    for i in prange(nq):
+        q = qs[i * w:(i + 1) * w]
+        buf = np.empty(GROUP, np.int64)
+        for g0 in range(0, n, GROUP):
+            m = min(GROUP, n - g0)
+            _distances(db[g0 * w:(g0 + m) * w], m, q, w, buf)
+            for j in range(m):
+                out[i, buf[j]] += 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def radius_search(db, n, w, qs, radius, limits):
+    """Every code within `radius` of each query, sorted by (distance, database order), at most limits[i] per query.
+
+    Returns (offsets (nq + 1,), ids, distances): query i's hits are ids[offsets[i]:offsets[i + 1]]."""
+    nq = qs.shape[0] // w
+    offsets = np.zeros(nq + 1, np.int64)
+    for i in range(nq):
+        offsets[i + 1] = offsets[i] + limits[i]
+    ids = np.empty(offsets[nq], np.int64)
+    dists = np.empty(offsets[nq], np.int64)
+    found = np.zeros(nq, np.int64)
+    for i in prange(nq):
+        q = qs[i * w:(i + 1) * w]
+        buf = np.empty(GROUP, np.int64)
+        start = np.zeros(radius + 2, np.int64)
+        for g0 in range(0, n, GROUP):  # pass 1: counts per distance, to place hits without sorting
+            m = min(GROUP, n - g0)
+            _distances(db[g0 * w:(g0 + m) * w], m, q, w, buf)
+            for j in range(m):
+                if buf[j] <= radius:
+                    start[buf[j] + 1] += 1
+        for d in range(radius + 1):
+            start[d + 1] += start[d]
+        total = min(limits[i], start[radius + 1])
+        base = offsets[i]
+        for g0 in range(0, n, GROUP):
+            m = min(GROUP, n - g0)
+            _distances(db[g0 * w:(g0 + m) * w], m, q, w, buf)
+            for j in range(m):
+                d = buf[j]
+                if d <= radius:
+                    p = start[d]
+                    start[d] += 1
+                    if p < total:
+                        ids[base + p] = g0 + j
+                        dists[base + p] = d
+        found[i] = total
+    return offsets, found, ids, dists
+
+
+# float16 -> float32 by table: Numba has no float16 arrays, so half features travel as their uint16 bit patterns.
+F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+NO_TABLE = np.empty(0, np.float32)
+
+
+@njit(inline="always", cache=True)
+def _dot(a, b, i, lut):
+    s = np.float32(0.0)
+    if lut.shape[0] == 0:
+        for t in range(a.shape[0]):
+            s += a[t] * np.float32(b[i, t])
+    else:
+        for t in range(a.shape[0]):
+            s += a[t] * lut[np.int64(b[i, t])]
+    return s
+
+
+@njit(parallel=True, cache=True)
+def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
+    """Re-rank each query's Hamming pool by cosine similarity.
+
+    qf: (nq, D) float32 L2-normalized queries; feats: (N, D) stored L2-normalized features, as float32, int8 (with
+    scales: (N,) float32 per-vector scale; ones otherwise) or float16 bit patterns in uint16 (with lut=F16_TABLE;
+    NO_TABLE otherwise); pool: (nq, P) int64 candidate rows, the first pool_n[i] valid. Returns (positions into pool
+    (nq, k) int64, -1 padded; scores (nq, k) float32, NaN padded) by descending score, ties by pool order (that is,
+    by Hamming distance, then database order)."""
+    nq = qf.shape[0]
+    out_p = np.full((nq, k), -1, np.int64)
+    out_s = np.full((nq, k), np.nan, np.float32)
+    for i in prange(nq):
+        m = pool_n[i]
+        scores = np.empty(m, np.float32)
+        for j in range(m):
+            r = pool[i, j]
+            scores[j] = _dot(qf[i], feats, r, lut) * scales[r]
+        order = np.argsort(-scores, kind="mergesort")
+        for j in range(min(k, m)):
+            out_p[i, j] = order[j]
+            out_s[i, j] = scores[order[j]]
+    return out_p, out_s
+
+
+def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features, scales, lut) in the form `cosine_rerank` takes for any storage dtype."""
+    if scales is None:
+        scales = np.ones(len(features), np.float32)
+    if features.dtype == np.float16:
+        return features.view(np.uint16), scales, F16_TABLE
+    return features, scales, NO_TABLE
+
+
+@njit(parallel=True, cache=True)
+def hamming_ranking_stats(qwords, dbwords, qmask, dmask, ks, topk, bits):
+    """Exact retrieval statistics of the Hamming ranking (ties by database order) for every query, in O(N) each.
+
+    Returns (AP over all, AP@topk, relevant hits at each k (nq, len(ks)), relevant per distance (nq, bits + 1),
+    items per distance (nq, bits + 1))."""
+    nq, w = qwords.shape
+    n = dbwords.shape[0]
+    lw = qmask.shape[1]
+    ap_all = np.zeros(nq)
+    ap_k = np.zeros(nq)
+    hits = np.zeros((nq, ks.shape[0]), np.int64)
+    rel_d = np.zeros((nq, bits + 1), np.int64)
+    tot_d = np.zeros((nq, bits + 1), np.int64)
+    flat = dbwords.ravel()
+    for i in prange(nq):
+        dist = np.empty(n, np.int64)
+        rel = np.zeros(n, np.bool_)
+        _distances(flat, n, qwords[i], w, dist)
+        for j in range(n):
+            r = False
+            for t in range(lw):
+                if qmask[i, t] & dmask[j, t]:
+                    r = True
+            rel[j] = r
+            tot_d[i, dist[j]] += 1
+            if r:
+                rel_d[i, dist[j]] += 1
+        start = np.zeros(bits + 1, np.int64)
+        rel_before = np.zeros(bits + 1, np.int64)
+        for d in range(1, bits + 1):
+            start[d] = start[d - 1] + tot_d[i, d - 1]
+            rel_before[d] = rel_before[d - 1] + rel_d[i, d - 1]
+        n_rel = rel_before[bits] + rel_d[i, bits]
+        sum_all, sum_k, n_rel_k = 0.0, 0.0, 0
+        for j in range(n):
+            d = dist[j]
+            pos = start[d]
+            start[d] += 1
+            if rel[j]:
+                rel_before[d] += 1
+                p = rel_before[d] / (pos + 1.0)
+                sum_all += p
+                if pos < topk:
+                    sum_k += p
+                    n_rel_k += 1
+                for t in range(ks.shape[0]):
+                    if pos < ks[t]:
+                        hits[i, t] += 1
+        ap_all[i] = sum_all / n_rel if n_rel > 0 else 0.0
+        ap_k[i] = sum_k / n_rel_k if n_rel_k > 0 else 0.0
+    return ap_all, ap_k, hits, rel_d, tot_d
+
+
+def set_threads(n: int) -> None:
+    """Numba's thread count for the kernels (at most the number it started with)."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def threads() -> int:
+    return numba.get_num_threads()

@@ -1,0 +1,207 @@
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import latenthash
+from latenthash import HashIndex, open_index
+from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound
+
+BITS, DIM = 48, 16
+
+
+def make(rng, n=3000, dtype="float32"):
+    codes = rng.random((n, BITS)) < 0.5
+    feats = rng.standard_normal((n, DIM)).astype(np.float32)
+    index = HashIndex(bits=BITS, feature_dim=DIM, feature_dtype=dtype)
+    ids = np.arange(n, dtype=np.int64) * 10 + 7
+    index.add(ids, codes, feats, metadata=[{"label": int(i % 10)} for i in range(n)])
+    return index, ids, codes, feats
+
+
+def brute(codes, q, k):
+    d = (codes[None, :, :] != q[:, None, :]).sum(-1)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(d, order, 1)
+
+
+def test_plain_hamming_search_matches_brute_force(rng):
+    index, ids, codes, _ = make(rng)
+    q = rng.random((5, BITS)) < 0.5
+    res = index.search(q, k=20)
+    order, dist = brute(codes, q, 20)
+    np.testing.assert_array_equal(res.ids, ids[order])
+    np.testing.assert_array_equal(res.distances, dist)
+    assert res.scores is None and res.ids.shape == (5, 20)
+    one = index.search(q[0], k=20)  # one query or a batch alike
+    np.testing.assert_array_equal(one.ids[0], res.ids[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_two_step_search(rng, dtype):
+    index, ids, codes, feats = make(rng, dtype=dtype)
+    q, qf = codes[:4], feats[:4] + 0.01 * rng.standard_normal((4, DIM)).astype(np.float32)
+    res = index.search(q, k=5, features=qf, pool=300)
+    assert (res.ids[:, 0] == ids[:4]).all()  # the item itself: distance 0 and cosine ~1
+    assert (np.diff(res.scores, axis=1) <= 1e-6).all()
+    order, _ = brute(codes, q, 300)
+    fn = index.get(ids).features  # stored (quantized) features: the ranking must follow them exactly
+    qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+    for i in range(4):
+        ref = order[i][np.argsort(-(fn[order[i]] @ qn[i]), kind="stable")][:5]
+        np.testing.assert_array_equal(res.ids[i], ids[ref])
+    plain = index.search(q, k=5, features=qf, rerank=False)
+    assert plain.scores is None
+
+
+def test_radius_search(rng):
+    index, ids, codes, _ = make(rng)
+    q = codes[:3]
+    res = index.search(q, k=10_000, radius=18)
+    d = (codes[None] != q[:, None]).sum(-1)
+    for i in range(3):
+        ref = np.argsort(d[i], kind="stable")
+        ref = ref[d[i, ref] <= 18]
+        assert res.counts[i] == len(ref)
+        np.testing.assert_array_equal(res.ids[i, :len(ref)], ids[ref])
+    np.testing.assert_array_equal(index.radius_counts(q)[0], np.bincount(d[0], minlength=BITS + 1))
+
+
+def test_add_replace_remove_get(rng):
+    index, ids, codes, feats = make(rng, n=100)
+    index.add([ids[5]], ~codes[5], feats[5], metadata=[{"label": "new"}])  # replace: same id, new item
+    assert len(index) == 100
+    got = index.get([ids[5]])
+    assert got.metadata == [{"label": "new"}]
+    np.testing.assert_array_equal(np.unpackbits(got.codes, axis=1)[:, :BITS].astype(bool), ~codes[5][None])
+    assert index.remove([ids[0], ids[1], 999999]) == 2
+    assert len(index) == 98 and ids[0] not in index
+    with pytest.raises(NotFound, match="999999"):
+        index.get([999999])
+    assert index.metadata([ids[2], -1]) == [{"label": 2}, None]
+
+
+def test_persistence_round_trip_and_corruption(rng, tmp_path):
+    index, ids, codes, feats = make(rng, dtype="float16")
+    index.model_info = {"bits": BITS, "name": "test"}
+    q, qf = codes[:6], feats[:6]
+    before = index.search(q, k=10, features=qf)
+    index.save(tmp_path / "ix")
+    opened = latenthash.HashIndex.open(tmp_path / "ix")
+    after = opened.search(q, k=10, features=qf)
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    assert opened.get([ids[3]]).metadata == [{"label": 3}]
+    assert opened.stats()["model"]["name"] == "test"
+    assert isinstance(open_index(str(tmp_path / "ix")), HashIndex)
+    # writes after open go to memory, a second save makes a new generation and removes the old one
+    opened.add([1], codes[:1], feats[:1])
+    opened.save()
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["CURRENT", "gen-2"]
+    assert len(HashIndex.open(tmp_path / "ix")) == len(ids) + 1
+    # flipped byte -> checksum error; truncation -> size error; garbage header -> clear error
+    gen = tmp_path / "ix" / "gen-2"
+    good = (gen / "codes.npy").read_bytes()
+    (gen / "codes.npy").write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+    with pytest.raises(IndexCorrupt, match="checksum"):
+        HashIndex.open(tmp_path / "ix")
+    assert len(HashIndex.open(tmp_path / "ix", verify=False)) == len(ids) + 1  # sizes still match
+    (gen / "codes.npy").write_bytes(good)
+    (gen / "ids.npy").write_bytes(b"short")
+    with pytest.raises(IndexCorrupt, match="truncated"):
+        HashIndex.open(tmp_path / "ix")
+    (gen / "header.json").write_text("{not json")
+    with pytest.raises(IndexCorrupt, match="header"):
+        HashIndex.open(tmp_path / "ix")
+    header_v2 = {"format": "latenthash-index", "version": 99}
+    (gen / "header.json").write_text(json.dumps(header_v2))
+    with pytest.raises(IndexCorrupt, match="version 99"):
+        HashIndex.open(tmp_path / "ix")
+    with pytest.raises(NotFound):
+        HashIndex.open(tmp_path / "nothing")
+
+
+def test_interrupted_save_leaves_previous_version(rng, tmp_path, monkeypatch):
+    index, ids, codes, feats = make(rng, n=200)
+    index.save(tmp_path / "ix")
+    index.add([123456], codes[:1], feats[:1])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("latenthash.index.os.replace", crash)  # dies before CURRENT switches
+    with pytest.raises(OSError):
+        index.save()
+    monkeypatch.undo()
+    reopened = HashIndex.open(tmp_path / "ix")
+    assert len(reopened) == 200 and 123456 not in reopened
+
+
+def test_searches_never_see_half_written_items(rng):
+    """Writers add and remove batches while readers search; every hit must be a complete item: its stored code
+    at the reported distance and its feature giving the reported score."""
+    index, ids, codes, feats = make(rng, n=2000)
+    q, qf = codes[:8], feats[:8]
+    stop, errors = threading.Event(), []
+
+    def writer():
+        w_rng = np.random.default_rng(7)
+        next_id = 10**9
+        while not stop.is_set():
+            c = w_rng.random((50, BITS)) < 0.5
+            f = w_rng.standard_normal((50, DIM)).astype(np.float32)
+            new_ids = np.arange(next_id, next_id + 50)
+            index.add(new_ids, c, f)
+            index.remove(new_ids[::2])
+            next_id += 50
+
+    def reader():
+        try:
+            for _ in range(40):
+                res = index.search(q, k=10, features=qf, pool=200)
+                for i in range(len(q)):
+                    for id_, dist, score in res.hits(i):
+                        item = index.get([id_]) if id_ in index else None
+                        if item is None:
+                            continue  # removed since: fine
+                        code = np.unpackbits(item.codes[0])[:BITS].astype(bool)
+                        assert (code != q[i]).sum() == dist
+                        fn = qf[i] / np.linalg.norm(qf[i])
+                        assert abs(float(item.features[0] @ fn) - score) < 1e-4
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads[1:]:
+        t.join()
+    stop.set()
+    threads[0].join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda ix: ix.search(np.zeros((1, 47), bool)), "do not fit"),
+    (lambda ix: ix.search(np.zeros((1, BITS), bool), k=0), "k must be"),
+    (lambda ix: ix.search(np.zeros((1, BITS), bool), radius=BITS + 1), "radius"),
+    (lambda ix: ix.search(np.zeros((1, BITS), bool), features=np.ones((1, DIM + 1))), "shape"),
+    (lambda ix: ix.search(np.zeros((1, BITS), bool), rerank=True), "features"),
+    (lambda ix: ix.add([1, 2], np.zeros((1, BITS), bool), np.ones((1, DIM))), "ids but"),
+    (lambda ix: ix.add([1], np.zeros((1, BITS), bool)), "features="),
+    (lambda ix: ix.add([1], np.zeros((1, BITS), bool), np.full((1, DIM), np.nan)), "NaN"),
+    (lambda ix: ix.add([1, 1], np.zeros((2, BITS), bool), np.ones((2, DIM))), "unique"),
+    (lambda ix: ix.add([1], np.zeros((1, BITS), bool), np.ones((1, DIM)), metadata=[{1j}]), "JSON"),
+    (lambda ix: ix.add(["a"], np.zeros((1, BITS), bool), np.ones((1, DIM))), "integers"),
+])
+def test_bad_input_is_a_clear_error(rng, call, match):
+    index, *_ = make(rng, n=10)
+    with pytest.raises((InvalidInput, ModelMismatch), match=match):
+        call(index)
+
+
+def test_empty_index_search(rng):
+    index = HashIndex(bits=BITS)
+    res = index.search(np.zeros((2, BITS), bool), k=3)
+    assert res.counts.tolist() == [0, 0]

@@ -1,0 +1,107 @@
+"""Every Numba kernel against a brute-force numpy reference, on random codes and on codes of real images
+(LSH of Fashion-MNIST pixels: clustered, with many ties, as real hash codes are)."""
+
+import numpy as np
+import pytest
+
+from latenthash import kernels as K
+from latenthash.codes import pack_codes, to_words
+from latenthash.export.evaluate import lsh_codes
+
+
+def brute_distances(q_words, db_words):
+    return np.bitwise_count(q_words[:, None, :] ^ db_words[None, :, :]).sum(-1).astype(np.int64)
+
+
+def random_codes(rng, n, bits):
+    return pack_codes(rng.random((n, bits)) < 0.5, bits)
+
+
+@pytest.fixture(scope="module")
+def real_codes(fashion):
+    x = fashion.train.images[:6000].reshape(6000, -1).astype(np.float32) / 255
+    db, q = lsh_codes(x[:5000], x[5000:5040], 48)
+    return db, q
+
+
+def check_topk(db, qs, bits, k):
+    dw, qw = to_words(db, bits), to_words(qs, bits)
+    dist = brute_distances(qw, dw)
+    ref = np.argsort(dist, axis=1, kind="stable")[:, :k]  # ties by database order
+    n, w = len(dw), dw.shape[1]
+    for chunks in (1, 3):
+        for i in range(len(qw)):
+            ids, d = K.topk_single(dw.ravel(), n, w, qw[i], min(k, n), bits, chunks)
+            np.testing.assert_array_equal(ids, ref[i])
+            np.testing.assert_array_equal(d, dist[i, ref[i]])
+    ids, d = K.topk_batch(dw.ravel(), n, w, qw.ravel(), k, bits, 2)
+    kk = min(k, n)
+    np.testing.assert_array_equal(ids[:, :kk], ref)
+    np.testing.assert_array_equal(d[:, :kk], np.take_along_axis(dist, ref, 1))
+    assert (ids[:, kk:] == -1).all()
+
+
+@pytest.mark.parametrize("bits", [8, 16, 48, 64, 100, 128, 256])
+@pytest.mark.parametrize("k", [1, 10, 257])
+def test_topk_random(rng, bits, k):
+    check_topk(random_codes(rng, 3000, bits), random_codes(rng, 6, bits), bits, k)
+
+
+def test_topk_k_beyond_n(rng):
+    check_topk(random_codes(rng, 50, 64), random_codes(rng, 3, 64), 64, 80)
+
+
+@pytest.mark.parametrize("k", [1, 100, 1000])
+def test_topk_real_codes_with_ties(real_codes, k):
+    db, q = real_codes
+    check_topk(db, q, 48, k)
+
+
+@pytest.mark.parametrize("bits", [16, 48, 128])
+def test_radius_search_and_counts(rng, real_codes, bits):
+    db = random_codes(rng, 2000, bits) if bits != 48 else real_codes[0]
+    qs = random_codes(rng, 5, bits) if bits != 48 else real_codes[1][:5]
+    dw, qw = to_words(db, bits), to_words(qs, bits)
+    dist = brute_distances(qw, dw)
+    n, w = len(dw), dw.shape[1]
+    hist = K.radius_counts(dw.ravel(), n, w, qw.ravel(), bits)
+    for i in range(len(qs)):
+        np.testing.assert_array_equal(hist[i], np.bincount(dist[i], minlength=bits + 1))
+    radius = int(np.median(dist)) - 2
+    limits = np.array([n, n, 3, 0, n], np.int64)
+    offsets, found, ids, d = K.radius_search(dw.ravel(), n, w, qw.ravel(), radius, limits)
+    for i in range(len(qs)):
+        ref = np.argsort(dist[i], kind="stable")
+        ref = ref[dist[i, ref] <= radius][: limits[i]]
+        got = ids[offsets[i]:offsets[i] + found[i]]
+        np.testing.assert_array_equal(got, ref)
+        np.testing.assert_array_equal(d[offsets[i]:offsets[i] + found[i]], dist[i, ref])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_cosine_rerank(rng, dtype):
+    n, dim, nq, pool = 500, 24, 4, 60
+    feats = rng.standard_normal((n, dim)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    qf = rng.standard_normal((nq, dim)).astype(np.float32)
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    scales = None
+    stored = feats.astype(dtype) if dtype != "int8" else None
+    if dtype == "int8":
+        scales = (np.abs(feats).max(1) / 127).astype(np.float32)
+        stored = np.round(feats / scales[:, None]).astype(np.int8)
+    rows = np.stack([rng.choice(n, pool, replace=False) for _ in range(nq)]).astype(np.int64)
+    pool_n = np.array([pool, pool, 10, 0], np.int64)
+    f, s, lut = K.rerank_args(stored, scales)
+    pos, scores = K.cosine_rerank(qf, f, s, lut, rows, pool_n, 15)
+    decoded = stored.astype(np.float32) * (scales[:, None] if scales is not None else 1)
+    for i in range(nq):
+        m = pool_n[i]
+        ref_scores = decoded[rows[i, :m]] @ qf[i]
+        ref = np.argsort(-ref_scores, kind="stable")[:15]
+        np.testing.assert_array_equal(pos[i, :len(ref)], ref)
+        np.testing.assert_allclose(scores[i, :len(ref)], ref_scores[ref], rtol=1e-5, atol=1e-6)
+        assert (pos[i, len(ref):] == -1).all()
+        # storage precision: scores close to the float32 truth
+        np.testing.assert_allclose(scores[i, :len(ref)], feats[rows[i, ref]] @ qf[i],
+                                   atol={"float32": 1e-6, "float16": 2e-3, "int8": 2e-2}[dtype])
