@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0  # 0: all cores torch sees
     max_train: int | None = None  # use a seeded subset of the training split
+    stop_after: int | None = None  # end this call after that epoch; `resume` continues (split long runs)
     history: list = field(default_factory=list)
 
 
@@ -164,13 +165,17 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
         state = load_checkpoint(ckpt_path)
         if state["model_config"] != model_config.to_dict():
             raise InvalidInput(f"cannot resume {ckpt_path}: it was trained with another model configuration")
+        if state["train_config"]["epochs"] != cfg.epochs:
+            raise InvalidInput(f"cannot resume {ckpt_path} with --epochs {cfg.epochs}: it was started with "
+                               f"{state['train_config']['epochs']} (the learning-rate schedule depends on it)")
         model.load_state_dict(state["model_state"])
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
         start_epoch = state["epoch"]
         cfg.history = state["train_config"].get("history", [])
     hflip = cfg.hflip and dataset.name not in NO_HFLIP
-    for epoch in range(start_epoch, cfg.epochs):
+    last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    for epoch in range(start_epoch, last):
         model.train()
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
         order = rng.permutation(len(split))

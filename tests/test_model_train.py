@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from latenthash.errors import DataError, InvalidInput
+from latenthash.export.backbones import build_backbone
+from latenthash.export.data import Dataset
+from latenthash.export.evaluate import evaluate_run
+from latenthash.export.model import ExportWrapper, HashNet, ModelConfig
+from latenthash.export.train import TrainConfig, default_model_config, load_model, predict, train
+
+
+@pytest.mark.parametrize("backbone, size, channels", [
+    ("cnn", (28, 28), 1), ("cnn", (32, 32), 3), ("resnet18", (32, 32), 3), ("mobilenet_v3_small", (64, 64), 3),
+    ("mobilenet_v3_large", (32, 32), 1),
+])
+def test_shapes(backbone, size, channels):
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=backbone, bits=24, feature_dim=32, in_channels=channels, image_size=size,
+                      mean=(0.5,) * channels, std=(0.25,) * channels)
+    net = HashNet(cfg).eval()
+    logits, probs, feats = net(torch.randn(3, channels, *size))
+    assert logits.shape == (3, 10) and probs.shape == (3, 24) and feats.shape == (3, 32)
+    assert ((probs > 0) & (probs < 1)).all()
+    out = ExportWrapper(net)(torch.randint(0, 256, (3, *size, channels), dtype=torch.uint8))
+    np.testing.assert_allclose(out[1].norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
+
+
+def test_pretrained_weights_from_local_file_only(tmp_path):
+    ref, _ = build_backbone("resnet18", in_channels=3, image_size=(32, 32))
+    state = {k: v + 1 if v.dtype.is_floating_point else v for k, v in ref.state_dict().items()}
+    state["fc.weight"] = torch.zeros(1000, 512)  # the ImageNet classifier: skipped
+    torch.save(state, tmp_path / "r18.pth")
+    grey, _ = build_backbone("resnet18", in_channels=1, image_size=(32, 32), pretrained=str(tmp_path / "r18.pth"))
+    assert torch.equal(grey.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    assert not torch.equal(grey.conv1.weight, state["conv1.weight"][:, :1])  # other shape: left as initialized
+    with pytest.raises(DataError, match="never downloads"):
+        build_backbone("resnet18", in_channels=3, image_size=(32, 32), pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(InvalidInput, match="unknown backbone"):
+        build_backbone("vgg", in_channels=3, image_size=(32, 32))
+
+
+def test_short_training_run_beats_chance_and_resumes(fashion, tmp_path):
+    """A real 2-epoch run on 3000 Fashion-MNIST images; chance is 10% accuracy and ~0.1 mAP."""
+    small = Dataset("fashion-mnist", fashion.train.subset(3000, seed=1), fashion.test.subset(500, seed=1),
+                    fashion.class_names)
+    mc = default_model_config(small, bits=16, feature_dim=64)
+    cfg = TrainConfig(epochs=2, batch_size=64, seed=0)
+    train(small, tmp_path / "run", model_config=mc, cfg=TrainConfig(epochs=2, batch_size=64, stop_after=1),
+          progress=False)
+    with pytest.raises(InvalidInput, match="epochs"):
+        train(small, tmp_path / "run", model_config=mc, cfg=TrainConfig(epochs=3), resume=True, progress=False)
+    model, cfg = train(small, tmp_path / "run", model_config=mc, cfg=cfg, resume=True, progress=False)
+    assert [h["epoch"] for h in cfg.history] == [1, 2]  # epoch 1 from the checkpoint, epoch 2 resumed
+    loaded, ckpt = load_model(tmp_path / "run")
+    assert ckpt["class_names"][0] == "T-shirt/top" and loaded.config.bits == 16
+    p1, f1, _ = predict(model, small.test.images[:50])
+    p2, f2, _ = predict(loaded, small.test.images[:50])
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+    report = evaluate_run(tmp_path / "run", dataset=small, progress=False)
+    assert report["accuracy"] > 0.6
+    assert report["map_all"] > 0.4 and report["map_at_1000"] > 0.5
+    assert report["baselines"]["lsh"]["16"]["map_all"] > 0.1
+    assert all(p.endswith(".png") for p in report["plots"])
