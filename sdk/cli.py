@@ -82,3 +82,21 @@ def evaluate(
         typer.echo(json.dumps({k: report[k] for k in keys} | {"linear_search": report["linear_search"]}, indent=1))
     except LatentHashError as exc:
         _fail(exc)
+
+
+@app.command("export")
+def export_model(
+    run_dir: Path = typer.Argument(..., help="a run directory written by `latenthash train`"),
+    out: Path = typer.Option(..., help="the ONNX file to write"),
+    opset: int = typer.Option(18),
+    atol: float = typer.Option(1e-4, help="max |diff| of probs and features, ONNX Runtime vs PyTorch"),
+) -> None:
+    """Export a self-describing ONNX model (uint8 NHWC in; probs, features, logits out) and check its parity."""
+    try:
+        from latenthash.export.onnx import export_onnx
+
+        report = export_onnx(run_dir, out, opset=opset, atol=atol)
+        typer.echo(json.dumps({"path": report["path"], "bytes": report["bytes"], "checks": report["checks"]},
+                              indent=1))
+    except LatentHashError as exc:
+        _fail(exc)

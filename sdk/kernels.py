@@ -46,18 +46,28 @@ def popcount64(x):
 
 
 @njit(inline="always", cache=True)
-def _distances(db, n, q, w, out):
-    """out[j] = Hamming distance of code j (of n, flattened words db) to query words q."""
+def _distances(db, start, n, q, w, out):
+    """out[j] = Hamming distance to query words q of code start + j, for j < n (db: flattened words); returns
+    the smallest of them.
+
+    Indices are cast to unsigned so Numba drops its negative-index wraparound and LLVM vectorises the loop (the
+    minimum is a vectorised reduction in the same pass); slicing instead would cost a reference count per call."""
+    mn = np.int64(1 << 30)
     if w == 1:
         q0 = q[0]
         for j in range(n):
-            out[j] = popcount64(db[j] ^ q0)
+            d = popcount64(db[np.uint64(start + j)] ^ q0)
+            out[j] = d
+            mn = min(mn, d)
     else:
         for j in range(n):
             d = np.int64(0)
+            base = (start + j) * w
             for t in range(w):
-                d += popcount64(db[j * w + t] ^ q[t])
+                d += popcount64(db[np.uint64(base + t)] ^ q[t])
             out[j] = d
+            mn = min(mn, d)
+    return mn
 
 
 @njit(cache=True)
@@ -69,11 +79,7 @@ def _scan(db, n, base, q, w, k, hist, cand_i, cand_d, state, dist_buf):
     held, thr, below = state[0], state[1], state[2]
     for g0 in range(0, n, GROUP):
         m = min(GROUP, n - g0)
-        _distances(db[g0 * w:(g0 + m) * w], m, q, w, dist_buf)
-        mn = dist_buf[0]
-        for j in range(1, m):
-            mn = min(mn, dist_buf[j])
-        if mn >= thr:
+        if _distances(db, g0, m, q, w, dist_buf) >= thr:
             continue
         for j in range(m):
             d = dist_buf[j]
@@ -205,7 +211,7 @@ def radius_counts(db, n, w, qs, bits):
         buf = np.empty(GROUP, np.int64)
         for g0 in range(0, n, GROUP):
             m = min(GROUP, n - g0)
-            _distances(db[g0 * w:(g0 + m) * w], m, q, w, buf)
+            _distances(db, g0, m, q, w, buf)
             for j in range(m):
                 out[i, buf[j]] += 1
     return out
@@ -229,7 +235,7 @@ def radius_search(db, n, w, qs, radius, limits):
         start = np.zeros(radius + 2, np.int64)
         for g0 in range(0, n, GROUP):  # pass 1: counts per distance, to place hits without sorting
             m = min(GROUP, n - g0)
-            _distances(db[g0 * w:(g0 + m) * w], m, q, w, buf)
+            _distances(db, g0, m, q, w, buf)
             for j in range(m):
                 if buf[j] <= radius:
                     start[buf[j] + 1] += 1
@@ -239,7 +245,7 @@ def radius_search(db, n, w, qs, radius, limits):
         base = offsets[i]
         for g0 in range(0, n, GROUP):
             m = min(GROUP, n - g0)
-            _distances(db[g0 * w:(g0 + m) * w], m, q, w, buf)
+            _distances(db, g0, m, q, w, buf)
             for j in range(m):
                 d = buf[j]
                 if d <= radius:
@@ -321,7 +327,7 @@ def hamming_ranking_stats(qwords, dbwords, qmask, dmask, ks, topk, bits):
     for i in prange(nq):
         dist = np.empty(n, np.int64)
         rel = np.zeros(n, np.bool_)
-        _distances(flat, n, qwords[i], w, dist)
+        _distances(flat, 0, n, qwords[i], w, dist)
         for j in range(n):
             r = False
             for t in range(lw):

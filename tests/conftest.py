@@ -33,3 +33,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
         if "tensorrt" in item.keywords and not has_trt:
             item.add_marker(pytest.mark.skip(reason="tensorrt or a CUDA GPU is missing"))
+
+
+@pytest.fixture(scope="session")
+def small_fashion(fashion):
+    """3000 database images and 300 queries of real Fashion-MNIST."""
+    from latenthash.export.data import Dataset
+
+    return Dataset("fashion-mnist", fashion.train.subset(3000, seed=1), fashion.test.subset(300, seed=1),
+                   fashion.class_names)
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_fashion, tmp_path_factory):
+    """A real 24-bit model, 2 epochs on the small subset (~20 s on 2 cores)."""
+    from latenthash.export.train import TrainConfig, default_model_config, train
+
+    out = tmp_path_factory.mktemp("run")
+    mc = default_model_config(small_fashion, bits=24, feature_dim=64)
+    train(small_fashion, out, model_config=mc, cfg=TrainConfig(epochs=2, batch_size=64, seed=0), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_model(trained_run, small_fashion):
+    from latenthash.export.onnx import export_onnx
+
+    path = trained_run / "model.onnx"
+    export_onnx(trained_run, path, images=small_fashion.test.images[:128])
+    return path

@@ -1,0 +1,45 @@
+"""Encoder runtimes: one small Protocol, implementations chosen by name.
+
+A runtime runs an exported latenthash ONNX model: `run(uint8 NHWC batch) -> (probs, features)`. Each lives in its
+own module and imports its engine (onnxruntime, tensorrt) only when created, failing with what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from latenthash.errors import InvalidInput, LatentHashError
+
+# name -> "module:Class", imported on demand
+RUNTIMES = {
+    "onnxruntime": "latenthash.runtimes.onnxruntime:OnnxRuntime",
+    "tensorrt": "latenthash.runtimes.tensorrt:TensorRTRuntime",
+}
+
+
+@runtime_checkable
+class EncoderRuntime(Protocol):
+    name: str
+    max_batch: int
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, C) -> (probs float32 (N, bits), features float32 (N, feature_dim), L2-normalized)."""
+        ...
+
+
+def create_runtime(name: str, model_path: str | os.PathLike, **options) -> EncoderRuntime:
+    """Create a runtime by name; "auto" picks TensorRT where it and a GPU are present, else ONNX Runtime."""
+    if name == "auto":
+        try:
+            return create_runtime("tensorrt", model_path, **options)
+        except LatentHashError:
+            return create_runtime("onnxruntime", model_path, **options)
+    try:
+        module_name, cls_name = RUNTIMES[name].split(":")
+    except KeyError:
+        raise InvalidInput(f"unknown runtime {name!r}; choose auto or one of {', '.join(RUNTIMES)}") from None
+    return getattr(importlib.import_module(module_name), cls_name)(model_path, **options)

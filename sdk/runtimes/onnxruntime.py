@@ -1,0 +1,60 @@
+"""ONNX Runtime: the default encoder runtime, CPU everywhere, CUDA / TensorRT execution providers where installed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from latenthash.errors import ModelMismatch, require
+
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def default_providers(cache_dir: str | os.PathLike | None = None) -> list:
+    """The installed providers in order of speed; TensorRT runs FP16 with an engine cache directory."""
+    ort = require("onnxruntime", extra="base", purpose="the ONNX Runtime encoder")
+    available = set(ort.get_available_providers())
+    providers: list = []
+    for name in PREFERRED:
+        if name not in available:
+            continue
+        if name == "TensorrtExecutionProvider":
+            cache = str(cache_dir or Path.home() / ".cache" / "latenthash" / "ort-trt")
+            providers.append((name, {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                     "trt_engine_cache_path": cache}))
+        else:
+            providers.append(name)
+    return providers
+
+
+class OnnxRuntime:
+    """An ONNX Runtime session over an exported latenthash model."""
+
+    name = "onnxruntime"
+    max_batch = 1024
+
+    def __init__(self, model_path: str | os.PathLike, *, providers: list | None = None, threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        ort = require("onnxruntime", extra="base", purpose="the ONNX Runtime encoder")
+        opts = ort.SessionOptions()
+        # small CPUs: all cores on one op at a time, no inter-op pool competing with them
+        opts.intra_op_num_threads = threads or os.cpu_count() or 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts,
+                                                providers=providers or default_providers(cache_dir))
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelMismatch(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        self.providers = self.session.get_providers()
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        outputs = [o.name for o in self.session.get_outputs()]
+        if "probs" not in outputs or "features" not in outputs:
+            raise ModelMismatch(f"{model_path} is not a latenthash model: outputs {outputs} lack probs/features")
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, features = self.session.run(["probs", "features"], {"images": images})
+        return probs, features

@@ -1,0 +1,166 @@
+"""TensorRT: engines built from the exported ONNX file with the official `tensorrt` Python API.
+
+- Explicit batch, one optimization profile for the dynamic batch (min 1 / opt 32 / max 256 by default).
+- FP16 through `BuilderFlag.FP16` where the installed TensorRT has it (TensorRT 10.x, as JetPack 6 ships it); where
+  it does not (TensorRT 11 removed the precision flags), a strongly typed network is built from an FP16 copy of
+  the ONNX model (float initializers and compute in FP16, inputs and outputs unchanged).
+- Serialized engines are cached under a key of (ONNX sha256, TensorRT version, GPU compute capability, precision).
+- Inference uses tensor addresses and `execute_async_v3` on a CUDA stream; memory comes from cuda-python.
+
+Needs an NVIDIA GPU with `tensorrt` and `cuda-python` installed (`pip install 'latenthash[tensorrt]'`, or
+JetPack's packages on a Jetson).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from latenthash.errors import LatentHashError, MissingDependency, ModelMismatch, require
+
+PROFILE = (1, 32, 256)
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError:
+            raise MissingDependency("the TensorRT runtime needs cuda-python: pip install cuda-python") from None
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise LatentHashError(f"CUDA call failed: {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def compute_capability() -> str:
+    cudart = _cudart()
+    dev = _check(cudart.cudaGetDevice())
+    props = _check(cudart.cudaGetDeviceProperties(dev))
+    return f"{props.major}.{props.minor}"
+
+
+def engine_key(onnx_path: Path, trt_version: str, capability: str, precision: str) -> str:
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:16]
+    return f"{digest}-trt{trt_version}-sm{capability}-{precision}"
+
+
+def fp16_onnx(onnx_path: Path, out: Path) -> Path:
+    """An FP16 copy of the model for strongly typed builds (inputs uint8 and outputs float32 kept)."""
+    require("onnx", extra="tensorrt", purpose="the FP16 ONNX conversion for TensorRT 11")
+    float16 = require("onnxconverter_common.float16", extra="tensorrt", purpose="the FP16 ONNX conversion")
+    import onnx
+
+    model = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
+    onnx.save(model, str(out))
+    return out
+
+
+def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", profile: tuple[int, int, int] = PROFILE,
+                 cache_dir: str | os.PathLike | None = None, workspace_bytes: int = 1 << 30) -> bytes:
+    """Build (or load from the cache) a serialized engine for `onnx_path`."""
+    trt = require("tensorrt", extra="tensorrt", purpose="the TensorRT runtime")
+    onnx_path = Path(onnx_path)
+    cache = Path(cache_dir or Path.home() / ".cache" / "latenthash" / "trt")
+    cache.mkdir(parents=True, exist_ok=True)
+    key = engine_key(onnx_path, trt.__version__, compute_capability(), precision)
+    cached = cache / f"{key}.engine"
+    if cached.is_file():
+        return cached.read_bytes()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
+    source = onnx_path
+    flags = 0
+    if precision == "fp16" and not has_fp16_flag:
+        source = fp16_onnx(onnx_path, cache / f"{key}.fp16.onnx")
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(source.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelMismatch(f"TensorRT cannot parse {source}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp16" and has_fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    opt_profile = builder.create_optimization_profile()
+    inp = network.get_input(0)
+    shape = tuple(inp.shape)[1:]
+    opt_profile.set_shape(inp.name, *[(b, *shape) for b in profile])
+    config.add_optimization_profile(opt_profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ModelMismatch(f"TensorRT failed to build an engine from {source}")
+    data = bytes(serialized)
+    tmp = cached.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cached)
+    return data
+
+
+class TensorRTRuntime:
+    """Runs a cached TensorRT engine; batches above the profile's max are split by the Encoder."""
+
+    name = "tensorrt"
+
+    def __init__(self, model_path: str | os.PathLike, *, precision: str = "fp16",
+                 profile: tuple[int, int, int] = PROFILE, cache_dir: str | os.PathLike | None = None, **_):
+        trt = require("tensorrt", extra="tensorrt", purpose="the TensorRT runtime")
+        self._cudart = _cudart()
+        if int(_check(self._cudart.cudaGetDeviceCount())) < 1:
+            raise MissingDependency("the TensorRT runtime needs an NVIDIA GPU; none is visible")
+        self.max_batch = profile[2]
+        self.precision = precision
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
+            build_engine(model_path, precision=precision, profile=profile, cache_dir=cache_dir))
+        self.context = self.engine.create_execution_context()
+        self.stream = _check(self._cudart.cudaStreamCreate())
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self._buffers: dict[str, tuple[int, int]] = {}
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check(self._cudart.cudaFree(ptr))
+            ptr = _check(self._cudart.cudaMalloc(nbytes))
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cudart, ctx = self._cudart, self.context
+        images = np.ascontiguousarray(images, dtype=self.dtypes[self.input])
+        ctx.set_input_shape(self.input, images.shape)
+        ptr = self._buffer(self.input, images.nbytes)
+        _check(cudart.cudaMemcpyAsync(ptr, images.ctypes.data, images.nbytes,
+                                      cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        ctx.set_tensor_address(self.input, ptr)
+        outputs = {}
+        for name in ("probs", "features", "logits"):
+            out = np.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.dtypes[name])
+            outputs[name] = out
+            ctx.set_tensor_address(name, self._buffer(name, out.nbytes))
+        if not ctx.execute_async_v3(self.stream):
+            raise LatentHashError("TensorRT execute_async_v3 failed")
+        for name in ("probs", "features"):
+            out = outputs[name]
+            _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes,
+                                          cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return outputs["probs"].astype(np.float32), outputs["features"].astype(np.float32)
+
+    def __del__(self):
+        for ptr, _ in getattr(self, "_buffers", {}).values():
+            self._cudart.cudaFree(ptr)
