@@ -27,6 +27,7 @@ class SearchResult:
     distances: np.ndarray
     counts: np.ndarray
     scores: np.ndarray | None = None
+    metadata: list[list[Any]] | None = None  # per query, per hit (filled by Searcher and Client)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,6 +55,10 @@ class IndexBackend(Protocol):
     feature_dim: int | None
 
     def __len__(self) -> int: ...
+
+    def __contains__(self, id_: int) -> bool: ...
+
+    def metadata(self, ids) -> list[Any]: ...
 
     def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> None: ...
 

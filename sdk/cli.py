@@ -100,3 +100,78 @@ def export_model(
                               indent=1))
     except LatentHashError as exc:
         _fail(exc)
+
+
+@app.command("index")
+def build_index(
+    model: Path = typer.Option(..., help="exported ONNX model"),
+    out: Path = typer.Option(..., help="index directory"),
+    dataset: str = typer.Option("fashion-mnist", help=f"one of: {DATASETS}"),
+    data_dir: Optional[str] = typer.Option(None),
+    split: str = typer.Option("train", help="train (the database, default) or test"),
+    add: bool = typer.Option(False, "--add", help="append to an existing index (ids continue after its largest)"),
+    limit: Optional[int] = typer.Option(None, help="index only the first N images"),
+    feature_dtype: str = typer.Option("float16", help="float32, float16 or int8 feature storage"),
+    runtime: str = typer.Option("auto"),
+) -> None:
+    """Encode a dataset split and store codes, features and labels (ids = positions in the split)."""
+    try:
+        import numpy as np
+
+        from latenthash.encoder import Encoder
+        from latenthash.export.data import load_dataset
+        from latenthash.index import HashIndex
+        from latenthash.ingest import add_images
+
+        encoder = Encoder.open(model, runtime=runtime)
+        ds = load_dataset(dataset, data_dir)
+        part = ds.train if split == "train" else ds.test
+        images, labels = part.images[:limit], part.labels[:limit]
+        if add:
+            index = HashIndex.open(out)
+            start = int(index.ids.max()) + 1 if len(index) else 0
+        else:
+            index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype)
+            index.model_info = encoder.info.to_dict()
+            start = 0
+        if ds.multilabel:
+            metadata = [{"labels": [ds.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
+        else:
+            metadata = [{"label": int(c), "class": ds.class_names[c]} for c in labels]
+        if part.paths:
+            for m, p in zip(metadata, part.paths):
+                m["path"] = p
+        add_images(index, encoder, images, ids=np.arange(start, start + len(images)), metadata=metadata)
+        index.save(out)
+        typer.echo(json.dumps(index.stats(), indent=1))
+    except LatentHashError as exc:
+        _fail(exc)
+
+
+@app.command()
+def serve(
+    index: Path = typer.Option(..., help="index directory (created from the model when missing)"),
+    model: Optional[Path] = typer.Option(None, help="exported ONNX model (needed for image queries)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces"),
+    port: int = typer.Option(50051),
+    token: Optional[str] = typer.Option(None, envvar="LATENTHASH_TOKEN", help="require this bearer token"),
+    tls_cert: Optional[Path] = typer.Option(None),
+    tls_key: Optional[Path] = typer.Option(None),
+    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on this HTTP port"),
+    runtime: str = typer.Option("auto"),
+    batch_max: int = typer.Option(64, help="largest dynamic encode batch (1 disables batching)"),
+    batch_delay_ms: float = typer.Option(2.0, help="longest wait to fill a dynamic batch"),
+) -> None:
+    """Run the gRPC service until SIGTERM / SIGINT (then finish in-flight calls and persist the index)."""
+    try:
+        from latenthash.server.app import ServerConfig
+        from latenthash.server.app import serve as run_server
+
+        if bool(tls_cert) != bool(tls_key):
+            raise LatentHashError("TLS needs both --tls-cert and --tls-key")
+        run_server(ServerConfig(index=str(index), model=str(model) if model else None, host=host, port=port,
+                                token=token, tls_cert=str(tls_cert) if tls_cert else None,
+                                tls_key=str(tls_key) if tls_key else None, runtime=runtime, metrics_port=metrics_port,
+                                batch_max=batch_max, batch_delay_ms=batch_delay_ms))
+    except LatentHashError as exc:
+        _fail(exc)

@@ -131,7 +131,7 @@ class HashIndex:
         if f.ndim == 1:
             f = f[None, :]
         if f.shape != (n, self.feature_dim):
-            raise ModelMismatch(f"features must have shape ({n}, {self.feature_dim}), got {f.shape}")
+            raise InvalidInput(f"features must have shape ({n}, {self.feature_dim}), got {f.shape}")
         if not np.all(np.isfinite(f)):
             raise InvalidInput("features contain NaN or infinite values")
         f = normalize(f)
@@ -260,7 +260,7 @@ class HashIndex:
             qf = np.asarray(features, dtype=np.float32)
             qf = qf[None, :] if qf.ndim == 1 else qf
             if qf.shape != (len(qw), self.feature_dim):
-                raise ModelMismatch(f"query features must have shape ({len(qw)}, {self.feature_dim}), got {qf.shape}")
+                raise InvalidInput(f"query features must have shape ({len(qw)}, {self.feature_dim}), got {qf.shape}")
             qf = normalize(qf)
         if threads is not None:
             _kernels().set_threads(threads)

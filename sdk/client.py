@@ -1,0 +1,294 @@
+"""Thin gRPC clients, sync (`Client`) and asyncio (`AsyncClient`), with the calls and results of the embedded
+`Searcher`, and the same exception family: a status code from the server is raised as the class it came from.
+
+Retries: calls that fail with UNAVAILABLE are retried with exponential backoff by gRPC's own retry policy.
+Deadlines: every call has one (`timeout`, seconds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+
+from latenthash import errors
+from latenthash.backend import Items, SearchResult
+from latenthash.codes import pack_codes
+from latenthash.encoder import EncodeResult
+from latenthash.v1 import search_pb2 as pb
+from latenthash.v1 import search_pb2_grpc as pb_grpc
+
+STATUS_TO_ERROR = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidInput,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.ModelMismatch,
+    grpc.StatusCode.DATA_LOSS: errors.IndexCorrupt,
+    grpc.StatusCode.UNIMPLEMENTED: errors.MissingDependency,
+}
+
+
+def _retry_config(retries: int) -> str:
+    return json.dumps({"methodConfig": [{
+        "name": [{"service": "latenthash.v1.HashSearch"}],
+        "retryPolicy": {"maxAttempts": retries + 1, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+
+
+def _error(exc: grpc.RpcError) -> errors.LatentHashError:
+    cls = STATUS_TO_ERROR.get(exc.code(), errors.LatentHashError)
+    return cls(f"{exc.details()} [{exc.code().name}]")
+
+
+def _channel_args(token, tls, retries, max_message_mb):
+    options = [("grpc.max_receive_message_length", max_message_mb << 20),
+               ("grpc.max_send_message_length", max_message_mb << 20)]
+    if retries > 0:  # gRPC's policy counts attempts, at least 2
+        options += [("grpc.enable_retries", 1), ("grpc.service_config", _retry_config(retries))]
+    else:
+        options.append(("grpc.enable_retries", 0))
+    creds = None
+    if tls:
+        root = Path(tls).read_bytes() if isinstance(tls, (str, Path)) else None
+        creds = grpc.ssl_channel_credentials(root_certificates=root)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    return options, creds, metadata
+
+
+# ------------------------------------------------------------------------------------------ request building
+def _image_message(image) -> dict:
+    """bytes -> image; uint8 array (H, W[, C]) -> tensor; PIL image -> PNG bytes."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return {"image": bytes(image)}
+    if isinstance(image, np.ndarray):
+        arr = image[..., None] if image.ndim == 2 else image
+        if arr.ndim != 3 or arr.dtype != np.uint8:
+            raise errors.InvalidInput(f"an image array must be uint8 (H, W) or (H, W, C), got {image.dtype} "
+                                      f"{image.shape}")
+        h, w, c = arr.shape
+        return {"tensor": pb.ImageTensor(data=np.ascontiguousarray(arr).tobytes(), height=h, width=w, channels=c)}
+    if hasattr(image, "save"):
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        return {"image": buf.getvalue()}
+    raise errors.InvalidInput(f"cannot send {type(image).__name__} as an image: pass bytes, a uint8 array or PIL")
+
+
+def _as_list(images) -> list:
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, rerank, label) -> list:
+    if (images is None) == (codes is None):
+        raise errors.InvalidInput("search needs exactly one of images= or codes=")
+    opts = {"k": k, "pool": pool or 0}
+    if radius is not None:
+        opts["radius"] = radius
+    if rerank is not None:
+        opts["rerank"] = rerank
+    if label is not None:
+        opts["label"] = str(label)
+    if images is not None:
+        return [pb.SearchRequest(query=pb.Query(**_image_message(im)), **opts) for im in _as_list(images)]
+    packed = pack_codes(codes, bits_fn())
+    feats = None
+    if features is not None:
+        feats = np.asarray(features, np.float32)
+        feats = feats[None] if feats.ndim == 1 else feats
+        if len(feats) != len(packed):
+            raise errors.InvalidInput(f"{len(packed)} codes but {len(feats)} feature rows")
+    return [pb.SearchRequest(query=pb.Query(code=c.tobytes(), feature=feats[i] if feats is not None else []), **opts)
+            for i, c in enumerate(packed)]
+
+
+def _search_result(responses: Sequence[pb.SearchResponse]) -> SearchResult:
+    width = max([len(r.hits) for r in responses] + [1])
+    n = len(responses)
+    ids = np.full((n, width), -1, np.int64)
+    dists = np.full((n, width), -1, np.int64)
+    reranked = any(r.reranked for r in responses)
+    scores = np.full((n, width), np.nan, np.float32) if reranked else None
+    counts = np.zeros(n, np.int64)
+    metadata = []
+    for i, r in enumerate(responses):
+        counts[i] = len(r.hits)
+        ids[i, :counts[i]] = [h.id for h in r.hits]
+        dists[i, :counts[i]] = [h.distance for h in r.hits]
+        if scores is not None:
+            scores[i, :counts[i]] = [h.score for h in r.hits]
+        metadata.append([json.loads(h.metadata_json) if h.metadata_json else None for h in r.hits])
+    return SearchResult(ids, dists, counts, scores, metadata)
+
+
+def _upsert_items(bits_fn, ids, *, images, codes, features, metadata):
+    ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+    if (images is None) == (codes is None):
+        raise errors.InvalidInput("upsert needs exactly one of images= or codes=")
+    if metadata is not None and len(metadata) != len(ids):
+        raise errors.InvalidInput(f"{len(ids)} ids but {len(metadata)} metadata entries")
+    meta = ["" if m is None else json.dumps(m) for m in metadata] if metadata is not None else [""] * len(ids)
+    if images is not None:
+        images = _as_list(images)
+        if len(images) != len(ids):
+            raise errors.InvalidInput(f"{len(ids)} ids but {len(images)} images")
+        return [pb.UpsertItem(id=int(i), metadata_json=m, **_image_message(im)) for i, im, m in zip(ids, images, meta)]
+    packed = pack_codes(codes, bits_fn())
+    if len(packed) != len(ids):
+        raise errors.InvalidInput(f"{len(ids)} ids but {len(packed)} codes")
+    feats = None if features is None else np.asarray(features, np.float32).reshape(len(ids), -1)
+    return [pb.UpsertItem(id=int(i), code=c.tobytes(), feature=feats[j] if feats is not None else [], metadata_json=m)
+            for j, (i, c, m) in enumerate(zip(ids, packed, meta))]
+
+
+def _items(resp: pb.GetResponse) -> Items:
+    feats = np.asarray([list(it.feature) for it in resp.items], np.float32) if resp.items and resp.items[0].feature \
+        else None
+    return Items(np.asarray([it.id for it in resp.items], np.int64),
+                 np.asarray([np.frombuffer(it.code, np.uint8) for it in resp.items]), feats,
+                 [json.loads(it.metadata_json) if it.metadata_json else None for it in resp.items])
+
+
+def _stats(resp: pb.StatsResponse) -> dict:
+    return {"count": resp.count, "bits": resp.bits, "feature_dim": resp.feature_dim or None,
+            "index_bytes": resp.index_bytes, "model": json.loads(resp.model_json) if resp.model_json else {},
+            "version": resp.version}
+
+
+def _encode_request(images) -> pb.EncodeRequest:
+    req = pb.EncodeRequest()
+    for im in _as_list(images):
+        msg = _image_message(im)
+        req.images.append(msg["image"]) if "image" in msg else req.tensors.append(msg["tensor"])
+    return req
+
+
+def _encoded(resp: pb.EncodeResponse) -> EncodeResult:
+    return EncodeResult(np.asarray([np.frombuffer(e.code, np.uint8) for e in resp.items]),
+                        np.asarray([list(e.feature) for e in resp.items], np.float32))
+
+
+# ------------------------------------------------------------------------------------------------ clients
+class Client:
+    """`Client("host:port", token=..., tls=True | "ca.pem")`: the Searcher's calls over gRPC."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
+                 timeout: float = 30.0, retries: int = 3, max_message_mb: int = 64):
+        options, creds, self._metadata = _channel_args(token, tls, retries, max_message_mb)
+        self.channel = (grpc.secure_channel(target, creds, options) if creds
+                        else grpc.insecure_channel(target, options))
+        self._stub = pb_grpc.HashSearchStub(self.channel)
+        self.timeout = timeout
+        self._bits: int | None = None
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    def bits(self) -> int:
+        if self._bits is None:
+            self._bits = self.stats()["bits"]
+        return self._bits
+
+    def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
+               radius: int | None = None, rerank: bool | None = None, label: str | None = None) -> SearchResult:
+        reqs = _search_requests(self.bits, images=images, codes=codes, features=features, k=k, pool=pool,
+                                radius=radius, rerank=rerank, label=label)
+        if len(reqs) == 1:
+            return _search_result([self._call("Search", reqs[0])])
+        return _search_result(self._call("SearchBatch", pb.SearchBatchRequest(requests=reqs)).responses)
+
+    def upsert(self, ids, *, images=None, codes=None, features=None,
+               metadata: Sequence[Any] | None = None) -> tuple[int, int]:
+        items = _upsert_items(self.bits, ids, images=images, codes=codes, features=features, metadata=metadata)
+        resp = self._call("Upsert", iter(items))
+        return resp.upserted, resp.replaced
+
+    def delete(self, ids) -> tuple[int, int]:
+        resp = self._call("Delete", pb.DeleteRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist()))
+        return resp.deleted, resp.missing
+
+    def get(self, ids) -> Items:
+        return _items(self._call("Get", pb.GetRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist())))
+
+    def stats(self) -> dict:
+        return _stats(self._call("Stats", pb.StatsRequest()))
+
+    def encode(self, images) -> EncodeResult:
+        return _encoded(self._call("Encode", _encode_request(images)))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio variant of `Client`: the same methods, awaited."""
+
+    def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
+                 timeout: float = 30.0, retries: int = 3, max_message_mb: int = 64):
+        options, creds, self._metadata = _channel_args(token, tls, retries, max_message_mb)
+        self.channel = (grpc.aio.secure_channel(target, creds, options) if creds
+                        else grpc.aio.insecure_channel(target, options))
+        self._stub = pb_grpc.HashSearchStub(self.channel)
+        self.timeout = timeout
+        self._bits: int | None = None
+
+    async def _call(self, method: str, request):
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+    async def _bits_value(self) -> int:
+        if self._bits is None:
+            self._bits = (await self.stats())["bits"]
+        return self._bits
+
+    async def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
+                     radius: int | None = None, rerank: bool | None = None, label: str | None = None) -> SearchResult:
+        bits = await self._bits_value() if codes is not None else 0
+        reqs = _search_requests(lambda: bits, images=images, codes=codes, features=features, k=k, pool=pool,
+                                radius=radius, rerank=rerank, label=label)
+        if len(reqs) == 1:
+            return _search_result([await self._call("Search", reqs[0])])
+        return _search_result((await self._call("SearchBatch", pb.SearchBatchRequest(requests=reqs))).responses)
+
+    async def upsert(self, ids, *, images=None, codes=None, features=None,
+                     metadata: Sequence[Any] | None = None) -> tuple[int, int]:
+        bits = await self._bits_value() if codes is not None else 0
+        items = _upsert_items(lambda: bits, ids, images=images, codes=codes, features=features, metadata=metadata)
+        resp = await self._call("Upsert", iter(items))
+        return resp.upserted, resp.replaced
+
+    async def delete(self, ids) -> tuple[int, int]:
+        resp = await self._call("Delete", pb.DeleteRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist()))
+        return resp.deleted, resp.missing
+
+    async def get(self, ids) -> Items:
+        return _items(await self._call("Get", pb.GetRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist())))
+
+    async def stats(self) -> dict:
+        return _stats(await self._call("Stats", pb.StatsRequest()))
+
+    async def encode(self, images) -> EncodeResult:
+        return _encoded(await self._call("Encode", _encode_request(images)))
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,133 @@
+"""`Searcher`: an encoder and an index together, offering the calls the gRPC service offers, in-process.
+
+The server is a thin translation of protobuf messages to these calls, and `Client` offers the same methods with
+the same results over the network, so an application can move between embedded and remote use unchanged (the
+congruence tests check that both return the same hits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from latenthash.backend import IndexBackend, Items, SearchResult
+from latenthash.codes import pack_codes
+from latenthash.encoder import EncodeResult, Encoder
+from latenthash.errors import InvalidInput, ModelMismatch
+
+MAX_K = 10_000
+
+
+@dataclass
+class Timings:
+    encode_ms: float = 0.0
+    search_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+class Searcher:
+    """Two-step image search over an index: `search(images=...)` or `search(codes=..., features=...)`."""
+
+    def __init__(self, index: IndexBackend, encoder: Encoder | None = None):
+        if encoder is not None and encoder.bits != index.bits:
+            raise ModelMismatch(f"the model makes {encoder.bits}-bit codes but the index holds {index.bits}-bit codes")
+        if encoder is not None and index.feature_dim not in (None, encoder.feature_dim):
+            raise ModelMismatch(f"the model makes {encoder.feature_dim}-d features but the index stores "
+                                f"{index.feature_dim}-d features")
+        self.index = index
+        self.encoder = encoder
+        self.last_timings = Timings()
+
+    def _require_encoder(self) -> Encoder:
+        if self.encoder is None:
+            raise InvalidInput("this searcher has no model: query by code, or open it with a model")
+        return self.encoder
+
+    def encode(self, images) -> EncodeResult:
+        return self._require_encoder().encode(images)
+
+    def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
+               radius: int | None = None, rerank: bool | None = None, label: str | None = None) -> SearchResult:
+        """Search by images (encoded by the model; re-ranked by their features) or by packed codes (re-ranked when
+        `features` are given). `label` keeps only items whose metadata "label" equals it (as text), applied to the
+        step-1 pool. Hits carry their metadata."""
+        t0 = time.perf_counter()
+        if (images is None) == (codes is None):
+            raise InvalidInput("search needs exactly one of images= or codes=")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
+            raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        encode_ms = 0.0
+        if images is not None:
+            enc = self.encode(images)
+            codes, features = enc.codes, (enc.features if self.index.feature_dim else None)
+            encode_ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        if label is None:
+            result = self.index.search(codes, k, features=features, pool=pool, radius=radius, rerank=rerank)
+        else:
+            result = self._search_label(codes, k, features, pool, radius, rerank, str(label))
+        result.metadata = [self.index.metadata(row[:n]) for row, n in zip(result.ids, result.counts)]
+        now = time.perf_counter()
+        self.last_timings = Timings(encode_ms, (now - t1) * 1e3, (now - t0) * 1e3)
+        return result
+
+    def _search_label(self, codes, k, features, pool, radius, rerank, label: str) -> SearchResult:
+        """Filter the step-1 pool by label, then keep the best k (re-ranked order when re-ranking)."""
+        width = max(10 * k, 1000) if pool is None else pool
+        full = self.index.search(codes, width, features=features, pool=width, radius=radius, rerank=rerank)
+        rows = len(full.ids)
+        ids = np.full((rows, k), -1, np.int64)
+        dists = np.full((rows, k), -1, np.int64)
+        scores = np.full((rows, k), np.nan, np.float32) if full.scores is not None else None
+        counts = np.zeros(rows, np.int64)
+        for i in range(rows):
+            n = int(full.counts[i])
+            meta = self.index.metadata(full.ids[i, :n])
+            keep = [j for j, m in enumerate(meta) if _label_of(m) == label][:k]
+            counts[i] = len(keep)
+            ids[i, :len(keep)] = full.ids[i, keep]
+            dists[i, :len(keep)] = full.distances[i, keep]
+            if scores is not None:
+                scores[i, :len(keep)] = full.scores[i, keep]
+        return SearchResult(ids, dists, counts, scores)
+
+    def upsert(self, ids, *, images=None, codes=None, features=None,
+               metadata: Sequence[Any] | None = None) -> tuple[int, int]:
+        """Add or replace items from images (encoded here) or codes; returns (upserted, replaced)."""
+        ids = np.atleast_1d(np.asarray(ids))
+        if (images is None) == (codes is None):
+            raise InvalidInput("upsert needs exactly one of images= or codes=")
+        if images is not None:
+            enc = self.encode(images)
+            codes, features = enc.codes, enc.features if self.index.feature_dim else None
+        replaced = sum(1 for i in ids.tolist() if i in self.index)
+        self.index.add(ids, pack_codes(codes, self.index.bits), features, metadata)
+        return len(ids), replaced
+
+    def delete(self, ids) -> tuple[int, int]:
+        """Remove items; returns (deleted, missing)."""
+        ids = np.atleast_1d(np.asarray(ids))
+        deleted = self.index.remove(ids)
+        return deleted, len(ids) - deleted
+
+    def get(self, ids) -> Items:
+        return self.index.get(ids)
+
+    def stats(self) -> dict:
+        from latenthash import __version__
+
+        out = dict(self.index.stats())
+        out["model"] = self.encoder.info.to_dict() if self.encoder else {}
+        out["version"] = __version__
+        return out
+
+
+def _label_of(meta: Any) -> str | None:
+    if isinstance(meta, dict) and "label" in meta:
+        value = meta["label"]
+        return value if isinstance(value, str) else json.dumps(value)
+    return None

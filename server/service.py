@@ -1,0 +1,254 @@
+"""The HashSearch servicer: protobuf in, `Searcher` calls, protobuf out; errors mapped to status codes.
+
+Every `LatentHashError` becomes its class's gRPC status with the message (the client maps it back to the same
+exception); anything unexpected is logged and answered INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+
+from latenthash.codes import pack_codes
+from latenthash.errors import InvalidInput, LatentHashError
+from latenthash.search import Searcher
+from latenthash.server.batching import DynamicBatcher
+from latenthash.server.wal import WriteAheadLog
+from latenthash.v1 import search_pb2 as pb
+from latenthash.v1 import search_pb2_grpc as pb_grpc
+
+log = logging.getLogger("latenthash.server")
+MAX_UPSERT_ITEMS = 100_000
+CHECKPOINT_WAL_BYTES = 256 << 20
+
+
+def status_of(exc: LatentHashError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def rpc(method):
+    """Map errors to status codes, record metrics, log one structured line per call."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return method(self, request, context)
+        except LatentHashError as exc:
+            code = exc.grpc_code
+            context.abort(status_of(exc), str(exc))
+        except ValueError as exc:  # malformed message contents (e.g. a non-JSON metadata string)
+            code = "INVALID_ARGUMENT"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception:
+            code = "INTERNAL"
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+        finally:
+            seconds = time.perf_counter() - t0
+            self.metrics.observe(method.__name__, code, seconds)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(json.dumps({"event": "rpc", "method": method.__name__, "code": code,
+                                      "ms": round(seconds * 1e3, 3)}))
+
+    return wrapper
+
+
+class HashSearchService(pb_grpc.HashSearchServicer):
+    def __init__(self, searcher: Searcher, *, batcher: DynamicBatcher | None, wal: WriteAheadLog | None,
+                 metrics, max_k: int = 10_000):
+        self.searcher = searcher
+        self.batcher = batcher
+        self.wal = wal
+        self.metrics = metrics
+        self.max_k = max_k
+        self._write_lock = threading.Lock()  # WAL order == apply order
+        metrics.set_items(len(searcher.index))
+
+    # -------------------------------------------------------------------------------------------- helpers
+    def _encode(self, images) -> Any:
+        if self.searcher.encoder is None:
+            raise InvalidInput("this server has no model (--model): query by code instead of image")
+        if self.batcher is not None:
+            return self.batcher.encode(images)
+        return self.searcher.encode(images)
+
+    @staticmethod
+    def _tensor(t: pb.ImageTensor) -> np.ndarray:
+        if t.channels not in (1, 3) or not t.height or not t.width:
+            raise InvalidInput(f"tensor needs height, width > 0 and channels 1 or 3, got {t.height}x{t.width}x{t.channels}")
+        if len(t.data) != t.height * t.width * t.channels:
+            raise InvalidInput(f"tensor data holds {len(t.data)} bytes; {t.height}x{t.width}x{t.channels} needs "
+                               f"{t.height * t.width * t.channels}")
+        return np.frombuffer(t.data, np.uint8).reshape(1, t.height, t.width, t.channels)
+
+    def _code(self, data: bytes) -> np.ndarray:
+        nb = (self.searcher.index.bits + 7) // 8
+        if len(data) != nb:
+            raise InvalidInput(f"code has {len(data)} bytes; this index holds {self.searcher.index.bits}-bit codes "
+                               f"({nb} bytes, packed MSB-first)")
+        return np.frombuffer(data, np.uint8).reshape(1, nb)
+
+    def _search_one(self, req: pb.SearchRequest) -> pb.SearchResponse:
+        t0 = time.perf_counter()
+        if not req.HasField("query") or req.query.WhichOneof("kind") is None:
+            raise InvalidInput("empty request: set query.image, query.tensor or query.code")
+        if not 1 <= req.k <= self.max_k:
+            raise InvalidInput(f"k must be from 1 to {self.max_k}, got {req.k}")
+        q = req.query
+        kind = q.WhichOneof("kind")
+        features = None
+        encode_ms = 0.0
+        index = self.searcher.index
+        if kind == "code":
+            codes = self._code(q.code)
+            if q.feature:
+                features = np.asarray(q.feature, np.float32)[None]
+        else:
+            enc = self._encode([q.image] if kind == "image" else self._tensor(q.tensor))
+            codes = enc.codes
+            features = enc.features if index.feature_dim else None
+            encode_ms = (time.perf_counter() - t0) * 1e3
+        t1 = time.perf_counter()
+        result = self.searcher.search(
+            codes=codes, features=features, k=req.k, pool=req.pool or None,
+            radius=req.radius if req.HasField("radius") else None,
+            rerank=req.rerank if req.HasField("rerank") else None,
+            label=req.label if req.HasField("label") else None)
+        search_ms = (time.perf_counter() - t1) * 1e3
+        hits = []
+        for (id_, dist, score), meta in zip(result.hits(0), result.metadata[0]):
+            hits.append(pb.Hit(id=id_, distance=dist, score=score or 0.0,
+                               metadata_json="" if meta is None else json.dumps(meta)))
+        return pb.SearchResponse(hits=hits, reranked=result.scores is not None,
+                                 timings=pb.Timings(encode_ms=encode_ms, search_ms=search_ms,
+                                                    total_ms=(time.perf_counter() - t0) * 1e3))
+
+    # -------------------------------------------------------------------------------------------- RPCs
+    @rpc
+    def Search(self, request, context):
+        return self._search_one(request)
+
+    @rpc
+    def SearchBatch(self, request, context):
+        if not request.requests:
+            raise InvalidInput("empty batch: add at least one request")
+        return pb.SearchBatchResponse(responses=[self._search_one(r) for r in request.requests])
+
+    def SearchStream(self, request_iterator, context):
+        for request in request_iterator:
+            yield self._stream_one(request, context)
+
+    @rpc
+    def _stream_one(self, request, context):
+        return self._search_one(request)
+
+    @rpc
+    def Upsert(self, request_iterator, context):
+        ids, codes, features, metadata, image_rows, images = [], [], [], [], [], []
+        index = self.searcher.index
+        for n, item in enumerate(request_iterator):
+            if n >= MAX_UPSERT_ITEMS:
+                raise InvalidInput(f"one Upsert stream takes at most {MAX_UPSERT_ITEMS} items; split the stream")
+            kind = item.WhichOneof("content")
+            if kind is None:
+                raise InvalidInput(f"item {n} (id {item.id}): set image, tensor or code")
+            ids.append(item.id)
+            try:
+                metadata.append(json.loads(item.metadata_json) if item.metadata_json else None)
+            except ValueError:
+                raise InvalidInput(f"item {n} (id {item.id}): metadata_json is not valid JSON") from None
+            if kind == "code":
+                codes.append(self._code(item.code)[0])
+                if index.feature_dim and len(item.feature) != index.feature_dim:
+                    raise InvalidInput(f"item {n} (id {item.id}): this index stores {index.feature_dim}-d features; "
+                                       f"got {len(item.feature)} values")
+                features.append(np.asarray(item.feature, np.float32) if index.feature_dim else None)
+            else:
+                codes.append(None)
+                features.append(None)
+                image_rows.append(n)
+                images.append(item.image if kind == "image" else self._tensor(item.tensor)[0])
+        if not ids:
+            raise InvalidInput("empty Upsert stream: send at least one item")
+        if len(set(ids)) != len(ids):
+            raise InvalidInput("an Upsert stream must not repeat an id")
+        if images:
+            enc = self._encode(images)
+            for j, row in enumerate(image_rows):
+                codes[row], features[row] = enc.codes[j], enc.features[j]
+        id_arr = np.asarray(ids, np.int64)
+        code_arr = pack_codes(np.stack(codes), index.bits)  # checks padding bits
+        feat_arr = np.stack(features) if index.feature_dim else None
+        if feat_arr is not None and not np.all(np.isfinite(feat_arr)):
+            raise InvalidInput("features contain NaN or infinite values")
+        with self._write_lock:
+            replaced = sum(1 for i in ids if i in index)
+            if self.wal is not None:  # durable before applied and acknowledged
+                self.wal.append_upsert(id_arr, code_arr, feat_arr, metadata)
+            self.searcher.upsert(id_arr, codes=code_arr, features=feat_arr, metadata=metadata)
+            self._maybe_checkpoint()
+        self.metrics.set_items(len(index))
+        return pb.UpsertResponse(upserted=len(ids), replaced=replaced)
+
+    @rpc
+    def Delete(self, request, context):
+        if not request.ids:
+            raise InvalidInput("empty Delete: pass at least one id")
+        ids = np.asarray(request.ids, np.int64)
+        with self._write_lock:
+            if self.wal is not None:
+                self.wal.append_delete(ids)
+            deleted, missing = self.searcher.delete(ids)
+        self.metrics.set_items(len(self.searcher.index))
+        return pb.DeleteResponse(deleted=deleted, missing=missing)
+
+    @rpc
+    def Get(self, request, context):
+        if not request.ids:
+            raise InvalidInput("empty Get: pass at least one id")
+        items = self.searcher.get(np.asarray(request.ids, np.int64))
+        out = []
+        for j, id_ in enumerate(items.ids.tolist()):
+            feat = items.features[j].tolist() if items.features is not None else []
+            meta = items.metadata[j]
+            out.append(pb.Item(id=id_, code=items.codes[j].tobytes(), feature=feat,
+                               metadata_json="" if meta is None else json.dumps(meta)))
+        return pb.GetResponse(items=out)
+
+    @rpc
+    def Stats(self, request, context):
+        s = self.searcher.stats()
+        return pb.StatsResponse(count=s["count"], bits=s["bits"], feature_dim=s["feature_dim"] or 0,
+                                index_bytes=s["index_bytes"], model_json=json.dumps(s["model"]) if s["model"] else "",
+                                version=s["version"])
+
+    @rpc
+    def Encode(self, request, context):
+        inputs = list(request.images) + [self._tensor(t)[0] for t in request.tensors]
+        if not inputs:
+            raise InvalidInput("empty Encode: pass images or tensors")
+        enc = self._encode(inputs)
+        return pb.EncodeResponse(items=[pb.Encoded(code=c.tobytes(), feature=f.tolist())
+                                        for c, f in zip(enc.codes, enc.features)])
+
+    # -------------------------------------------------------------------------------------------- persistence
+    def _maybe_checkpoint(self) -> None:
+        if self.wal is not None and self.wal.size() > CHECKPOINT_WAL_BYTES:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Save the index, then truncate the log (caller holds the write lock or the server is stopped)."""
+        if self.searcher.index.path is None:
+            return
+        self.searcher.index.save()
+        if self.wal is not None:
+            self.wal.truncate()

@@ -1,0 +1,358 @@
+"""End-to-end: the real server on a loopback port with a small real model and index, called through the client,
+compared with the embedded Searcher (congruence), plus bad input for each RPC, auth, TLS and durability."""
+
+import asyncio
+import datetime
+import io
+import json
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from latenthash import HashIndex
+from latenthash.client import AsyncClient, Client
+from latenthash.encoder import Encoder
+from latenthash.errors import InvalidInput, NotFound, Unauthenticated, Unavailable
+from latenthash.ingest import add_images
+from latenthash.search import Searcher
+from latenthash.server.app import ServerConfig, create_server
+from latenthash.v1 import search_pb2 as pb
+from latenthash.v1 import search_pb2_grpc as pb_grpc
+
+N_DB = 1000
+
+
+@pytest.fixture(scope="module")
+def index_dir(onnx_model, small_fashion, tmp_path_factory):
+    enc = Encoder.open(onnx_model)
+    index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim, feature_dtype="float32")
+    labels = small_fashion.train.labels[:N_DB]
+    add_images(index, enc, small_fashion.train.images[:N_DB], ids=np.arange(N_DB),
+               metadata=[{"label": int(c)} for c in labels], progress=False)
+    path = tmp_path_factory.mktemp("index") / "ix"
+    index.save(path)
+    return path
+
+
+@pytest.fixture
+def served(index_dir, onnx_model, tmp_path):
+    """A fresh copy of the index served on port 0, and an embedded Searcher over another copy."""
+    import shutil
+
+    remote_dir, local_dir = tmp_path / "remote", tmp_path / "local"
+    shutil.copytree(index_dir, remote_dir)
+    shutil.copytree(index_dir, local_dir)
+    server, port = create_server(ServerConfig(index=str(remote_dir), model=str(onnx_model), port=0))
+    client = Client(f"127.0.0.1:{port}", timeout=20)
+    embedded = Searcher(HashIndex.open(local_dir), Encoder.open(onnx_model))
+    yield server, client, embedded, remote_dir
+    client.close()
+    server.stop(1)
+
+
+def png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0]).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.distances, b.distances)
+    if a.scores is None:
+        assert b.scores is None
+    else:
+        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
+    assert a.metadata == b.metadata
+
+
+def test_congruence_embedded_and_remote(served, small_fashion):
+    server, client, embedded, _ = served
+    queries = small_fashion.test.images[:12]
+    for kwargs in ({"k": 10}, {"k": 5, "rerank": False}, {"k": 20, "pool": 50}, {"k": 50, "radius": 3},
+                   {"k": 10, "label": "7"}):
+        assert_same(embedded.search(images=queries, **kwargs), client.search(images=queries, **kwargs))
+    one = client.search(images=[png(queries[0])], k=10)  # encoded bytes: same pixels, same hits
+    assert_same(embedded.search(images=queries[:1], k=10), one)
+    enc = embedded.encode(queries[:4])
+    for kwargs in ({"k": 10}, {"k": 10, "features": enc.features}):
+        assert_same(embedded.search(codes=enc.codes, **kwargs), client.search(codes=enc.codes, **kwargs))
+    remote_enc = client.encode(list(queries[:4]))
+    np.testing.assert_array_equal(remote_enc.codes, enc.codes)
+    np.testing.assert_allclose(remote_enc.features, enc.features, atol=1e-6)
+    # and the answers are good: most of the top 10 share the query's class
+    res = client.search(images=queries, k=10)
+    labels = small_fashion.train.labels[res.ids]
+    assert (labels == small_fashion.test.labels[:12, None]).mean() > 0.6
+
+
+def test_writes_are_congruent_too(served, small_fashion):
+    server, client, embedded, _ = served
+    new = small_fashion.test.images[20:30]
+    ids = np.arange(5000, 5010)
+    meta = [{"label": "new", "n": i} for i in range(10)]
+    assert client.upsert(ids, images=list(new), metadata=meta) == embedded.upsert(ids, images=new, metadata=meta)
+    assert client.upsert(ids[:2], images=list(new[:2])) == (2, 2)
+    embedded.upsert(ids[:2], images=new[:2])
+    assert client.delete([5005, 5006, 99999]) == embedded.delete([5005, 5006, 99999]) == (2, 1)
+    got, ref = client.get([5000, 5009, 3]), embedded.get([5000, 5009, 3])
+    np.testing.assert_array_equal(got.codes, ref.codes)
+    np.testing.assert_allclose(got.features, ref.features, atol=1e-6)
+    assert got.metadata == ref.metadata and got.metadata[1] == {"label": "new", "n": 9}
+    assert_same(embedded.search(images=new, k=15), client.search(images=new, k=15))
+    stats = client.stats()
+    assert stats["count"] == N_DB + 8 and stats["bits"] == 24 and stats["model"]["bits"] == 24
+
+
+def test_async_client(served, small_fashion):
+    server, client, embedded, _ = served
+    port = client.channel._channel.target().decode().rsplit(":", 1)[1]
+
+    async def run():
+        ac = AsyncClient(f"127.0.0.1:{port}")
+        try:
+            res = await ac.search(images=small_fashion.test.images[:3], k=5)
+            stats = await ac.stats()
+            with pytest.raises(NotFound):
+                await ac.get([123456789])
+            return res, stats
+        finally:
+            await ac.close()
+
+    res, stats = asyncio.run(run())
+    assert_same(embedded.search(images=small_fashion.test.images[:3], k=5), res)
+    assert stats["count"] == N_DB
+
+
+def stub_call(client, method, request):
+    return getattr(pb_grpc.HashSearchStub(client.channel), method)(request, timeout=10)
+
+
+@pytest.mark.parametrize("method, request_, match", [
+    ("Search", pb.SearchRequest(k=5), "empty request"),
+    ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01"), k=5), "code has 2 bytes"),
+    ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01\x02"), k=0), "k must be"),
+    ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01\x02"), k=10**6), "k must be"),
+    ("Search", pb.SearchRequest(query=pb.Query(image=b"not an image"), k=5), "cannot decode"),
+    ("Search", pb.SearchRequest(query=pb.Query(tensor=pb.ImageTensor(data=b"12", height=28, width=28, channels=1)),
+                                k=5), "tensor data holds 2 bytes"),
+    ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01\x02", feature=[1.0, 2.0]), k=5), "shape"),
+    ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01\x02"), k=5, radius=99), "radius"),
+    ("SearchBatch", pb.SearchBatchRequest(), "empty batch"),
+    ("Delete", pb.DeleteRequest(), "empty Delete"),
+    ("Get", pb.GetRequest(), "empty Get"),
+    ("Encode", pb.EncodeRequest(), "empty Encode"),
+    ("Encode", pb.EncodeRequest(images=[b"garbage"]), "image 0"),
+])
+def test_bad_input_is_invalid_argument_and_server_keeps_serving(served, method, request_, match):
+    server, client, *_ = served
+    with pytest.raises(grpc.RpcError) as info:
+        stub_call(client, method, request_)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in info.value.details()
+    assert client.stats()["count"] == N_DB  # still serving
+
+
+def test_bad_upserts_and_unknown_ids(served):
+    server, client, *_ = served
+    stub = pb_grpc.HashSearchStub(client.channel)
+    for items, match in [
+        ([], "empty Upsert"),
+        ([pb.UpsertItem(id=1)], "set image, tensor or code"),
+        ([pb.UpsertItem(id=1, code=b"\x00\x00\x00", feature=[0.0] * 3)], "64-d features"),
+        ([pb.UpsertItem(id=1, image=b"junk")], "cannot decode"),
+        ([pb.UpsertItem(id=1, code=b"\x00" * 3, feature=[1.0] * 64, metadata_json="{bad")], "not valid JSON"),
+        ([pb.UpsertItem(id=1, code=b"\x00" * 3, feature=[1.0] * 64)] * 2, "repeat an id"),
+    ]:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Upsert(iter(items), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in info.value.details()
+    with pytest.raises(NotFound, match="123456"):
+        client.get([123456])
+    with pytest.raises(InvalidInput):
+        client.search(codes=np.zeros((1, 24), bool), k=0)
+    assert client.stats()["count"] == N_DB  # nothing half-applied
+
+
+def test_health_and_reflection(served):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    server, client, *_ = served
+    health = health_pb2_grpc.HealthStub(client.channel)
+    resp = health.Check(health_pb2.HealthCheckRequest(service="latenthash.v1.HashSearch"), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    answers = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                             timeout=5))
+    names = [s.name for s in answers[0].list_services_response.service]
+    assert "latenthash.v1.HashSearch" in names
+
+
+def test_streaming_search(served, small_fashion):
+    server, client, embedded, _ = served
+    stub = pb_grpc.HashSearchStub(client.channel)
+    enc = embedded.encode(small_fashion.test.images[:5])
+    reqs = [pb.SearchRequest(query=pb.Query(code=c.tobytes()), k=3) for c in enc.codes]
+    out = list(stub.SearchStream(iter(reqs), timeout=10))
+    ref = embedded.search(codes=enc.codes, k=3)
+    assert [[h.id for h in r.hits] for r in out] == ref.ids.tolist()
+
+
+def test_dynamic_batching_merges_concurrent_image_queries(served, small_fashion):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, client, *_ = served
+    batcher = server.service.batcher
+    before_batches, before_items = batcher.batches, batcher.items
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: client.search(images=small_fashion.test.images[i:i + 1], k=3), range(64)))
+    calls = batcher.batches - before_batches
+    assert batcher.items - before_items == 64
+    assert calls < 64  # some calls shared an encoder run
+
+
+def test_auth(index_dir, onnx_model, tmp_path):
+    import shutil
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0,
+                                              token="s3cret"))
+    try:
+        with pytest.raises(Unauthenticated, match="bearer token"):
+            Client(f"127.0.0.1:{port}").stats()
+        with pytest.raises(Unauthenticated):
+            Client(f"127.0.0.1:{port}", token="wrong").search(codes=np.zeros((1, 24), bool), k=1)
+        with pytest.raises(Unauthenticated):
+            Client(f"127.0.0.1:{port}", token="wrong").upsert([1], codes=np.zeros((1, 24), bool),
+                                                               features=np.ones((1, 64)))
+        assert Client(f"127.0.0.1:{port}", token="s3cret").stats()["count"] == N_DB
+    finally:
+        server.stop(1)
+
+
+def make_cert(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    return tmp_path / "cert.pem", tmp_path / "key.pem"
+
+
+def test_tls(index_dir, onnx_model, tmp_path):
+    import shutil
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    cert, key = make_cert(tmp_path)
+    server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0,
+                                              host="localhost", tls_cert=str(cert), tls_key=str(key), token="t"))
+    try:
+        with Client(f"localhost:{port}", tls=cert, token="t") as c:
+            assert c.stats()["count"] == N_DB
+        with pytest.raises(Unavailable):  # plaintext against a TLS port
+            Client(f"localhost:{port}", token="t", timeout=2, retries=0).stats()
+    finally:
+        server.stop(1)
+
+
+def test_acknowledged_upserts_survive_a_crash(index_dir, onnx_model, tmp_path, small_fashion):
+    """A server process is killed with SIGKILL right after acknowledging; the restarted server has every item."""
+    import shutil
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    code = f"""
+import sys, time
+from latenthash.server.app import ServerConfig, create_server
+server, port = create_server(ServerConfig(index={str(tmp_path / 'ix')!r}, model={str(onnx_model)!r}, port=0))
+print(port, flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.upsert(np.arange(7000, 7020), images=list(small_fashion.test.images[:20])) == (20, 0)
+            assert c.delete([0, 1]) == (2, 0)
+    finally:
+        proc.kill()
+        proc.wait()
+    server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0))
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.stats()["count"] == N_DB + 20 - 2
+            assert len(c.get(np.arange(7000, 7020)).ids) == 20
+            with pytest.raises(NotFound):
+                c.get([0])
+    finally:
+        server.stop(1)
+    reopened = HashIndex.open(tmp_path / "ix")  # graceful stop saved the index and emptied the log
+    assert len(reopened) == N_DB + 18 and (tmp_path / "ix" / "wal.log").stat().st_size == 0
+
+
+def test_graceful_shutdown_finishes_in_flight_calls(index_dir, onnx_model, tmp_path, small_fashion):
+    import shutil
+    import threading
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0))
+    client = Client(f"127.0.0.1:{port}")
+    results, errors = [], []
+
+    def upsert():
+        try:
+            results.append(client.upsert(np.arange(8000, 8300),
+                                         images=list(np.repeat(small_fashion.test.images[:30], 10, axis=0))))
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=upsert)
+    t.start()
+    time.sleep(0.05)
+    server.stop(grace=30)
+    t.join()
+    if results:  # acknowledged -> persisted by the stop
+        assert len(HashIndex.open(tmp_path / "ix")) == N_DB + 300
+    else:  # refused before it started: a clear UNAVAILABLE, nothing applied
+        assert isinstance(errors[0], Unavailable)
+        assert len(HashIndex.open(tmp_path / "ix")) == N_DB
+
+
+def test_metrics_endpoint(index_dir, onnx_model, tmp_path):
+    import shutil
+    import urllib.request
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0,
+                                              metrics_port=0))
+    try:
+        Client(f"127.0.0.1:{port}").stats()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics.port}/metrics", timeout=5).read().decode()
+        assert 'latenthash_requests_total{code="OK",method="Stats"} 1.0' in text
+        assert f"latenthash_index_items {float(N_DB)}" in text
+    finally:
+        server.stop(1)
+
+
+def test_stubs_are_fresh():
+    proc = subprocess.run([sys.executable, "proto/generate.py", "--check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
