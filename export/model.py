@@ -30,7 +30,7 @@ class ModelConfig:
     image_size: tuple[int, int] = (28, 28)
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
-    dropout: float = 0.2
+    dropout: float = 0.0
     pretrained: str | None = None  # local path to ImageNet weights (torchvision state-dict layout)
     backbone_options: dict = field(default_factory=dict)
 

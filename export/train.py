@@ -32,14 +32,18 @@ NO_HFLIP = {"mnist", "digits"}
 
 @dataclass
 class TrainConfig:
-    epochs: int = 14
+    """Defaults chosen by measurement on full Fashion-MNIST (benchmarks/RESULTS.md). The database of the retrieval
+    protocol is the training split, so its codes must be right too: heavy regularization (dropout, random shifts)
+    left 5% of the database misclassified and cost 0.05 mAP, so it is off by default."""
+
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 0.1
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     binarize: float = 0.1
     balance: float = 0.1
-    shift: int = 2  # random translation in pixels
+    shift: int = 0  # random translation in pixels
     hflip: bool = True
     seed: int = 0
     threads: int = 0  # 0: all cores torch sees

@@ -27,7 +27,7 @@ def train(
     out: Path = typer.Option(..., help="run directory (checkpoint, history, plots)"),
     data_dir: Optional[str] = typer.Option(None, help="dataset files (Fashion-MNIST: found automatically)"),
     bits: int = typer.Option(48, help="code length h (8..1024)"),
-    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 14)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 12)"),
     backbone: str = typer.Option("cnn", help="cnn, resnet18, mobilenet_v3_small, mobilenet_v3_large"),
     pretrained: Optional[str] = typer.Option(None, help="local ImageNet state-dict file for the backbone"),
     feature_dim: int = typer.Option(256, help="size of the F4 feature layer"),
@@ -175,3 +175,23 @@ def serve(
                                 batch_max=batch_max, batch_delay_ms=batch_delay_ms))
     except LatentHashError as exc:
         _fail(exc)
+
+
+@app.command()
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), help="work directory; finished steps are reused"),
+    dataset: Optional[str] = typer.Option(None, help="default: fashion-mnist where installed, else digits"),
+    bits: int = typer.Option(48),
+    epochs: Optional[int] = typer.Option(None, help="default: the training default"),
+) -> None:
+    """The main job: train, export, index, serve, query through the client, report quality and speed."""
+    try:
+        from latenthash.export.quickstart import run
+
+        run(out, dataset=dataset, bits=bits, epochs=epochs)
+    except LatentHashError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

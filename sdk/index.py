@@ -389,10 +389,13 @@ class HashIndex:
             return gen_dir
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True) -> "HashIndex":
+    def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True,
+             warmup: bool = True) -> "HashIndex":
         """Open a saved index: read and check the versioned header, then memory-map the arrays.
 
-        `verify` also checks every file's sha256 (about a second per GB); sizes and shapes are always checked."""
+        `verify` also checks every file's sha256 (about a second per GB); sizes and shapes are always checked.
+        `warmup` compiles (or loads from Numba's cache) the search kernels in a background thread, so the first
+        query does not pay for it while `open` itself returns at once."""
         root = Path(path)
         if not root.is_dir():
             raise NotFound(f"no index directory at {root}")
@@ -440,6 +443,8 @@ class HashIndex:
         if len(index._rows) != n:
             raise IndexCorrupt(f"{gen_dir / 'ids.npy'} holds duplicate ids")
         index._snap = _Snapshot(n, words, ids, feats, scales, metadata)
+        if warmup:
+            threading.Thread(target=index.warmup, name="latenthash-warmup", daemon=True).start()
         return index
 
 

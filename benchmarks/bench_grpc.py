@@ -1,0 +1,150 @@
+"""Service overhead: QPS and p50/p99 latency of search-by-code and search-by-image through the gRPC server, at
+concurrency 1, 4, 16 and 64, against a 1M-item index, next to the same search called in-process.
+
+    python benchmarks/bench_grpc.py --model model.onnx [--n 1000000] [--seconds 5]
+
+The server runs in its own process; the load generator is one asyncio process sending pre-built requests (both
+share this machine's 2 cores, as they would on an edge box serving local clients). Dynamic batching is measured
+by running image queries with batching off (batch_max 1) and on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+OUT = Path(__file__).parent / "results"
+
+
+def build_index(path: Path, model: str, n: int) -> None:
+    """n items: random codes and unit features of the model's sizes (search cost does not depend on content)."""
+    from latenthash import HashIndex
+    from latenthash.encoder import Encoder
+
+    enc = Encoder.open(model, runtime="onnxruntime")
+    rng = np.random.default_rng(0)
+    index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim, feature_dtype="float16")
+    for lo in range(0, n, 250_000):
+        m = min(250_000, n - lo)
+        index.add(np.arange(lo, lo + m), rng.random((m, enc.bits)) < 0.5,
+                  rng.standard_normal((m, enc.feature_dim)).astype(np.float32),
+                  metadata=[{"label": int(i % 10)} for i in range(lo, lo + m)])
+    index.save(path)
+
+
+def run_server(index: str, model: str, batch_max: int, port_q) -> None:
+    from latenthash.server.app import ServerConfig, create_server
+
+    server, port = create_server(ServerConfig(index=index, model=model, port=0, batch_max=batch_max,
+                                              max_workers=64))
+    port_q.put(port)
+    server.wait_for_termination()
+
+
+async def load(port: int, requests: list, concurrency: int, seconds: float) -> dict:
+    import grpc
+
+    from latenthash.v1 import search_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.HashSearchStub(channel)
+        for r in requests[:20]:
+            await stub.Search(r)  # warm
+        latencies: list[float] = []
+        stop = time.perf_counter() + seconds
+
+        async def worker(w: int):
+            i = w
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                await stub.Search(requests[i % len(requests)])
+                latencies.append(time.perf_counter() - t0)
+                i += concurrency
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1e3
+    return {"qps": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "calls": len(lat)}
+
+
+def embedded(index_dir: str, model: str, codes, images) -> dict:
+    from latenthash import HashIndex
+    from latenthash.encoder import Encoder
+    from latenthash.search import Searcher
+
+    s = Searcher(HashIndex.open(index_dir), Encoder.open(model, runtime="onnxruntime"))
+    out = {}
+    for name, kwargs in (("code", lambda i: {"codes": codes[i % len(codes)][None]}),
+                         ("image", lambda i: {"images": images[i % len(images)][None]})):
+        for i in range(20):
+            s.search(k=10, **kwargs(i))
+        t = []
+        for i in range(300):
+            t0 = time.perf_counter()
+            s.search(k=10, **kwargs(i))
+            t.append(time.perf_counter() - t0)
+        out[name] = {"p50_ms": statistics.median(t) * 1e3, "p99_ms": float(np.percentile(t, 99) * 1e3),
+                     "qps_1_thread": 1 / statistics.mean(t)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--index", help="reuse this index directory")
+    args = ap.parse_args()
+    from latenthash.encoder import Encoder
+    from latenthash.export.data import load_dataset
+    from latenthash.v1 import search_pb2 as pb
+
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
+    index_dir = Path(args.index or Path(tempfile.mkdtemp()) / "ix")
+    if not (index_dir / "CURRENT").exists():
+        build_index(index_dir, args.model, args.n)
+    enc = Encoder.open(args.model, runtime="onnxruntime")
+    images = load_dataset(enc.info.dataset).test.images[:500]
+    codes = enc.encode(images).codes
+    code_reqs = [pb.SearchRequest(query=pb.Query(code=c.tobytes()), k=10) for c in codes]
+    image_reqs = [pb.SearchRequest(query=pb.Query(tensor=pb.ImageTensor(
+        data=im.tobytes(), height=im.shape[0], width=im.shape[1], channels=im.shape[2])), k=10) for im in images]
+    results = {"n": args.n, "embedded": embedded(str(index_dir), args.model, codes, images), "grpc": {}}
+    print("embedded:", json.dumps(results["embedded"]))
+    print("| query | batching | concurrency | QPS | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
+    ctx = mp.get_context("spawn")
+    for batch_max in (64, 1):
+        port_q = ctx.Queue()
+        proc = ctx.Process(target=run_server, args=(str(index_dir), args.model, batch_max, port_q), daemon=True)
+        proc.start()
+        port = port_q.get(timeout=300)
+        try:
+            kinds = (("code", code_reqs), ("image", image_reqs)) if batch_max == 64 else (("image", image_reqs),)
+            for kind, reqs in kinds:
+                for conc in (1, 4, 16, 64):
+                    r = asyncio.run(load(port, reqs, conc, args.seconds))
+                    key = f"{kind}/batch{batch_max}/c{conc}"
+                    results["grpc"][key] = r
+                    print(f"| {kind} | {'on' if batch_max > 1 else 'off'} | {conc} | {r['qps']:,.0f} | "
+                          f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |", flush=True)
+        finally:
+            proc.terminate()
+            proc.join()
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "grpc.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
