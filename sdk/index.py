@@ -276,14 +276,18 @@ class HashIndex:
         if not do_rerank:
             ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
             return SearchResult(ids, dists, counts)
-        K = _kernels()
-        feats, scales, lut = K.rerank_args(snap.features, snap.scales)
-        pos, scores = K.cosine_rerank(qf, feats, scales, lut, rows, counts, np.int64(k))
+        pos, scores = self._rerank(snap, qf, rows, counts, k)
         valid = pos >= 0
         safe = np.maximum(pos, 0)
         sel_rows = np.take_along_axis(rows, safe, 1)
         ids = np.where(valid, snap.ids[np.maximum(sel_rows, 0)] if snap.n else -1, -1)
         return SearchResult(ids, np.where(valid, np.take_along_axis(dists, safe, 1), -1), valid.sum(1), scores)
+
+    @staticmethod
+    def _rerank(snap: _Snapshot, qf: np.ndarray, rows: np.ndarray, counts: np.ndarray, k: int):
+        K = _kernels()
+        feats, scales, lut = K.rerank_args(snap.features, snap.scales)
+        return K.cosine_rerank(qf, feats, scales, lut, rows, counts, np.int64(k))
 
     def _topk_rows(self, snap: _Snapshot, qw: np.ndarray, k: int):
         K = _kernels()
@@ -323,14 +327,20 @@ class HashIndex:
                                         self.bits)
 
     def warmup(self) -> float:
-        """Compile (or load cached) kernels on a tiny query, off the query path; returns the seconds it took."""
+        """Compile (or load cached) kernels for this index's array types, off the query path; returns the seconds.
+
+        Runs on a one-row copy of the storage (same dtypes, same read-only flags as memory-mapped arrays), so it
+        never reads the index's own files and costs the same for any size."""
         t0 = time.perf_counter()
-        probe = np.zeros((1, self.bits), dtype=bool)
-        if len(self):
-            self.search(probe, k=1)
-            self.search(np.zeros((2, self.bits), dtype=bool), k=1)
-            if self.feature_dim:
-                self.search(probe, k=1, features=np.ones((1, self.feature_dim), np.float32))
+        snap = self._snap
+        dummy = _Snapshot(1, *(None if a is None else _like(a) for a in (snap.words, snap.ids, snap.features,
+                                                                           snap.scales)), [None])
+        qw = np.zeros((2, dummy.words.shape[1]), np.uint64)
+        self._topk_rows(dummy, qw[:1], 1)
+        rows, _, counts = self._topk_rows(dummy, qw, 1)
+        self._radius_rows(dummy, qw[:1], 0, 1)
+        if dummy.features is not None:
+            self._rerank(dummy, np.zeros((2, self.feature_dim), np.float32), rows, counts, 1)
         return time.perf_counter() - t0
 
     def stats(self) -> dict:
@@ -446,6 +456,13 @@ class HashIndex:
         if warmup:
             threading.Thread(target=index.warmup, name="latenthash-warmup", daemon=True).start()
         return index
+
+
+def _like(a: np.ndarray) -> np.ndarray:
+    """A one-row zero array of a's dtype and writeability (Numba compiles per dtype, layout and read-only flag)."""
+    out = np.zeros((1, *a.shape[1:]), dtype=a.dtype)
+    out.flags.writeable = a.flags.writeable
+    return out
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
