@@ -27,7 +27,7 @@ import numpy as np
 
 from latenthash.backend import Items, SearchResult
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
-from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound
+from latenthash.errors import IndexCorrupt, InvalidInput, NotFound
 
 FORMAT = "latenthash-index"
 VERSION = 1

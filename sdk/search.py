@@ -8,8 +8,6 @@ congruence tests check that both return the same hits).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,13 +18,6 @@ from latenthash.encoder import EncodeResult, Encoder
 from latenthash.errors import InvalidInput, ModelMismatch
 
 MAX_K = 10_000
-
-
-@dataclass
-class Timings:
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
-    total_ms: float = 0.0
 
 
 class Searcher:
@@ -40,7 +31,6 @@ class Searcher:
                                 f"{index.feature_dim}-d features")
         self.index = index
         self.encoder = encoder
-        self.last_timings = Timings()
 
     def _require_encoder(self) -> Encoder:
         if self.encoder is None:
@@ -55,24 +45,18 @@ class Searcher:
         """Search by images (encoded by the model; re-ranked by their features) or by packed codes (re-ranked when
         `features` are given). `label` keeps only items whose metadata "label" equals it (as text), applied to the
         step-1 pool. Hits carry their metadata."""
-        t0 = time.perf_counter()
         if (images is None) == (codes is None):
             raise InvalidInput("search needs exactly one of images= or codes=")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
             raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
-        encode_ms = 0.0
         if images is not None:
             enc = self.encode(images)
             codes, features = enc.codes, (enc.features if self.index.feature_dim else None)
-            encode_ms = (time.perf_counter() - t0) * 1e3
-        t1 = time.perf_counter()
         if label is None:
             result = self.index.search(codes, k, features=features, pool=pool, radius=radius, rerank=rerank)
         else:
             result = self._search_label(codes, k, features, pool, radius, rerank, str(label))
         result.metadata = [self.index.metadata(row[:n]) for row, n in zip(result.ids, result.counts)]
-        now = time.perf_counter()
-        self.last_timings = Timings(encode_ms, (now - t1) * 1e3, (now - t0) * 1e3)
         return result
 
     def _search_label(self, codes, k, features, pool, radius, rerank, label: str) -> SearchResult:

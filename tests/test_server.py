@@ -4,7 +4,6 @@ compared with the embedded Searcher (congruence), plus bad input for each RPC, a
 import asyncio
 import datetime
 import io
-import json
 import subprocess
 import sys
 import time
