@@ -191,10 +191,9 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if feat_arr is not None and not np.all(np.isfinite(feat_arr)):
             raise InvalidInput("features contain NaN or infinite values")
         with self._write_lock:
-            replaced = sum(1 for i in ids if i in index)
             if self.wal is not None:  # durable before applied and acknowledged
                 self.wal.append_upsert(id_arr, code_arr, feat_arr, metadata)
-            self.searcher.upsert(id_arr, codes=code_arr, features=feat_arr, metadata=metadata)
+            _, replaced = self.searcher.upsert(id_arr, codes=code_arr, features=feat_arr, metadata=metadata)
             self._maybe_checkpoint()
         self.metrics.set_items(len(index))
         return pb.UpsertResponse(upserted=len(ids), replaced=replaced)
