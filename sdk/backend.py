@@ -1,7 +1,8 @@
 """The index seam: what every index backend offers, the result types, and the factory that picks one by URI.
 
-`HashIndex` (embedded, Numba kernels, a directory on disk) is the backend today; a distributed one plugs in by
-implementing `IndexBackend` and registering a URI scheme in `BACKENDS`, without touching callers.
+`HashIndex` (embedded, Numba kernels, a directory on disk) and `MilvusIndex` (a Milvus collection, for collections
+that outgrow one machine) implement `IndexBackend`; `open_index(uri)` picks one by the URI's scheme (`BACKENDS`),
+so callers (Searcher, server, CLI) never name a backend.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class IndexBackend(Protocol):
 
     def metadata(self, ids) -> list[Any]: ...
 
-    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> None: ...
+    path: Any  # where save() persists to (None: an in-memory index)
+
+    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> int: ...
 
     def remove(self, ids) -> int: ...
 
@@ -69,24 +72,53 @@ class IndexBackend(Protocol):
     def search(self, codes, k: int = 10, *, features=None, pool: int | None = None, radius: int | None = None,
                rerank: bool | None = None) -> SearchResult: ...
 
-    def radius_counts(self, codes) -> np.ndarray: ...
+    def warmup(self) -> float: ...
 
     def save(self, path: str | os.PathLike | None = None) -> None: ...
 
     def stats(self) -> dict: ...
 
 
-def _open_dir(uri: str, **options) -> IndexBackend:
+def _open_dir(uri: str, *, bits: int | None = None, feature_dim: int | None = None, create: bool = False,
+              **options) -> IndexBackend:
+    from pathlib import Path
+
+    from latenthash.errors import ModelMismatch
     from latenthash.index import HashIndex
 
-    return HashIndex.open(uri.removeprefix("file://"), **options)
+    path = Path(uri.removeprefix("file://"))
+    feature_dtype = options.pop("feature_dtype", "float16")
+    if create and not (path / "CURRENT").exists():
+        if bits is None:
+            raise InvalidInput(f"no index at {path}: pass bits= (and feature_dim=) to create one")
+        index = HashIndex(bits=bits, feature_dim=feature_dim, feature_dtype=feature_dtype, path=path)
+        index.save(path)
+        return index
+    index = HashIndex.open(path, **options)
+    if bits is not None and bits != index.bits or feature_dim is not None and feature_dim != index.feature_dim:
+        raise ModelMismatch(f"the index at {path} holds {index.bits}-bit codes and {index.feature_dim}-d features, "
+                            f"not {bits} and {feature_dim}")
+    return index
 
 
-BACKENDS: dict[str, Callable[..., IndexBackend]] = {"file": _open_dir}
+def _open_milvus(uri: str, **options) -> IndexBackend:
+    from latenthash.milvus import MilvusIndex
+
+    return MilvusIndex(uri, **options)
+
+
+BACKENDS: dict[str, Callable[..., IndexBackend]] = {
+    "file": _open_dir, "milvus": _open_milvus, "milvus+http": _open_milvus, "milvus+https": _open_milvus,
+    "milvus-lite": _open_milvus,
+}
 
 
 def open_index(uri: str | os.PathLike, **options) -> IndexBackend:
-    """Open an index named by URI: a directory path (or file://...) opens the embedded `HashIndex`."""
+    """Open an index named by URI: a directory path (or file://...) opens the embedded `HashIndex`;
+    milvus://host:port/collection (or milvus-lite:///file.db/collection) a `MilvusIndex`.
+
+    `bits=` and `feature_dim=` check an existing index (ModelMismatch when they differ); with `create=True` they
+    create the index when it does not exist yet. Other options go to the backend."""
     uri = os.fspath(uri)
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     try:

@@ -105,35 +105,41 @@ def export_model(
 @app.command("index")
 def build_index(
     model: Path = typer.Option(..., help="exported ONNX model"),
-    out: Path = typer.Option(..., help="index directory"),
+    out: str = typer.Option(..., help="index directory, or milvus://host:19530/collection[?index=BIN_IVF_FLAT"
+                                      "&nlist=1024] (milvus-lite:///path/file.db/collection for a local file)"),
     dataset: str = typer.Option("fashion-mnist", help=f"one of: {DATASETS}"),
     data_dir: Optional[str] = typer.Option(None),
     split: str = typer.Option("train", help="train (the database, default) or test"),
     add: bool = typer.Option(False, "--add", help="append to an existing index (ids continue after its largest)"),
     limit: Optional[int] = typer.Option(None, help="index only the first N images"),
-    feature_dtype: str = typer.Option("float16", help="float32, float16 or int8 feature storage"),
+    feature_dtype: str = typer.Option("float16", help="float32, float16 or int8 feature storage (directories)"),
     runtime: str = typer.Option("auto"),
+    ray: Optional[str] = typer.Option(None, help="encode on Ray Data: 'local' starts a local Ray, 'auto' or "
+                                                 "ray://head:10001 joins a cluster"),
+    ray_workers: Optional[int] = typer.Option(None, help="encoder actors on Ray (default: one per CPU)"),
+    ray_gpus: float = typer.Option(0.0, help="GPUs per Ray encoder actor"),
 ) -> None:
     """Encode a dataset split and store codes, features and labels (ids = positions in the split)."""
     try:
         import numpy as np
 
+        from latenthash.backend import open_index
         from latenthash.encoder import Encoder
         from latenthash.export.data import load_dataset
-        from latenthash.index import HashIndex
         from latenthash.ingest import add_images
 
         encoder = Encoder.open(model, runtime=runtime)
         ds = load_dataset(dataset, data_dir)
         part = ds.train if split == "train" else ds.test
         images, labels = part.images[:limit], part.labels[:limit]
-        if add:
-            index = HashIndex.open(out)
-            start = int(index.ids.max()) + 1 if len(index) else 0
-        else:
-            index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype)
-            index.model_info = encoder.info.to_dict()
-            start = 0
+        shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim}
+        if "://" not in out and not add:
+            shape["feature_dtype"] = feature_dtype
+            if (Path(out) / "CURRENT").exists():
+                raise LatentHashError(f"an index already exists at {out}: pass --add to append, or another --out")
+        index = open_index(out, create=not add, **shape)
+        index.model_info = encoder.info.to_dict()
+        start = int(index.ids.max()) + 1 if add and len(index) else 0
         if ds.multilabel:
             metadata = [{"labels": [ds.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
         else:
@@ -141,8 +147,16 @@ def build_index(
         if part.paths:
             for m, p in zip(metadata, part.paths):
                 m["path"] = p
-        add_images(index, encoder, images, ids=np.arange(start, start + len(images)), metadata=metadata)
-        index.save(out)
+        ids = np.arange(start, start + len(images))
+        if ray:
+            from latenthash.ray_ingest import add_images_ray
+
+            files = {"paths": list(part.paths[:limit])} if part.paths else {"images": images}  # workers decode files
+            add_images_ray(index, model, ids=ids, metadata=metadata, runtime=runtime, **files,
+                           address=None if ray == "local" else ray, workers=ray_workers, gpus_per_worker=ray_gpus)
+        else:
+            add_images(index, encoder, images, ids=ids, metadata=metadata)
+        index.save()
         typer.echo(json.dumps(index.stats(), indent=1))
     except LatentHashError as exc:
         _fail(exc)
@@ -150,7 +164,8 @@ def build_index(
 
 @app.command()
 def serve(
-    index: Path = typer.Option(..., help="index directory (created from the model when missing)"),
+    index: str = typer.Option(..., help="index directory or milvus://host:19530/collection (created from the model "
+                                        "when missing)"),
     model: Optional[Path] = typer.Option(None, help="exported ONNX model (needed for image queries)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces"),
     port: int = typer.Option(50051),
@@ -169,7 +184,7 @@ def serve(
 
         if bool(tls_cert) != bool(tls_key):
             raise LatentHashError("TLS needs both --tls-cert and --tls-key")
-        run_server(ServerConfig(index=str(index), model=str(model) if model else None, host=host, port=port,
+        run_server(ServerConfig(index=index, model=str(model) if model else None, host=host, port=port,
                                 token=token, tls_cert=str(tls_cert) if tls_cert else None,
                                 tls_key=str(tls_key) if tls_key else None, runtime=runtime, metrics_port=metrics_port,
                                 batch_max=batch_max, batch_delay_ms=batch_delay_ms))

@@ -112,53 +112,24 @@ class HashIndex:
         return snap.ids[: snap.n].copy()
 
     # ------------------------------------------------------------------------------------------------ input checks
-    def _check_ids(self, ids) -> np.ndarray:
-        arr = np.atleast_1d(np.asarray(ids))
-        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-            raise InvalidInput(f"ids must be a 1-D sequence of integers, got dtype {arr.dtype} shape {arr.shape}")
-        if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
-            raise InvalidInput("ids must fit in a signed 64-bit integer")
-        return arr.astype(np.int64)
-
     def _prepare_features(self, features, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
-        if features is None:
-            if self.feature_dim:
-                raise InvalidInput(f"this index stores {self.feature_dim}-d features: pass features= with add()")
+        f = check_features(features, n, self.feature_dim)
+        if f is None:
             return None, None
-        if not self.feature_dim:
-            raise InvalidInput("this index was created without feature_dim: it cannot store features")
-        f = np.asarray(features, dtype=np.float32)
-        if f.ndim == 1:
-            f = f[None, :]
-        if f.shape != (n, self.feature_dim):
-            raise InvalidInput(f"features must have shape ({n}, {self.feature_dim}), got {f.shape}")
-        if not np.all(np.isfinite(f)):
-            raise InvalidInput("features contain NaN or infinite values")
-        f = normalize(f)
         if self.feature_dtype == "int8":
             scale = np.maximum(np.abs(f).max(axis=1), 1e-12) / 127.0
             return np.round(f / scale[:, None]).astype(np.int8), scale.astype(np.float32)
         return f.astype(self.feature_dtype), None
 
     # ------------------------------------------------------------------------------------------------ writes
-    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> None:
-        """Add items; an id already present is replaced. codes: packed uint8 (N, ceil(bits/8)) or 0/1 (N, bits)."""
-        ids = self._check_ids(ids)
-        packed = pack_codes(codes, self.bits)
+    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> int:
+        """Add items; an id already present is replaced. codes: packed uint8 (N, ceil(bits/8)) or 0/1 (N, bits).
+        Returns how many of the ids were already present (replaced)."""
+        ids, packed, meta = check_items(ids, codes, metadata, self.bits)
         n = len(ids)
-        if len(packed) != n:
-            raise InvalidInput(f"{n} ids but {len(packed)} codes")
-        if len(np.unique(ids)) != n:
-            raise InvalidInput("ids given to one add() must be unique")
         feats, scales = self._prepare_features(features, n)
-        if metadata is not None and len(metadata) != n:
-            raise InvalidInput(f"{n} ids but {len(metadata)} metadata entries")
-        try:
-            meta = [None if m is None else json.dumps(m) for m in metadata] if metadata is not None else [None] * n
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"metadata must be JSON-serializable: {exc}") from None
         if n == 0:
-            return
+            return 0
         with self._lock:
             present = [i for i in ids.tolist() if i in self._rows]
             if present:
@@ -176,10 +147,11 @@ class HashIndex:
             for r, i in enumerate(ids.tolist(), lo):
                 self._rows[i] = r
             self._snap = _Snapshot(hi, snap.words, snap.ids, snap.features, snap.scales, snap.metadata)
+        return len(present)
 
     def remove(self, ids) -> int:
         """Remove items by id; returns how many were present (unknown ids are ignored)."""
-        ids = self._check_ids(ids)
+        ids = check_ids(ids)
         with self._lock:
             return self._remove_locked(ids)
 
@@ -207,7 +179,7 @@ class HashIndex:
     # ------------------------------------------------------------------------------------------------ reads
     def get(self, ids) -> Items:
         """Stored codes, features and metadata of the given ids, in the order given; NotFound names missing ids."""
-        ids = self._check_ids(ids)
+        ids = check_ids(ids)
         with self._lock:
             snap = self._snap
             missing = [i for i in ids.tolist() if i not in self._rows]
@@ -245,29 +217,14 @@ class HashIndex:
         within `radius`. Step 2 (when `features` are given and the index stores features; `rerank=False` skips it)
         re-ranks the pool by cosine similarity and keeps the best k. Without step 2, the result is the exact
         Hamming top-k (or, with `radius`, every code within it, nearest first, at most k when k is given)."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
-            raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
-        if radius is not None and (not isinstance(radius, (int, np.integer)) or not 0 <= radius <= self.bits):
-            raise InvalidInput(f"radius must be an integer from 0 to {self.bits}, got {radius!r}")
-        qw = self._query_words(codes)
-        do_rerank = (features is not None) if rerank is None else bool(rerank)
-        if do_rerank and features is None:
-            raise InvalidInput("rerank=True needs the query features (features=...)")
-        if do_rerank and self.feature_dim is None:
-            raise InvalidInput("this index stores no features, so it cannot re-rank: pass rerank=False")
-        qf = None
-        if do_rerank:
-            qf = np.asarray(features, dtype=np.float32)
-            qf = qf[None, :] if qf.ndim == 1 else qf
-            if qf.shape != (len(qw), self.feature_dim):
-                raise InvalidInput(f"query features must have shape ({len(qw)}, {self.feature_dim}), got {qf.shape}")
-            qf = normalize(qf)
+        packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
+                                 feature_dim=self.feature_dim, max_k=MAX_K, max_pool=10 * MAX_K)
+        qw = to_words(packed, self.bits)
+        do_rerank = qf is not None
         if threads is not None:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
         want = max(10 * k, 1000) if pool is None else pool
-        if pool is not None and (not isinstance(pool, (int, np.integer)) or not 1 <= pool <= 10 * MAX_K):
-            raise InvalidInput(f"pool must be an integer from 1 to {10 * MAX_K}, got {pool!r}")
         step1 = want if do_rerank else k
         if radius is None:
             rows, dists, counts = self._topk_rows(snap, qw, step1)
@@ -463,6 +420,78 @@ def _like(a: np.ndarray) -> np.ndarray:
     out = np.zeros((1, *a.shape[1:]), dtype=a.dtype)
     out.flags.writeable = a.flags.writeable
     return out
+
+
+def check_ids(ids) -> np.ndarray:
+    """Caller ids as int64, or InvalidInput."""
+    arr = np.atleast_1d(np.asarray(ids))
+    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise InvalidInput(f"ids must be a 1-D sequence of integers, got dtype {arr.dtype} shape {arr.shape}")
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise InvalidInput("ids must fit in a signed 64-bit integer")
+    return arr.astype(np.int64)
+
+
+def check_items(ids, codes, metadata, bits: int) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """What every backend's add() checks: unique int64 ids, packed codes of the right length, one JSON text (or
+    None) of metadata per id."""
+    ids = check_ids(ids)
+    packed = pack_codes(codes, bits)
+    n = len(ids)
+    if len(packed) != n:
+        raise InvalidInput(f"{n} ids but {len(packed)} codes")
+    if len(np.unique(ids)) != n:
+        raise InvalidInput("ids given to one add() must be unique")
+    if metadata is not None and len(metadata) != n:
+        raise InvalidInput(f"{n} ids but {len(metadata)} metadata entries")
+    try:
+        meta = [None if m is None else json.dumps(m) for m in metadata] if metadata is not None else [None] * n
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"metadata must be JSON-serializable: {exc}") from None
+    return ids, packed, meta
+
+
+def check_query(codes, features, rerank: bool | None, *, k, radius, pool, bits: int, feature_dim: int | None,
+                max_k: int, max_pool: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """What every backend's search() checks: k, radius and pool in range, the query codes packed, and the query
+    features L2-normalized when step 2 (the re-rank) runs, else None."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
+        raise InvalidInput(f"k must be an integer from 1 to {max_k}, got {k!r}")
+    if radius is not None and (not isinstance(radius, (int, np.integer)) or not 0 <= radius <= bits):
+        raise InvalidInput(f"radius must be an integer from 0 to {bits}, got {radius!r}")
+    if pool is not None and (not isinstance(pool, (int, np.integer)) or not 1 <= pool <= max_pool):
+        raise InvalidInput(f"pool must be an integer from 1 to {max_pool}, got {pool!r}")
+    packed = pack_codes(codes, bits)
+    do_rerank = (features is not None) if rerank is None else bool(rerank)
+    if not do_rerank:
+        return packed, None
+    if features is None:
+        raise InvalidInput("rerank=True needs the query features (features=...)")
+    if feature_dim is None:
+        raise InvalidInput("this index stores no features, so it cannot re-rank: pass rerank=False")
+    qf = np.asarray(features, dtype=np.float32)
+    qf = qf[None, :] if qf.ndim == 1 else qf
+    if qf.shape != (len(packed), feature_dim):
+        raise InvalidInput(f"query features must have shape ({len(packed)}, {feature_dim}), got {qf.shape}")
+    return packed, normalize(qf)
+
+
+def check_features(features, n: int, feature_dim: int | None) -> np.ndarray | None:
+    """L2-normalized float32 (n, feature_dim) features, or None for an index without features; else InvalidInput."""
+    if features is None:
+        if feature_dim:
+            raise InvalidInput(f"this index stores {feature_dim}-d features: pass features= with add()")
+        return None
+    if not feature_dim:
+        raise InvalidInput("this index was created without feature_dim: it cannot store features")
+    f = np.asarray(features, dtype=np.float32)
+    if f.ndim == 1:
+        f = f[None, :]
+    if f.shape != (n, feature_dim):
+        raise InvalidInput(f"features must have shape ({n}, {feature_dim}), got {f.shape}")
+    if not np.all(np.isfinite(f)):
+        raise InvalidInput("features contain NaN or infinite values")
+    return normalize(f)
 
 
 def normalize(x: np.ndarray) -> np.ndarray:

@@ -88,8 +88,7 @@ class Searcher:
         if images is not None:
             enc = self.encode(images)
             codes, features = enc.codes, enc.features if self.index.feature_dim else None
-        replaced = sum(1 for i in ids.tolist() if i in self.index)
-        self.index.add(ids, pack_codes(codes, self.index.bits), features, metadata)
+        replaced = self.index.add(ids, pack_codes(codes, self.index.bits), features, metadata)
         return len(ids), replaced
 
     def delete(self, ids) -> tuple[int, int]:

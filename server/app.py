@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 
+from latenthash.backend import open_index
 from latenthash.errors import NotFound
 from latenthash.index import HashIndex
 from latenthash.search import Searcher
@@ -34,7 +35,7 @@ WAL_NAME = "wal.log"
 
 @dataclass
 class ServerConfig:
-    index: str  # index directory (created when missing, with bits / feature_dim from the model)
+    index: str  # index directory or milvus:// URI (created when missing, with bits / feature_dim from the model)
     model: str | None = None  # exported ONNX model; without it the server answers code queries only
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
@@ -86,12 +87,20 @@ class LatentHashServer:
         return self.grpc_server.wait_for_termination(timeout)
 
 
-def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog]:
-    """The model and the index (created if missing), with the write-ahead log replayed onto it."""
+def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None]:
+    """The model and the index (created if missing), with the write-ahead log replayed onto it.
+
+    A directory index gets a write-ahead log next to it (fsynced before an upsert is applied and acknowledged); a
+    Milvus index (milvus://...) gets none: Milvus acknowledges a write once it is in its own log."""
     from latenthash.encoder import Encoder
 
     encoder = Encoder.open(config.model, runtime=config.runtime) if config.model else None
-    root = Path(config.index)
+    shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim} if encoder else {}
+    if "://" in config.index and not config.index.startswith("file://"):
+        index = open_index(config.index, create=encoder is not None, **shape)
+        index.warmup()
+        return Searcher(index, encoder), None
+    root = Path(config.index.removeprefix("file://"))
     if (root / "CURRENT").exists():
         index = HashIndex.open(root)
     elif encoder is not None:

@@ -1,0 +1,227 @@
+"""The Milvus backend against the embedded one: the same adds, removes and queries give the same answers.
+
+Runs on milvus-lite (a real Milvus engine in a child process, a fresh file per test). Hamming ties come back from
+Milvus in no set order, so top-k results are compared as equal distance lists and equal id sets wherever no tie
+crosses the top-k boundary. BIN_IVF_FLAT needs a real Milvus server: set LATENTHASH_MILVUS_URI=milvus://host:19530.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+from latenthash import HashIndex, open_index  # noqa: E402
+from latenthash.errors import InvalidInput, ModelMismatch, NotFound, Unavailable  # noqa: E402
+from latenthash.milvus import MilvusIndex, parse_uri  # noqa: E402
+
+BITS, DIM, N = 64, 32, 3000
+
+
+def lite_uri(tmp_path, collection="items", **query) -> str:
+    q = "&".join(f"{k}={v}" for k, v in query.items())
+    return f"milvus-lite://{tmp_path}/lite.db/{collection}" + (f"?{q}" if q else "")
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    codes = np.packbits(rng.integers(0, 2, (N + 50, BITS), dtype=np.uint8), axis=1)
+    feats = rng.normal(size=(N + 50, DIM)).astype(np.float32)
+    meta = [{"label": str(i % 10), "n": i} if i % 3 else None for i in range(N)]
+    queries = np.packbits(rng.integers(0, 2, (20, BITS), dtype=np.uint8), axis=1)
+    qfeats = rng.normal(size=(20, DIM)).astype(np.float32)
+    return codes, feats, meta, queries, qfeats
+
+
+@pytest.fixture
+def pair(tmp_path, data):
+    """The same items in an embedded index and a Milvus index, after the same adds, replaces and removes."""
+    codes, feats, meta, _, _ = data
+    emb = HashIndex(bits=BITS, feature_dim=DIM, feature_dtype="float32")
+    mil = open_index(lite_uri(tmp_path), bits=BITS, feature_dim=DIM, create=True)
+    ids = np.arange(N) * 3 + 11
+    for ix in (emb, mil):
+        assert ix.add(ids, codes[:N], feats[:N], meta) == 0
+        assert ix.add(ids[:50], codes[N:], feats[N:], meta[50:100]) == 50  # re-add replaces
+        assert ix.remove(np.r_[ids[100:130], [-5, 10**12]]) == 30  # unknown ids are ignored
+    yield emb, mil, ids
+    mil.close()
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.unpackbits(a[:, None, :] ^ b[None, :, :], axis=2).sum(2)
+
+
+def assert_congruent_topk(emb, mil, k):
+    np.testing.assert_array_equal(emb.counts, mil.counts)
+    for q in range(len(emb)):
+        n = int(emb.counts[q])
+        de, dm = emb.distances[q, :n], mil.distances[q, :n]
+        np.testing.assert_array_equal(de, dm)
+        inner = de < de[n - 1]  # ids before the last distance cannot depend on tie order
+        assert set(emb.ids[q, :n][inner]) == set(mil.ids[q, :n][inner])
+
+
+def test_uri_parsing():
+    assert parse_uri("milvus://db.example:19531/images?nprobe=32") == {
+        "client_uri": "http://db.example:19531", "collection": "images", "options": {"nprobe": "32"}, "lite": False}
+    assert parse_uri("milvus+https://db/images")["client_uri"] == "https://db:19530"
+    assert parse_uri("milvus-lite:///data/x.db/c")["client_uri"] == "/data/x.db"
+    for bad in ("milvus://host", "milvus-lite:///data/x/c", "milvus:///images"):
+        with pytest.raises(InvalidInput, match="must look like"):
+            parse_uri(bad)
+
+
+def test_exact_search_is_congruent(pair, data):
+    emb, mil, ids = pair
+    _, _, _, queries, _ = data
+    assert len(emb) == len(mil) == N - 30
+    for k in (1, 10, 100):
+        e, m = emb.search(queries, k), mil.search(queries, k)
+        assert_congruent_topk(e, m, k)
+        stored = mil.get(m.ids[0, : m.counts[0]]).codes  # Milvus's distances are the true ones
+        np.testing.assert_array_equal(hamming(queries[:1], stored)[0], m.distances[0, : m.counts[0]])
+    one = mil.search(queries[0], 5)  # one query or a batch alike
+    assert one.ids.shape == (1, 5)
+
+
+def test_radius_search_is_congruent(pair, data):
+    emb, mil, _ = pair
+    _, _, _, queries, _ = data
+    for r in (0, 22, 26):
+        e, m = emb.search(queries, 1000, radius=r), mil.search(queries, 1000, radius=r)
+        np.testing.assert_array_equal(e.counts, m.counts)
+        for q in range(len(queries)):
+            n = int(e.counts[q])
+            assert set(e.ids[q, :n]) == set(m.ids[q, :n])
+            np.testing.assert_array_equal(e.distances[q, :n], m.distances[q, :n])
+            assert (m.distances[q, :n] <= r).all()
+    assert m.counts.max() > 0
+
+
+@pytest.mark.parametrize("mode", ["fetch", "milvus"])
+def test_two_step_search_is_congruent(pair, data, tmp_path, mode):
+    emb, mil, _ = pair
+    _, _, _, queries, qfeats = data
+    mil.rerank_mode = mode
+    # a pool holding every item (or every item within a radius) does not depend on tie order: exact comparison
+    for kwargs in ({"pool": N}, {"radius": 28, "pool": N}):
+        e = emb.search(queries, 10, features=qfeats, **kwargs)
+        m = mil.search(queries, 10, features=qfeats, **kwargs)
+        np.testing.assert_array_equal(e.ids, m.ids)
+        np.testing.assert_array_equal(e.distances, m.distances)
+        np.testing.assert_allclose(e.scores, m.scores, atol=1e-5)
+    small = mil.search(queries, 10, features=qfeats, pool=200)  # the default-size path: scores best first
+    assert (np.diff(small.scores, axis=1) <= 1e-6).all()
+    assert (small.distances <= mil.search(queries, 200).distances[:, -1:]).all()
+
+
+def test_get_metadata_and_errors(pair, data):
+    emb, mil, ids = pair
+    codes, feats, meta, _, _ = data
+    want = ids[[0, 49, 200, 2999]]
+    a, b = emb.get(want), mil.get(want)
+    np.testing.assert_array_equal(a.codes, codes[[N, N + 49, 200, 2999]])
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_allclose(a.features, b.features, atol=1e-6)
+    assert a.metadata == b.metadata == [meta[50], meta[99], meta[200], meta[2999]]
+    assert emb.metadata([ids[5], -1, 7]) == mil.metadata([ids[5], -1, 7])
+    assert (ids[3] in mil) and (ids[110] not in mil)
+    with pytest.raises(NotFound, match=str(ids[110])):
+        mil.get([ids[1], ids[110]])
+    with pytest.raises(InvalidInput, match="features must have shape"):
+        mil.add([1], codes[:1], feats[:1, :5])
+    with pytest.raises(InvalidInput, match="16384"):
+        mil.search(codes[:1], 10, features=feats[:1], pool=20000)
+    with pytest.raises(InvalidInput, match="JSON"):
+        mil.add([1], codes[:1], feats[:1], [object()])
+    assert mil.stats()["count"] == N - 30 and mil.stats()["backend"] == "milvus"
+    np.testing.assert_array_equal(mil.ids, np.sort(emb.ids))
+
+
+def test_collections_are_checked(tmp_path, data):
+    codes, feats, _, _, _ = data
+    uri = lite_uri(tmp_path, "c1")
+    with pytest.raises(NotFound, match="does not exist"):
+        open_index(uri)
+    ix = open_index(uri, bits=BITS, feature_dim=DIM, create=True)
+    ix.add([1, 2], codes[:2], feats[:2])
+    ix.save()
+    ix.close()
+    again = MilvusIndex(uri)  # bits and feature_dim come from the collection
+    assert (again.bits, again.feature_dim, len(again)) == (BITS, DIM, 2)
+    again.close()
+    with pytest.raises(ModelMismatch, match="64-bit codes, not 48-bit"):
+        open_index(uri, bits=48, create=True)
+    with pytest.raises(InvalidInput, match="multiple of 8"):
+        open_index(lite_uri(tmp_path, "c2"), bits=44, create=True)
+    with pytest.raises(InvalidInput, match="only BIN_FLAT"):
+        open_index(lite_uri(tmp_path, "c3", index="BIN_IVF_FLAT"), bits=BITS, create=True)
+
+
+def test_a_milvus_that_is_down_is_a_clear_error_not_a_hang():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.perf_counter()
+    with pytest.raises(Unavailable, match="cannot reach Milvus"):
+        open_index(f"milvus://127.0.0.1:{port}/images?timeout=2", bits=BITS, create=True)
+    assert time.perf_counter() - t0 < 15
+
+
+@pytest.mark.skipif("LATENTHASH_MILVUS_URI" not in os.environ, reason="no Milvus server given")
+def test_bin_ivf_flat_on_a_real_server(data):
+    codes, feats, _, queries, _ = data
+    server = os.environ["LATENTHASH_MILVUS_URI"].rstrip("/")
+    uri = f"{server}/latenthash_test_{os.getpid()}?index=BIN_IVF_FLAT&nlist=16"
+    ix = open_index(uri, bits=BITS, feature_dim=DIM, create=True)
+    try:
+        ix.add(np.arange(N), codes, feats)
+        ix.nprobe = 16  # all lists: exact
+        exact = HashIndex(bits=BITS, feature_dim=DIM)
+        exact.add(np.arange(N), codes, feats)
+        assert_congruent_topk(exact.search(queries, 10), ix.search(queries, 10), 10)
+    finally:
+        ix._client.drop_collection(ix.collection)
+        ix.close()
+
+
+def test_the_service_on_milvus_answers_like_the_embedded_searcher(tmp_path, onnx_model, small_fashion):
+    """`latenthash serve --index milvus-lite://...`: the same upserts and queries through the client as embedded."""
+    from latenthash.client import Client
+    from latenthash.encoder import Encoder
+    from latenthash.search import Searcher
+    from latenthash.server.app import ServerConfig, create_server
+
+    server, port = create_server(ServerConfig(index=lite_uri(tmp_path), model=str(onnx_model), port=0))
+    enc = Encoder.open(onnx_model)
+    embedded = Searcher(HashIndex(bits=enc.bits, feature_dim=enc.feature_dim, feature_dtype="float32"), enc)
+    images, labels = small_fashion.train.images[:400], small_fashion.train.labels[:400]
+    meta = [{"label": int(c)} for c in labels]
+    with Client(f"127.0.0.1:{port}", timeout=30) as client:
+        try:
+            assert client.upsert(np.arange(400), images=list(images), metadata=meta) == (400, 0)
+            embedded.upsert(np.arange(400), images=images, metadata=meta)
+            assert client.upsert([3], images=list(small_fashion.test.images[50:51])) == (1, 1)
+            embedded.upsert([3], images=small_fashion.test.images[50:51])
+            assert client.delete([7, 8, 10**9]) == embedded.delete([7, 8, 10**9]) == (2, 1)
+            queries = small_fashion.test.images[:10]
+            e, r = embedded.search(images=queries, k=10), client.search(images=queries, k=10)  # pool >= all items
+            np.testing.assert_array_equal(e.ids, r.ids)
+            np.testing.assert_allclose(e.scores, r.scores, atol=1e-5)
+            assert e.metadata == r.metadata
+            e, r = embedded.search(images=queries, k=20, rerank=False), client.search(images=queries, k=20,
+                                                                                          rerank=False)
+            assert_congruent_topk(e, r, 20)  # 24-bit codes of a trained model: many ties
+            assert client.stats()["count"] == len(embedded.index) == 398
+            with pytest.raises(NotFound):
+                client.get([7])
+        finally:
+            server.stop(1)
