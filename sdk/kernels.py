@@ -274,9 +274,13 @@ def radius_search(db, n, w, qs, radius, limits):
 # float16 -> float32 by table: Numba has no float16 arrays, so half features travel as their uint16 bit patterns.
 F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 NO_TABLE = np.empty(0, np.float32)
+NO_SCALES = np.empty(0, np.float32)
+# Reassociation lets the dot products vectorise (the order of a float sum changes in the last bits); NaN and
+# infinity semantics stay exact, unlike full fastmath.
+FAST = {"reassoc", "contract"}
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, fastmath=FAST)
 def _dot(a, b, i, lut):
     s = np.float32(0.0)
     if lut.shape[0] == 0:
@@ -288,12 +292,12 @@ def _dot(a, b, i, lut):
     return s
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=FAST)
 def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
     """Re-rank each query's Hamming pool by cosine similarity.
 
     qf: (nq, D) float32 L2-normalized queries; feats: (N, D) stored L2-normalized features, as float32, int8 (with
-    scales: (N,) float32 per-vector scale; ones otherwise) or float16 bit patterns in uint16 (with lut=F16_TABLE;
+    scales: (N,) float32 per-vector scale; NO_SCALES otherwise) or float16 bit patterns in uint16 (with lut=F16_TABLE;
     NO_TABLE otherwise); pool: (nq, P) int64 candidate rows, the first pool_n[i] valid. Returns (positions into pool
     (nq, k) int64, -1 padded; scores (nq, k) float32, NaN padded) by descending score, ties by pool order (that is,
     by Hamming distance, then database order)."""
@@ -305,7 +309,9 @@ def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
         scores = np.empty(m, np.float32)
         for j in range(m):
             r = pool[i, j]
-            scores[j] = _dot(qf[i], feats, r, lut) * scales[r]
+            scores[j] = _dot(qf[i], feats, r, lut)
+            if scales.shape[0]:
+                scores[j] *= scales[r]
         order = np.argsort(-scores, kind="mergesort")
         for j in range(min(k, m)):
             out_p[i, j] = order[j]
@@ -316,7 +322,7 @@ def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
 def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, scales, lut) in the form `cosine_rerank` takes for any storage dtype."""
     if scales is None:
-        scales = np.ones(len(features), np.float32)
+        scales = NO_SCALES
     if features.dtype == np.float16:
         return features.view(np.uint16), scales, F16_TABLE
     return features, scales, NO_TABLE
