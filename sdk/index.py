@@ -231,6 +231,8 @@ class HashIndex:
         else:
             rows, dists, counts = self._radius_rows(snap, qw, radius, step1)
         if not do_rerank:
+            if counts.min() == rows.shape[1]:  # no padding to keep
+                return SearchResult(snap.ids[rows], dists, counts)
             ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
             return SearchResult(ids, dists, counts)
         pos, scores = self._rerank(snap, qf, rows, counts, k)
@@ -253,6 +255,8 @@ class HashIndex:
         k_eff = min(k, max(n, 1))
         if len(qw) == 1:
             r, d = K.topk_single(flat, n, w, qw[0], k_eff, self.bits, max(1, min(K.threads(), n // 65536 + 1)))
+            if len(r) == k_eff:  # the common case: no padding, no copies
+                return r[None], d[None], np.array([k_eff])
             rows = np.full((1, k_eff), -1, np.int64)
             dists = np.full((1, k_eff), -1, np.int64)
             rows[0, : len(r)], dists[0, : len(d)] = r, d
