@@ -105,8 +105,9 @@ def export_model(
 @app.command("index")
 def build_index(
     model: Path = typer.Option(..., help="exported ONNX model"),
-    out: str = typer.Option(..., help="index directory, or milvus://host:19530/collection[?index=BIN_IVF_FLAT"
-                                      "&nlist=1024] (milvus-lite:///path/file.db/collection for a local file)"),
+    out: str = typer.Option(..., "--out", "--index",
+                            help="index directory, or milvus://host:19530/collection[?index=BIN_IVF_FLAT"
+                                 "&nlist=1024] (milvus-lite:///path/file.db/collection for a local file)"),
     dataset: str = typer.Option("fashion-mnist", help=f"one of: {DATASETS}"),
     data_dir: Optional[str] = typer.Option(None),
     split: str = typer.Option("train", help="train (the database, default) or test"),
