@@ -177,6 +177,7 @@ def serve(
     runtime: str = typer.Option("auto"),
     batch_max: int = typer.Option(64, help="largest dynamic encode batch (1 disables batching)"),
     batch_delay_ms: float = typer.Option(2.0, help="longest wait to fill a dynamic batch"),
+    search_batch_max: int = typer.Option(64, help="most concurrent queries merged into one search (1 disables)"),
 ) -> None:
     """Run the gRPC service until SIGTERM / SIGINT (then finish in-flight calls and persist the index)."""
     try:
@@ -188,7 +189,8 @@ def serve(
         run_server(ServerConfig(index=index, model=str(model) if model else None, host=host, port=port,
                                 token=token, tls_cert=str(tls_cert) if tls_cert else None,
                                 tls_key=str(tls_key) if tls_key else None, runtime=runtime, metrics_port=metrics_port,
-                                batch_max=batch_max, batch_delay_ms=batch_delay_ms))
+                                batch_max=batch_max, batch_delay_ms=batch_delay_ms,
+                                search_batch_max=search_batch_max))
     except LatentHashError as exc:
         _fail(exc)
 

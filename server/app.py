@@ -22,7 +22,7 @@ from latenthash.errors import NotFound
 from latenthash.index import HashIndex
 from latenthash.search import Searcher
 from latenthash.server.auth import TokenInterceptor, server_credentials
-from latenthash.server.batching import DynamicBatcher
+from latenthash.server.batching import encode_batcher, search_batcher
 from latenthash.server.metrics import Metrics
 from latenthash.server.service import HashSearchService
 from latenthash.server.wal import WriteAheadLog
@@ -45,8 +45,10 @@ class ServerConfig:
     runtime: str = "auto"
     max_workers: int = 32
     max_message_mb: int = 64
-    batch_max: int = 64
+    batch_max: int = 64  # images per dynamic encode batch (1: off)
     batch_delay_ms: float = 2.0
+    search_batch_max: int = 64  # concurrent queries merged into one index search (1: off)
+    search_batch_delay_ms: float = 0.0  # 0: merge only what queued while the previous search ran
     metrics_port: int | None = None
     grace_s: float = 10.0
 
@@ -75,8 +77,9 @@ class LatentHashServer:
         self.health.enter_graceful_shutdown()
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc_server.stop(grace).wait()
-        if self.service.batcher is not None:
-            self.service.batcher.close()
+        for batcher in (self.service.batcher, self.service.search_batcher):
+            if batcher is not None:
+                batcher.close()
         self.service.checkpoint()
         if self.service.wal is not None:
             self.service.wal.close()
@@ -125,9 +128,11 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
 
     searcher, wal = open_searcher(config)
     metrics = Metrics(config.metrics_port, config.host) if config.metrics_port is not None else Metrics(None)
-    batcher = (DynamicBatcher(searcher.encoder, max_batch=config.batch_max, max_delay_ms=config.batch_delay_ms)
+    batcher = (encode_batcher(searcher.encoder, max_batch=config.batch_max, max_delay_ms=config.batch_delay_ms)
                if searcher.encoder is not None and config.batch_max > 1 else None)
-    service = HashSearchService(searcher, batcher=batcher, wal=wal, metrics=metrics)
+    searches = (search_batcher(searcher.index, max_batch=config.search_batch_max,
+                               max_delay_ms=config.search_batch_delay_ms) if config.search_batch_max > 1 else None)
+    service = HashSearchService(searcher, batcher=batcher, search_batcher=searches, wal=wal, metrics=metrics)
     size = config.max_message_mb << 20
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="latenthash-rpc"),

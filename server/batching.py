@@ -1,41 +1,50 @@
-"""Dynamic batching of encode requests, in the manner of Triton's dynamic batcher.
+"""Dynamic batching, in the manner of Triton's dynamic batcher: concurrent calls each submit their request; one
+worker thread gathers what arrives within `max_delay_ms` of the first waiting request (or until `max_batch`
+rows), makes one call for all of them, and hands each caller its rows.
 
-Concurrent calls each submit their images; one worker thread gathers what arrives within `max_delay_ms` of the
-first waiting request (or until `max_batch` images), runs the encoder once, and hands each caller its rows.
-One encoder call for many small requests uses the cores far better than many calls of batch 1.
+Two uses: encoding (one encoder call for many small image requests uses the cores far better than many calls of
+batch 1) and searching (concurrent queries with the same options become one batch search, which walks the codes
+once for all of them, instead of many kernels fighting over the same two cores). With `max_delay_ms=0` nothing
+waits: a batch is whatever queued while the previous one ran, so a lone query pays only the hand-over.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from latenthash.backend import IndexBackend, SearchResult
 from latenthash.encoder import EncodeResult, Encoder
-from latenthash.errors import Unavailable
+from latenthash.errors import LatentHashError, Unavailable
 
 
 class DynamicBatcher:
-    def __init__(self, encoder: Encoder, *, max_batch: int = 64, max_delay_ms: float = 2.0):
-        self.encoder = encoder
+    """Runs `run(requests) -> results` (one result, or the exception to raise, per request, in order) over gathered
+    concurrent requests."""
+
+    def __init__(self, run: Callable[[list], Sequence], *, rows: Callable[[Any], int] = lambda r: 1,
+                 max_batch: int = 64, max_delay_ms: float = 2.0, name: str = "batcher"):
+        self._run_batch = run
+        self._rows = rows
         self.max_batch = max_batch
         self.max_delay = max_delay_ms / 1e3
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
-        self.batches = 0  # encoder calls made, for metrics and tests
+        self.batches = 0  # calls made, for metrics and tests
         self.items = 0
-        self._thread = threading.Thread(target=self._loop, name="latenthash-batcher", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=f"latenthash-{name}", daemon=True)
         self._thread.start()
 
-    def encode(self, images) -> EncodeResult:
-        """Encode images (decoded and checked in the caller's thread, so errors name the caller's items)."""
+    def submit(self, request) -> Any:
         if self._closed:
             raise Unavailable("the server is shutting down")
-        array = self.encoder.to_array(images)
         future: Future = Future()
-        self._queue.put((array, future))
+        self._queue.put((request, future))
         return future.result()
 
     def _loop(self) -> None:
@@ -44,37 +53,35 @@ class DynamicBatcher:
             if first is None:
                 return
             pending = [first]
-            size = len(first[0])
-            deadline = _now() + self.max_delay
+            size = self._rows(first[0])
+            deadline = time.monotonic() + self.max_delay
             while size < self.max_batch:
-                timeout = deadline - _now()
-                if timeout <= 0:
-                    break
                 try:
-                    item = self._queue.get(timeout=timeout)
+                    timeout = deadline - time.monotonic()
+                    item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 pending.append(item)
-                size += len(item[0])
+                size += self._rows(item[0])
             self._run(pending)
 
     def _run(self, pending: list) -> None:
         try:
-            out = self.encoder.encode(np.concatenate([a for a, _ in pending]))
+            results = self._run_batch([r for r, _ in pending])
         except Exception as exc:  # hand the failure to every waiting caller
             for _, fut in pending:
                 fut.set_exception(exc)
             return
         self.batches += 1
-        self.items += len(out)
-        start = 0
-        for array, fut in pending:
-            end = start + len(array)
-            fut.set_result(EncodeResult(out.codes[start:end], out.features[start:end]))
-            start = end
+        self.items += len(pending)
+        for (_, fut), result in zip(pending, results):
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
 
     def close(self) -> None:
         self._closed = True
@@ -82,7 +89,43 @@ class DynamicBatcher:
         self._thread.join(timeout=10)
 
 
-def _now() -> float:
-    import time
+def encode_batcher(encoder: Encoder, *, max_batch: int = 64, max_delay_ms: float = 2.0) -> DynamicBatcher:
+    """Batches of decoded uint8 image arrays -> one encoder call -> each caller's `EncodeResult`."""
 
-    return time.monotonic()
+    def run(arrays: list[np.ndarray]) -> list[EncodeResult]:
+        out = encoder.encode(np.concatenate(arrays))
+        bounds = np.cumsum([0] + [len(a) for a in arrays])
+        return [EncodeResult(out.codes[lo:hi], out.features[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    return DynamicBatcher(run, rows=len, max_batch=max_batch, max_delay_ms=max_delay_ms, name="encode-batcher")
+
+
+def search_batcher(index: IndexBackend, *, max_batch: int = 64, max_delay_ms: float = 0.0) -> DynamicBatcher:
+    """Requests (codes (1, nb), features (1, D) or None, options dict) -> one index search per distinct set of
+    options -> each caller's one-row `SearchResult` (the same rows a search of its own would return)."""
+
+    def run(requests: list[tuple]) -> list[SearchResult]:
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, features, options) in enumerate(requests):
+            shape = None if features is None else np.shape(features)[1:]  # unlike shapes never share a batch
+            groups.setdefault((shape, np.shape(requests[i][0])[1:], tuple(sorted(options.items()))), []).append(i)
+        out: list[Any] = [None] * len(requests)
+        for (shape, _, options), members in groups.items():
+            codes = np.concatenate([requests[i][0] for i in members])
+            feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
+            try:
+                res = index.search(codes, features=feats, **dict(options))
+            except LatentHashError:  # one bad request must not fail its neighbours: each gets its own answer
+                for i in members:
+                    try:
+                        out[i] = index.search(requests[i][0], features=requests[i][1], **dict(options))
+                    except LatentHashError as exc:
+                        out[i] = exc
+                continue
+            for row, i in enumerate(members):
+                n = int(res.counts[row])
+                out[i] = SearchResult(res.ids[row:row + 1, :n], res.distances[row:row + 1, :n],
+                                      res.counts[row:row + 1], None if res.scores is None else res.scores[row:row + 1, :n])
+        return out
+
+    return DynamicBatcher(run, max_batch=max_batch, max_delay_ms=max_delay_ms, name="search-batcher")

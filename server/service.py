@@ -64,9 +64,10 @@ def rpc(method):
 
 class HashSearchService(pb_grpc.HashSearchServicer):
     def __init__(self, searcher: Searcher, *, batcher: DynamicBatcher | None, wal: WriteAheadLog | None,
-                 metrics, max_k: int = 10_000):
+                 metrics, search_batcher: DynamicBatcher | None = None, max_k: int = 10_000):
         self.searcher = searcher
         self.batcher = batcher
+        self.search_batcher = search_batcher
         self.wal = wal
         self.metrics = metrics
         self.max_k = max_k
@@ -78,7 +79,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if self.searcher.encoder is None:
             raise InvalidInput("this server has no model (--model): query by code instead of image")
         if self.batcher is not None:
-            return self.batcher.encode(images)
+            return self.batcher.submit(self.searcher.encoder.to_array(images))  # decode errors stay the caller's
         return self.searcher.encode(images)
 
     @staticmethod
@@ -118,11 +119,14 @@ class HashSearchService(pb_grpc.HashSearchServicer):
             features = enc.features if index.feature_dim else None
             encode_ms = (time.perf_counter() - t0) * 1e3
         t1 = time.perf_counter()
-        result = self.searcher.search(
-            codes=codes, features=features, k=req.k, pool=req.pool or None,
-            radius=req.radius if req.HasField("radius") else None,
-            rerank=req.rerank if req.HasField("rerank") else None,
-            label=req.label if req.HasField("label") else None)
+        options = {"k": req.k, "pool": req.pool or None, "radius": req.radius if req.HasField("radius") else None,
+                   "rerank": req.rerank if req.HasField("rerank") else None}
+        if self.search_batcher is not None and not req.HasField("label"):
+            result = self.search_batcher.submit((codes, features, options))
+            result.metadata = [index.metadata(result.ids[0, :result.counts[0]])]
+        else:
+            result = self.searcher.search(codes=codes, features=features,
+                                          label=req.label if req.HasField("label") else None, **options)
         search_ms = (time.perf_counter() - t1) * 1e3
         hits = []
         for (id_, dist, score), meta in zip(result.hits(0), result.metadata[0]):

@@ -217,6 +217,30 @@ def test_dynamic_batching_merges_concurrent_image_queries(served, small_fashion)
     assert calls < 64  # some calls shared an encoder run
 
 
+def test_concurrent_queries_share_one_search_and_keep_their_own_errors(served, small_fashion):
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, client, embedded, _ = served
+    enc = embedded.encode(small_fashion.test.images[:64])
+    batcher = server.service.search_batcher
+    before = batcher.batches
+
+    def one(i):
+        if i % 8 == 7:  # a bad neighbour: features of the wrong length
+            with pytest.raises(InvalidInput, match="features"):
+                client.search(codes=enc.codes[i:i + 1], features=enc.features[i:i + 1, :3], k=5)
+            return None
+        return client.search(codes=enc.codes[i:i + 1], features=enc.features[i:i + 1] if i % 2 else None, k=5)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(64)))
+    assert batcher.batches - before < 64  # some queries shared a search
+    for i, remote in enumerate(got):
+        if remote is not None:
+            assert_same(embedded.search(codes=enc.codes[i:i + 1], features=enc.features[i:i + 1] if i % 2 else None,
+                                        k=5), remote)
+
+
 def test_auth(index_dir, onnx_model, tmp_path):
     import shutil
 
