@@ -4,8 +4,8 @@ concurrency 1, 4, 16 and 64, against a 1M-item index, next to the same search ca
     python benchmarks/bench_grpc.py --model model.onnx [--n 1000000] [--seconds 5]
 
 The server runs in its own process; the load generator is one asyncio process sending pre-built requests (both
-share this machine's 2 cores, as they would on an edge box serving local clients). Dynamic batching is measured
-by running image queries with batching off (batch_max 1) and on.
+share this machine's 2 cores, as they would on an edge box serving local clients). Dynamic batching (of encoder
+calls and of index searches) is measured by running every row with batching off (batch_max 1) and on.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def run_server(index: str, model: str, batch_max: int, port_q) -> None:
     from latenthash.server.app import ServerConfig, create_server
 
     server, port = create_server(ServerConfig(index=index, model=model, port=0, batch_max=batch_max,
-                                              max_workers=64))
+                                              search_batch_max=batch_max, max_workers=64))
     port_q.put(port)
     server.wait_for_termination()
 
@@ -130,8 +130,7 @@ def main() -> None:
         proc.start()
         port = port_q.get(timeout=300)
         try:
-            kinds = (("code", code_reqs), ("image", image_reqs)) if batch_max == 64 else (("image", image_reqs),)
-            for kind, reqs in kinds:
+            for kind, reqs in (("code", code_reqs), ("image", image_reqs)):
                 for conc in (1, 4, 16, 64):
                     r = asyncio.run(load(port, reqs, conc, args.seconds))
                     key = f"{kind}/batch{batch_max}/c{conc}"
