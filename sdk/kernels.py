@@ -55,6 +55,11 @@ def _distances(db, start, n, q, w, out):
         q0 = q[0]
         for j in range(n):
             out[j] = popcount64(db[np.uint64(start + j)] ^ q0)
+    elif w == 2:  # 128-bit codes: unrolled, so the loop vectorises like the one-word case
+        q0, q1 = q[0], q[1]
+        for j in range(n):
+            b = np.uint64(2 * (start + j))
+            out[j] = popcount64(db[b] ^ q0) + popcount64(db[b + np.uint64(1)] ^ q1)
     else:
         for j in range(n):
             d = np.int64(0)
@@ -72,6 +77,11 @@ def _group_min(db, start, n, q, w):
         q0 = q[0]
         for j in range(n):
             mn = min(mn, popcount64(db[np.uint64(start + j)] ^ q0))
+    elif w == 2:
+        q0, q1 = q[0], q[1]
+        for j in range(n):
+            b = np.uint64(2 * (start + j))
+            mn = min(mn, popcount64(db[b] ^ q0) + popcount64(db[b + np.uint64(1)] ^ q1))
     else:
         for j in range(n):
             d = np.int64(0)
