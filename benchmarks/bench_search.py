@@ -130,12 +130,14 @@ def measure(lib: str, bits: int, n: int, threads: int, k: int = 100) -> dict:
     return out
 
 
-def bench_hamming(quick: bool) -> list[dict]:
+def bench_hamming(quick: bool, only_bits: list[int] | None = None) -> list[dict]:
     """Each library in its own process (faiss and Numba each bring an OpenMP runtime whose idle threads would
     compete), processes alternated twice per configuration, the better median of the two kept."""
     configs = [(32, 1_000_000), (48, 1_000_000), (64, 1_000_000), (128, 1_000_000), (64, 10_000_000)]
     if quick:
         configs = [(48, 1_000_000), (64, 1_000_000)]
+    if only_bits:
+        configs = [(b, n) for b, n in configs if b in only_bits and n == 1_000_000]
     n_batch, rows = 1000, []
     for bits, n in configs:
         for threads in (1, 2):
@@ -263,6 +265,7 @@ def main() -> None:
         return
     ap.add_argument("part", choices=["hamming", "twostep", "index"])
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--bits", type=int, nargs="+", help="hamming: only the 1M rows of these code lengths")
     ap.add_argument("--run", help="training run directory (twostep)")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=200)
@@ -271,7 +274,7 @@ def main() -> None:
     OUT.mkdir(exist_ok=True)
     if args.part == "hamming":
         print(HAMMING_HEADER)
-        result = bench_hamming(args.quick)
+        result = bench_hamming(args.quick, args.bits)
     elif args.part == "twostep":
         if not args.run:
             ap.error("twostep needs --run RUN_DIR (a trained model)")
@@ -280,7 +283,8 @@ def main() -> None:
     else:
         result = bench_index(args.n)
     print(load_note().replace("before", "after"))
-    (OUT / f"search_{args.part}{'_quick' if args.quick else ''}.json").write_text(json.dumps(result, indent=1))
+    tag = "_quick" if args.quick else "_" + "_".join(map(str, args.bits)) if args.bits else ""
+    (OUT / f"search_{args.part}{tag}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
