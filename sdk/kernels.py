@@ -314,19 +314,34 @@ def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
     nq = qf.shape[0]
     out_p = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), np.nan, np.float32)
+    if nq == 1:  # one query: its pool's rows are random reads, so split them over the threads
+        scores = np.empty(pool_n[0], np.float32)
+        for j in prange(pool_n[0]):
+            scores[j] = _score(qf[0], feats, pool[0, j], scales, lut)
+        _keep_best(scores, k, out_p[0], out_s[0])
+        return out_p, out_s
     for i in prange(nq):
         m = pool_n[i]
         scores = np.empty(m, np.float32)
         for j in range(m):
-            r = pool[i, j]
-            scores[j] = _dot(qf[i], feats, r, lut)
-            if scales.shape[0]:
-                scores[j] *= scales[r]
-        order = np.argsort(-scores, kind="mergesort")
-        for j in range(min(k, m)):
-            out_p[i, j] = order[j]
-            out_s[i, j] = scores[order[j]]
+            scores[j] = _score(qf[i], feats, pool[i, j], scales, lut)
+        _keep_best(scores, k, out_p[i], out_s[i])
     return out_p, out_s
+
+
+@njit(inline="always", cache=True, fastmath=FAST)
+def _score(q, feats, r, scales, lut):
+    s = _dot(q, feats, r, lut)
+    return s * scales[r] if scales.shape[0] else s
+
+
+@njit(cache=True)
+def _keep_best(scores, k, out_p, out_s):
+    """The k best scores, descending, ties by position (a stable sort)."""
+    order = np.argsort(-scores, kind="mergesort")
+    for j in range(min(k, scores.shape[0])):
+        out_p[j] = order[j]
+        out_s[j] = scores[order[j]]
 
 
 def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
