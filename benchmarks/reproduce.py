@@ -143,10 +143,10 @@ def plot_times(times: dict) -> str:
     import matplotlib.pyplot as plt
 
     names = list(times["ms"])
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = plt.subplots(figsize=(8, 3.4))
     ax.barh([n.replace(": ", ":\n") for n in names], [times["ms"][n] for n in names], color=["grey", "C0", "C1"])
-    ax.set(xscale="log", xlabel="ms per query (log scale)",
-           title=f"CPU time per query, {times['database']:,} Fashion-MNIST images, 2 cores")
+    ax.set(xscale="log", xlabel="ms per query (log scale)", xlim=(0.05, 4 * max(times["ms"].values())),
+           title=f"CPU time per query, {times['database']:,} images, 2 cores")
     for y, n in enumerate(names):
         ax.text(times["ms"][n], y, f" {times['ms'][n]:.3f} ms", va="center")
     fig.tight_layout()
@@ -160,8 +160,13 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("runs/quality"))
     ap.add_argument("--search-run", type=Path, default=Path("runs/quality/fm48"))
     ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--replot", action="store_true", help="redraw the plots from results/reproduction.json")
     args = ap.parse_args()
     reports = load_reports(args.runs)
+    if args.replot:
+        plot_quality(reports)
+        plot_times(json.loads((RESULTS / "reproduction.json").read_text())["search"])
+        return
     quality = quality_tables(reports)
     plots = plot_quality(reports)
     times = search_times(args.search_run, args.queries)
