@@ -71,7 +71,10 @@ def _distances(db, start, n, q, w, out):
 
 @njit(inline="always", cache=True)
 def _group_min(db, start, n, q, w):
-    """The smallest distance among codes start..start+n-1: a pure vectorised reduction, nothing stored."""
+    """The smallest distance among codes start..start+n-1: a pure vectorised reduction, nothing stored.
+
+    Its loops repeat `_distances`' on purpose: a shared per-code helper measured 20-40% slower for 48-bit codes
+    (LLVM no longer vectorised the reduction)."""
     mn = np.int64(1 << 30)
     if w == 1:
         q0 = q[0]

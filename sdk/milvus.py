@@ -128,6 +128,7 @@ class MilvusIndex:
         with _errors("load"):
             self._client.load_collection(self.collection, timeout=self.timeout)
         self.path = self.uri  # where the server's checkpoint goes: save() flushes the collection
+        self.model_info: dict = {}  # the encoder that made the codes, for stats(); not stored in Milvus
 
     # ------------------------------------------------------------------------------------------------ schema
     def _create(self, bits: int, feature_dim: int | None) -> None:
@@ -342,7 +343,8 @@ class MilvusIndex:
         nbytes = n * (self.bits // 8 + 8 + 4 * (self.feature_dim or 0))
         return {"count": n, "bits": self.bits, "feature_dim": self.feature_dim, "feature_dtype": "float32",
                 "index_bytes": int(nbytes), "bytes_per_item": nbytes / n if n else 0.0, "path": self.uri,
-                "backend": "milvus", "index_type": self.index_type, "rerank": self.rerank_mode, "model": {}}
+                "backend": "milvus", "index_type": self.index_type, "rerank": self.rerank_mode,
+                "model": self.model_info}
 
     def close(self) -> None:
         self._client.close()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from latenthash.backend import IndexBackend
-from latenthash.errors import InvalidInput, require
+from latenthash.errors import DataError, InvalidInput, require
 
 
 class EncodeBatches:
@@ -37,8 +37,12 @@ class EncodeBatches:
         else:
             images = []
             for p in pos.tolist():
-                with open(self.source[p], "rb") as fh:
-                    images.append(fh.read())
+                try:
+                    with open(self.source[p], "rb") as fh:
+                        images.append(fh.read())
+                except OSError as exc:
+                    raise DataError(f"cannot read image {self.source[p]!r} on a Ray worker ({exc}); paths must be "
+                                    "readable where the workers run (a shared file system)") from None
         enc = self.encoder.encode(images)
         return {"pos": pos, "codes": enc.codes, "features": enc.features}
 
@@ -66,6 +70,10 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
         raise InvalidInput(f"{len(metadata)} metadata entries for {n} images")
     if n == 0:
         return 0
+    if paths is not None and address is None:  # workers on this machine: a missing file is found before Ray starts
+        missing = [str(p) for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"cannot read image {missing[0]!r} ({len(missing)} of {n} paths missing)")
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -96,3 +104,4 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
     finally:
         if started:
             ray.shutdown()
+

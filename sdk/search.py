@@ -56,6 +56,10 @@ class Searcher:
             result = self.index.search(codes, k, features=features, pool=pool, radius=radius, rerank=rerank)
         else:
             result = self._search_label(codes, k, features, pool, radius, rerank, str(label))
+        return self.with_metadata(result)
+
+    def with_metadata(self, result: SearchResult) -> SearchResult:
+        """Fill `result.metadata`: each hit's stored metadata, per query."""
         result.metadata = [self.index.metadata(row[:n]) for row, n in zip(result.ids, result.counts)]
         return result
 

@@ -122,8 +122,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         options = {"k": req.k, "pool": req.pool or None, "radius": req.radius if req.HasField("radius") else None,
                    "rerank": req.rerank if req.HasField("rerank") else None}
         if self.search_batcher is not None and not req.HasField("label"):
-            result = self.search_batcher.submit((codes, features, options))
-            result.metadata = [index.metadata(result.ids[0, :result.counts[0]])]
+            result = self.searcher.with_metadata(self.search_batcher.submit((codes, features, options)))
         else:
             result = self.searcher.search(codes=codes, features=features,
                                           label=req.label if req.HasField("label") else None, **options)

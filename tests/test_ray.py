@@ -15,7 +15,7 @@ pytest.importorskip("ray.data")
 
 from latenthash import HashIndex, open_index  # noqa: E402
 from latenthash.encoder import Encoder  # noqa: E402
-from latenthash.errors import InvalidInput  # noqa: E402
+from latenthash.errors import DataError, InvalidInput  # noqa: E402
 from latenthash.ray_ingest import add_images_ray  # noqa: E402
 
 
@@ -36,6 +36,8 @@ def test_ray_encodes_arrays_and_files_like_one_process(onnx_model, small_fashion
                               batch_size=64, progress=False) == 600
         assert add_images_ray(index, onnx_model, ids=np.arange(40), paths=[str(p) for p in paths],
                               progress=False) == 40
+        with pytest.raises(DataError, match="cannot read image"):
+            add_images_ray(index, onnx_model, ids=[7], paths=[str(tmp_path / "missing.png")], progress=False)
         with pytest.raises(InvalidInput, match="exactly one of"):
             add_images_ray(index, onnx_model, ids=[1], images=images[:1], paths=[str(paths[0])])
     finally:
