@@ -124,8 +124,9 @@ def search_batcher(index: IndexBackend, *, max_batch: int = 64, max_delay_ms: fl
                 continue
             for row, i in enumerate(members):
                 n = int(res.counts[row])
+                scores = None if res.scores is None else res.scores[row:row + 1, :n]
                 out[i] = SearchResult(res.ids[row:row + 1, :n], res.distances[row:row + 1, :n],
-                                      res.counts[row:row + 1], None if res.scores is None else res.scores[row:row + 1, :n])
+                                      res.counts[row:row + 1], scores)
         return out
 
     return DynamicBatcher(run, max_batch=max_batch, max_delay_ms=max_delay_ms, name="search-batcher")
