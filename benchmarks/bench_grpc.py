@@ -1,7 +1,11 @@
 """Service overhead: QPS and p50/p99 latency of search-by-code and search-by-image through the gRPC server, at
 concurrency 1, 4, 16 and 64, against a 1M-item index, next to the same search called in-process.
 
-    python benchmarks/bench_grpc.py --model model.onnx [--n 1000000] [--seconds 5]
+    python benchmarks/bench_grpc.py --model model.onnx [--n 1000000] [--seconds 5] [--forms unary stream batch]
+
+Three forms of the same queries: `unary` (one Search call per query; concurrency = calls in flight), `stream`
+(one SearchStream; concurrency = queries written and not yet answered) and `batch` (SearchBatch calls of
+`--batch-size` queries; concurrency = calls in flight). Latency is per query, from sending to its answer.
 
 The server runs in its own process; the load generator is one asyncio process sending pre-built requests (both
 share this machine's 2 cores, as they would on an edge box serving local clients). Dynamic batching (of encoder
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing as mp
 import os
@@ -51,6 +56,7 @@ def run_server(index: str, model: str, batch_max: int, port_q) -> None:
 
 
 async def load(port: int, requests: list, concurrency: int, seconds: float) -> dict:
+    """Unary Search calls, `concurrency` in flight."""
     import grpc
 
     from latenthash.v1 import search_pb2_grpc as pb_grpc
@@ -72,10 +78,74 @@ async def load(port: int, requests: list, concurrency: int, seconds: float) -> d
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+        return summary(latencies, len(latencies), time.perf_counter() - t0)
+
+
+async def load_stream(port: int, requests: list, concurrency: int, seconds: float) -> dict:
+    """One SearchStream with up to `concurrency` queries written and not yet answered."""
+    import grpc
+
+    from latenthash.v1 import search_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.HashSearchStub(channel)
+        call = stub.SearchStream()
+        slots = asyncio.Semaphore(concurrency)
+        sent: collections.deque = collections.deque()
+        latencies: list[float] = []
+        stop = time.perf_counter() + seconds
+
+        async def writer():
+            i = 0
+            while time.perf_counter() < stop:
+                await slots.acquire()
+                sent.append(time.perf_counter())
+                await call.write(requests[i % len(requests)])
+                i += 1
+            await call.done_writing()
+
+        async def reader():
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                assert resp.hits
+                latencies.append(time.perf_counter() - sent.popleft())
+                slots.release()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(writer(), reader())
+        return summary(latencies, len(latencies), time.perf_counter() - t0)
+
+
+async def load_batch(port: int, requests: list, concurrency: int, seconds: float, batch_size: int) -> dict:
+    """SearchBatch calls of `batch_size` queries, `concurrency` in flight; every query of a call gets its latency."""
+    import grpc
+
+    from latenthash.v1 import search_pb2 as pb
+    from latenthash.v1 import search_pb2_grpc as pb_grpc
+
+    batches = [pb.SearchBatchRequest(requests=requests[i:i + batch_size])
+               for i in range(0, len(requests) - batch_size + 1, batch_size)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.HashSearchStub(channel)
+        latencies: list[float] = []
+        stop = time.perf_counter() + seconds
+
+        async def worker(w: int):
+            i = w
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                resp = await stub.SearchBatch(batches[i % len(batches)])
+                latencies.extend([time.perf_counter() - t0] * len(resp.responses))
+                i += concurrency
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return summary(latencies, len(latencies), time.perf_counter() - t0)
+
+
+def summary(latencies: list[float], queries: int, elapsed: float) -> dict:
     lat = np.asarray(latencies) * 1e3
-    return {"qps": len(lat) / elapsed, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "calls": len(lat)}
+    return {"qps": queries / elapsed, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "queries": queries}
 
 
 def embedded(index_dir: str, model: str, codes, images) -> dict:
@@ -105,6 +175,11 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--index", help="reuse this index directory")
+    ap.add_argument("--forms", nargs="+", default=["unary", "stream", "batch"], choices=["unary", "stream", "batch"])
+    ap.add_argument("--batch-size", type=int, default=64, help="queries per SearchBatch call")
+    ap.add_argument("--kinds", nargs="+", default=["code", "image"], choices=["code", "image"])
+    ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"],
+                    help="server-side dynamic batching settings to run")
     args = ap.parse_args()
     from latenthash.encoder import Encoder
     from latenthash.export.data import load_dataset
@@ -122,21 +197,30 @@ def main() -> None:
         data=im.tobytes(), height=im.shape[0], width=im.shape[1], channels=im.shape[2])), k=10) for im in images]
     results = {"n": args.n, "embedded": embedded(str(index_dir), args.model, codes, images), "grpc": {}}
     print("embedded:", json.dumps(results["embedded"]))
-    print("| query | batching | concurrency | QPS | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
+    print("| query | form | batching | concurrency | QPS | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
     ctx = mp.get_context("spawn")
-    for batch_max in (64, 1):
+    for batching in args.batching:
+        batch_max = 64 if batching == "on" else 1
         port_q = ctx.Queue()
         proc = ctx.Process(target=run_server, args=(str(index_dir), args.model, batch_max, port_q), daemon=True)
         proc.start()
         port = port_q.get(timeout=300)
         try:
-            for kind, reqs in (("code", code_reqs), ("image", image_reqs)):
-                for conc in (1, 4, 16, 64):
-                    r = asyncio.run(load(port, reqs, conc, args.seconds))
-                    key = f"{kind}/batch{batch_max}/c{conc}"
-                    results["grpc"][key] = r
-                    print(f"| {kind} | {'on' if batch_max > 1 else 'off'} | {conc} | {r['qps']:,.0f} | "
-                          f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |", flush=True)
+            for kind in args.kinds:
+                reqs = code_reqs if kind == "code" else image_reqs
+                for form in args.forms:
+                    levels = (1, 4) if form == "batch" else (1, 4, 16, 64) if form == "unary" else (1, 16, 64, 256)
+                    for conc in levels:
+                        if form == "unary":
+                            r = asyncio.run(load(port, reqs, conc, args.seconds))
+                        elif form == "stream":
+                            r = asyncio.run(load_stream(port, reqs, conc, args.seconds))
+                        else:
+                            r = asyncio.run(load_batch(port, reqs, conc, args.seconds, args.batch_size))
+                        name = f"batch of {args.batch_size}" if form == "batch" else form
+                        results["grpc"][f"{kind}/{form}/batch{batch_max}/c{conc}"] = r
+                        print(f"| {kind} | {name} | {batching} | {conc} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | "
+                              f"{r['p99_ms']:.2f} |", flush=True)
         finally:
             proc.terminate()
             proc.join()

@@ -7,8 +7,10 @@ Deadlines: every call has one (`timeout`, seconds).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,6 +34,9 @@ STATUS_TO_ERROR = {
     grpc.StatusCode.DATA_LOSS: errors.IndexCorrupt,
     grpc.StatusCode.UNIMPLEMENTED: errors.MissingDependency,
 }
+
+
+SEARCH_CHUNK = 1000  # queries per SearchBatch call
 
 
 def _retry_config(retries: int) -> str:
@@ -109,6 +114,24 @@ def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, reran
             raise errors.InvalidInput(f"{len(packed)} codes but {len(feats)} feature rows")
     return [pb.SearchRequest(query=pb.Query(code=c.tobytes(), feature=feats[i] if feats is not None else []), **opts)
             for i, c in enumerate(packed)]
+
+
+def _chunks(reqs: list):
+    """(offset, SearchBatchRequest) pieces of at most SEARCH_CHUNK queries: many queries stay many small messages."""
+    for lo in range(0, len(reqs), SEARCH_CHUNK):
+        yield lo, pb.SearchBatchRequest(requests=reqs[lo:lo + SEARCH_CHUNK])
+
+
+@contextlib.contextmanager
+def _chunk_errors(offset: int):
+    """The server numbers a batch's requests from 0: name the caller's query instead."""
+    try:
+        yield
+    except errors.LatentHashError as exc:
+        match = re.match(r"request (\d+): (.*)", str(exc), re.S)
+        if offset and match:
+            raise type(exc)(f"request {offset + int(match[1])}: {match[2]}") from None
+        raise
 
 
 def _search_result(responses: Sequence[pb.SearchResponse]) -> SearchResult:
@@ -207,7 +230,11 @@ class Client:
                                 radius=radius, rerank=rerank, label=label)
         if len(reqs) == 1:
             return _search_result([self._call("Search", reqs[0])])
-        return _search_result(self._call("SearchBatch", pb.SearchBatchRequest(requests=reqs)).responses)
+        responses: list = []
+        for lo, chunk in _chunks(reqs):
+            with _chunk_errors(lo):
+                responses += self._call("SearchBatch", chunk).responses
+        return _search_result(responses)
 
     def upsert(self, ids, *, images=None, codes=None, features=None,
                metadata: Sequence[Any] | None = None) -> tuple[int, int]:
@@ -268,7 +295,11 @@ class AsyncClient:
                                 radius=radius, rerank=rerank, label=label)
         if len(reqs) == 1:
             return _search_result([await self._call("Search", reqs[0])])
-        return _search_result((await self._call("SearchBatch", pb.SearchBatchRequest(requests=reqs))).responses)
+        responses: list = []
+        for lo, chunk in _chunks(reqs):
+            with _chunk_errors(lo):
+                responses += (await self._call("SearchBatch", chunk)).responses
+        return _search_result(responses)
 
     async def upsert(self, ids, *, images=None, codes=None, features=None,
                      metadata: Sequence[Any] | None = None) -> tuple[int, int]:

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from latenthash.backend import Items, SearchResult
+from latenthash.buckets import MIN_ROWS as MIN_BUCKET_ROWS
+from latenthash.buckets import BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound
 
@@ -74,6 +76,7 @@ class HashIndex:
         self._lock = threading.RLock()
         self._rows: dict[int, int] = {}
         self._snap = self._empty_snapshot(0)
+        self._buckets = BucketCache()
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
 
     # ------------------------------------------------------------------------------------------------ storage
@@ -253,7 +256,12 @@ class HashIndex:
         n, w = snap.n, qw.shape[1]
         flat = snap.words[:n].reshape(-1)
         k_eff = min(k, max(n, 1))
-        if len(qw) == 1:
+        buckets = self._buckets.get(snap)
+        if buckets is not None:  # learned codes collapse onto few codewords: search those instead of every row
+            rows, dists = K.topk_buckets(buckets.codes.reshape(-1), len(buckets.codes), w, buckets.offsets,
+                                         buckets.rows, qw.reshape(-1), k_eff, self.bits,
+                                         max(1, min(len(qw), 4 * K.threads())))
+        elif len(qw) == 1:
             r, d = K.topk_single(flat, n, w, qw[0], k_eff, self.bits, max(1, min(K.threads(), n // 65536 + 1)))
             if len(r) == k_eff:  # the common case: no padding, no copies
                 return r[None], d[None], np.array([k_eff])
@@ -291,7 +299,7 @@ class HashIndex:
         """Compile (or load cached) kernels for this index's array types, off the query path; returns the seconds.
 
         Runs on a one-row copy of the storage (same dtypes, same read-only flags as memory-mapped arrays), so it
-        never reads the index's own files and costs the same for any size."""
+        never reads the index's own files; then groups a large index's rows by code (see buckets.py)."""
         t0 = time.perf_counter()
         snap = self._snap
         dummy = _Snapshot(1, *(None if a is None else _like(a) for a in (snap.words, snap.ids, snap.features,
@@ -300,6 +308,12 @@ class HashIndex:
         self._topk_rows(dummy, qw[:1], 1)
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
+        one = np.zeros(2, np.int64)
+        one[1] = 1
+        _kernels().topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], one, one[:1].copy(),
+                                qw.reshape(-1), 1, self.bits, 1)
+        if self._snap.n >= MIN_BUCKET_ROWS:  # group equal codes now (~0.1 s per million rows), not on a query
+            self._buckets.build_now(self._snap)
         if dummy.features is not None:
             self._rerank(dummy, np.zeros((2, self.feature_dim), np.float32), rows, counts, 1)
         return time.perf_counter() - t0

@@ -23,7 +23,10 @@ from latenthash.errors import MissingDependency
 
 try:
     import numba
-    from numba import njit, prange
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 except ImportError as exc:  # pragma: no cover - numba is a base dependency
     raise MissingDependency("latenthash's search kernels need numba: pip install numba") from exc
 
@@ -227,6 +230,73 @@ def topk_batch(db, n, w, qs, k, bits, query_blocks):
     return out_i, out_d
 
 
+@njit(cache=True)
+def _bucket_topk(ucodes, nu, w, offsets, rows, q, k, bits, dist, order, out_i, out_d):
+    """Top-k of one query from code buckets (see `topk_buckets`); returns the count written."""
+    _distances(ucodes, 0, nu, q, w, dist)
+    first = np.zeros(bits + 2, np.int64)  # buckets at distance d: order[first[d]:first[d + 1]]
+    held = np.zeros(bits + 1, np.int64)  # rows at distance d
+    for u in range(nu):
+        first[dist[u] + 1] += 1
+        held[dist[u]] += offsets[u + 1] - offsets[u]
+    for d in range(bits + 1):
+        first[d + 1] += first[d]
+    fill = first.copy()
+    for u in range(nu):
+        order[fill[dist[u]]] = u
+        fill[dist[u]] += 1
+    pos = 0
+    for d in range(bits + 1):
+        need = min(held[d], k - pos)
+        if need <= 0:
+            if pos >= k:
+                break
+            continue
+        b0, b1 = first[d], first[d + 1]
+        if b1 - b0 == 1:  # one bucket: its rows are already in database order
+            lo = offsets[order[b0]]
+            for j in range(need):
+                out_i[pos + j] = rows[lo + j]
+        else:  # several: the first `need` rows of each hold the answer; merge them by row
+            total = 0
+            for b in range(b0, b1):
+                u = order[b]
+                total += min(need, offsets[u + 1] - offsets[u])
+            tmp = np.empty(total, np.int64)
+            t = 0
+            for b in range(b0, b1):
+                u = order[b]
+                for j in range(min(need, offsets[u + 1] - offsets[u])):
+                    tmp[t] = rows[offsets[u] + j]
+                    t += 1
+            tmp.sort()
+            for j in range(need):
+                out_i[pos + j] = tmp[j]
+        for j in range(need):
+            out_d[pos + j] = d
+        pos += need
+    return pos
+
+
+@njit(parallel=True, cache=True)
+def topk_buckets(ucodes, nu, w, offsets, rows, qs, k, bits, query_blocks):
+    """Exact top-k of each query when the database is given as buckets of identical codes: ucodes (nu * w
+    flattened distinct codes), bucket u holding rows[offsets[u]:offsets[u + 1]] in ascending order. Distances to
+    the nu distinct codes replace the scan over all rows; whole buckets are taken nearest first, and at the last
+    distance needed the smallest rows win, so results equal `topk_batch`'s (ties by database order)."""
+    nq = qs.shape[0] // w
+    out_i = np.full((nq, k), -1, np.int64)
+    out_d = np.full((nq, k), -1, np.int64)
+    per_block = (nq + query_blocks - 1) // query_blocks
+    for b in prange(query_blocks):
+        dist = np.empty(nu, np.int64)
+        order = np.empty(nu, np.int64)
+        for i in range(b * per_block, min(nq, (b + 1) * per_block)):
+            _bucket_topk(ucodes, nu, w, offsets, rows, qs[i * w:(i + 1) * w], k, bits, dist, order, out_i[i],
+                         out_d[i])
+    return out_i, out_d
+
+
 @njit(parallel=True, cache=True)
 def radius_counts(db, n, w, qs, bits):
     """Per-query histogram of distances over all n codes: (nq, bits + 1) int64."""
@@ -293,6 +363,39 @@ NO_SCALES = np.empty(0, np.float32)
 FAST = {"reassoc", "contract"}
 
 
+PARTS = 16  # pieces one query's pool is split into for the threads
+PREFETCH_AHEAD = 6  # rows requested ahead of the one being scored (measured: 4-8 best, 2.7x over none)
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, row):
+    """Ask the memory system for every cache line of arr[row] (a C-contiguous 2-D array) without waiting.
+
+    A pool's rows are random reads across the whole feature array, each a DRAM round trip; scoring one row while
+    the next rows are already on their way overlaps those latencies. Emits LLVM's prefetch intrinsic (x86
+    prefetcht0, arm64 prfm); it never faults, so no bounds are needed."""
+    sig = types.void(arr, row)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        row_bytes = builder.mul(builder.extract_value(ary.strides, 0), context.get_constant(types.intp, 1))
+        base = builder.ptrtoint(ary.data, ir.IntType(64))
+        start = builder.add(base, builder.mul(builder.sext(args[1], ir.IntType(64)), row_bytes))
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        row_len = builder.extract_value(ary.shape, 1)
+        item = context.get_constant(types.intp, aryty.dtype.bitwidth // 8)
+        nbytes = builder.mul(row_len, item)
+        with cgutils.for_range_slice(builder, context.get_constant(types.intp, 0), nbytes,
+                                     context.get_constant(types.intp, 64)) as (off, _):
+            builder.call(fn, [builder.inttoptr(builder.add(start, off), i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(inline="always", cache=True, fastmath=FAST)
 def _dot(a, b, i, lut):
     s = np.float32(0.0)
@@ -303,6 +406,17 @@ def _dot(a, b, i, lut):
         for t in range(a.shape[0]):
             s += a[t] * lut[np.int64(b[i, t])]
     return s
+
+
+@njit(inline="always", cache=True, fastmath=FAST)
+def _score_rows(q, feats, scales, lut, rows, lo, hi, out):
+    """out[j] = score of rows[j] for lo <= j < hi, prefetching PREFETCH_AHEAD rows ahead."""
+    for j in range(lo, min(hi, lo + PREFETCH_AHEAD)):
+        prefetch_row(feats, rows[j])
+    for j in range(lo, hi):
+        if j + PREFETCH_AHEAD < hi:
+            prefetch_row(feats, rows[j + PREFETCH_AHEAD])
+        out[j] = _score(q, feats, rows[j], scales, lut)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -318,16 +432,18 @@ def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
     out_p = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), np.nan, np.float32)
     if nq == 1:  # one query: its pool's rows are random reads, so split them over the threads
-        scores = np.empty(pool_n[0], np.float32)
-        for j in prange(pool_n[0]):
-            scores[j] = _score(qf[0], feats, pool[0, j], scales, lut)
+        m = pool_n[0]
+        scores = np.empty(m, np.float32)
+        parts = max(1, min(PARTS, m // 128))  # a constant, not the thread count: that would defeat caching
+        per = (m + parts - 1) // parts
+        for c in prange(parts):
+            _score_rows(qf[0], feats, scales, lut, pool[0], c * per, min(m, (c + 1) * per), scores)
         _keep_best(scores, k, out_p[0], out_s[0])
         return out_p, out_s
     for i in prange(nq):
         m = pool_n[i]
         scores = np.empty(m, np.float32)
-        for j in range(m):
-            scores[j] = _score(qf[i], feats, pool[i, j], scales, lut)
+        _score_rows(qf[i], feats, scales, lut, pool[i], 0, m, scores)
         _keep_best(scores, k, out_p[i], out_s[i])
     return out_p, out_s
 
@@ -340,9 +456,22 @@ def _score(q, feats, r, scales, lut):
 
 @njit(cache=True)
 def _keep_best(scores, k, out_p, out_s):
-    """The k best scores, descending, ties by position (a stable sort)."""
-    order = np.argsort(-scores, kind="mergesort")
-    for j in range(min(k, scores.shape[0])):
+    """The k best scores, descending, ties by position. A large pool is cut first to the scores at or above the
+    k-th best (a linear-time partition), so only those few are sorted (stably)."""
+    m = scores.shape[0]
+    if m > 4 * k:
+        kth = np.partition(-scores, k - 1)[k - 1]
+        keep = np.empty(m, np.int64)
+        n = 0
+        for j in range(m):
+            if -scores[j] <= kth:
+                keep[n] = j
+                n += 1
+        cand = keep[:n]
+        order = cand[np.argsort(-scores[cand], kind="mergesort")]
+    else:
+        order = np.argsort(-scores, kind="mergesort")
+    for j in range(min(k, order.shape[0])):
         out_p[j] = order[j]
         out_s[j] = scores[order[j]]
 

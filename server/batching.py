@@ -41,11 +41,21 @@ class DynamicBatcher:
         self._thread.start()
 
     def submit(self, request) -> Any:
+        """One request's result; its exception is raised here."""
+        (result,) = self.submit_many([request])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def submit_many(self, requests: Sequence) -> list:
+        """Queue several requests at once (they may share batches with each other and with other callers); each
+        one's result, or the exception it raised, in order."""
         if self._closed:
             raise Unavailable("the server is shutting down")
-        future: Future = Future()
-        self._queue.put((request, future))
-        return future.result()
+        futures = [Future() for _ in requests]
+        for request, future in zip(requests, futures):
+            self._queue.put((request, future))
+        return [f.exception() or f.result() for f in futures]
 
     def _loop(self) -> None:
         while True:
@@ -100,33 +110,44 @@ def encode_batcher(encoder: Encoder, *, max_batch: int = 64, max_delay_ms: float
     return DynamicBatcher(run, rows=len, max_batch=max_batch, max_delay_ms=max_delay_ms, name="encode-batcher")
 
 
-def search_batcher(index: IndexBackend, *, max_batch: int = 64, max_delay_ms: float = 0.0) -> DynamicBatcher:
-    """Requests (codes (1, nb), features (1, D) or None, options dict) -> one index search per distinct set of
-    options -> each caller's one-row `SearchResult` (the same rows a search of its own would return)."""
-
-    def run(requests: list[tuple]) -> list[SearchResult]:
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, features, options) in enumerate(requests):
-            shape = None if features is None else np.shape(features)[1:]  # unlike shapes never share a batch
-            groups.setdefault((shape, np.shape(requests[i][0])[1:], tuple(sorted(options.items()))), []).append(i)
-        out: list[Any] = [None] * len(requests)
-        for (shape, _, options), members in groups.items():
+def search_groups(index: IndexBackend, requests: Sequence[tuple]) -> list:
+    """Requests (codes (m, nb), features (m, D) or None, options dict) -> one index search per distinct set of
+    options and shapes -> each request's `SearchResult` (the rows a search of its own would return), or the
+    `LatentHashError` it raised: a bad request is searched alone, so it never fails its neighbours."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (codes, features, options) in enumerate(requests):
+        shape = None if features is None else np.shape(features)[1:]  # unlike shapes never share a batch
+        groups.setdefault((shape, np.shape(codes)[1:], tuple(sorted(options.items()))), []).append(i)
+    out: list[Any] = [None] * len(requests)
+    for (shape, _, options), members in groups.items():
+        if len(members) == 1:
+            codes, feats = requests[members[0]][:2]
+        else:
             codes = np.concatenate([requests[i][0] for i in members])
             feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
-            try:
-                res = index.search(codes, features=feats, **dict(options))
-            except LatentHashError:  # one bad request must not fail its neighbours: each gets its own answer
-                for i in members:
-                    try:
-                        out[i] = index.search(requests[i][0], features=requests[i][1], **dict(options))
-                    except LatentHashError as exc:
-                        out[i] = exc
+        try:
+            res = index.search(codes, features=feats, **dict(options))
+        except LatentHashError as exc:
+            if len(members) == 1:
+                out[members[0]] = exc
                 continue
-            for row, i in enumerate(members):
-                n = int(res.counts[row])
-                scores = None if res.scores is None else res.scores[row:row + 1, :n]
-                out[i] = SearchResult(res.ids[row:row + 1, :n], res.distances[row:row + 1, :n],
-                                      res.counts[row:row + 1], scores)
-        return out
+            for i in members:
+                out[i] = search_groups(index, [requests[i]])[0]
+            continue
+        if len(members) == 1:
+            out[members[0]] = res
+            continue
+        lo = 0
+        for i in members:
+            hi = lo + len(requests[i][0])
+            width = int(res.counts[lo:hi].max(initial=0)) if hi > lo else 0
+            scores = None if res.scores is None else res.scores[lo:hi, :width]
+            out[i] = SearchResult(res.ids[lo:hi, :width], res.distances[lo:hi, :width], res.counts[lo:hi], scores)
+            lo = hi
+    return out
 
-    return DynamicBatcher(run, max_batch=max_batch, max_delay_ms=max_delay_ms, name="search-batcher")
+
+def search_batcher(index: IndexBackend, *, max_batch: int = 64, max_delay_ms: float = 0.0) -> DynamicBatcher:
+    """Concurrent `search_groups` requests merged into as few index searches as their options allow."""
+    return DynamicBatcher(lambda requests: search_groups(index, requests), rows=lambda r: len(r[0]),
+                          max_batch=max_batch, max_delay_ms=max_delay_ms, name="search-batcher")

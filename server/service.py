@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import queue
 import threading
 import time
 from typing import Any
@@ -19,13 +20,16 @@ import numpy as np
 from latenthash.codes import pack_codes
 from latenthash.errors import InvalidInput, LatentHashError
 from latenthash.search import Searcher
-from latenthash.server.batching import DynamicBatcher
+from latenthash.server.batching import DynamicBatcher, search_groups
 from latenthash.server.wal import WriteAheadLog
 from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
 
 log = logging.getLogger("latenthash.server")
 MAX_UPSERT_ITEMS = 100_000
+MAX_BATCH_QUERIES = 10_000
+STREAM_WINDOW = 1024  # unanswered requests a SearchStream buffers before it stops reading
+_END = object()
 CHECKPOINT_WAL_BYTES = 256 << 20
 
 
@@ -62,6 +66,28 @@ def rpc(method):
     return wrapper
 
 
+def _read_stream(request_iterator, inbox: queue.Queue, stop: threading.Event) -> None:
+    """Move a stream's requests into `inbox` (waiting while it is full), then _END, or the error that ended the
+    stream; gives up as soon as the handler has finished (`stop`), so no reader outlives its call."""
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                inbox.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        for request in request_iterator:
+            if not put(request):
+                return
+        put(_END)
+    except Exception as exc:  # cancelled or broken stream
+        put(exc)
+
+
 class HashSearchService(pb_grpc.HashSearchServicer):
     def __init__(self, searcher: Searcher, *, batcher: DynamicBatcher | None, wal: WriteAheadLog | None,
                  metrics, search_batcher: DynamicBatcher | None = None, max_k: int = 10_000):
@@ -75,12 +101,15 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         metrics.set_items(len(searcher.index))
 
     # -------------------------------------------------------------------------------------------- helpers
-    def _encode(self, images) -> Any:
+    def _encoder(self):
         if self.searcher.encoder is None:
             raise InvalidInput("this server has no model (--model): query by code instead of image")
-        if self.batcher is not None:
-            return self.batcher.submit(self.searcher.encoder.to_array(images))  # decode errors stay the caller's
-        return self.searcher.encode(images)
+        return self.searcher.encoder
+
+    def _encode(self, images) -> Any:
+        """Decoded and checked here (errors stay the caller's), encoded in a shared batch when batching is on."""
+        arrays = self._encoder().to_array(images)
+        return self.batcher.submit(arrays) if self.batcher is not None else self.searcher.encode(arrays)
 
     @staticmethod
     def _tensor(t: pb.ImageTensor) -> np.ndarray:
@@ -98,61 +127,140 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                                f"({nb} bytes, packed MSB-first)")
         return np.frombuffer(data, np.uint8).reshape(1, nb)
 
-    def _search_one(self, req: pb.SearchRequest) -> pb.SearchResponse:
-        t0 = time.perf_counter()
+    def _parse(self, req: pb.SearchRequest) -> dict:
+        """A request checked and unpacked: codes (1, nb) or an image to encode, features, options, label."""
         if not req.HasField("query") or req.query.WhichOneof("kind") is None:
             raise InvalidInput("empty request: set query.image, query.tensor or query.code")
         if not 1 <= req.k <= self.max_k:
             raise InvalidInput(f"k must be from 1 to {self.max_k}, got {req.k}")
         q = req.query
         kind = q.WhichOneof("kind")
-        features = None
-        encode_ms = 0.0
-        index = self.searcher.index
+        parsed = {"codes": None, "features": None, "image": None, "label": req.label if req.HasField("label") else None,
+                  "options": {"k": req.k, "pool": req.pool or None,
+                              "radius": req.radius if req.HasField("radius") else None,
+                              "rerank": req.rerank if req.HasField("rerank") else None}}
         if kind == "code":
-            codes = self._code(q.code)
+            parsed["codes"] = self._code(q.code)
             if q.feature:
-                features = np.asarray(q.feature, np.float32)[None]
-        else:
-            enc = self._encode([q.image] if kind == "image" else self._tensor(q.tensor))
-            codes = enc.codes
-            features = enc.features if index.feature_dim else None
-            encode_ms = (time.perf_counter() - t0) * 1e3
+                parsed["features"] = np.asarray(q.feature, np.float32)[None]
+        else:  # decoded and checked now, so a bad image fails its own request only
+            parsed["image"] = self._encoder().to_array([q.image] if kind == "image" else self._tensor(q.tensor))
+        return parsed
+
+    def _encode_queries(self, queries: list) -> float:
+        """Encode every image query of a call in one encoder call; returns its milliseconds."""
+        rows = [q for q in queries if isinstance(q, dict) and q["image"] is not None]
+        if not rows:
+            return 0.0
+        t0 = time.perf_counter()
+        enc = self._encode(np.concatenate([q["image"] for q in rows]) if len(rows) > 1 else rows[0]["image"])
+        with_features = bool(self.searcher.index.feature_dim)
+        for j, q in enumerate(rows):
+            q["codes"], q["features"] = enc.codes[j:j + 1], enc.features[j:j + 1] if with_features else None
+        return (time.perf_counter() - t0) * 1e3
+
+    def _search_many(self, requests) -> list:
+        """Answer a call's queries together: one encoder call for its images, one index search per distinct set of
+        options (merged with other calls' queries by the search batcher). Each request's response, or the
+        `LatentHashError` it raised, in order. Timings of shared steps are the shared step's."""
+        t0 = time.perf_counter()
+        queries: list = []
+        for req in requests:
+            try:
+                queries.append(self._parse(req))
+            except LatentHashError as exc:
+                queries.append(exc)
+        encode_ms = self._encode_queries(queries)
         t1 = time.perf_counter()
-        options = {"k": req.k, "pool": req.pool or None, "radius": req.radius if req.HasField("radius") else None,
-                   "rerank": req.rerank if req.HasField("rerank") else None}
-        if self.search_batcher is not None and not req.HasField("label"):
-            result = self.searcher.with_metadata(self.search_batcher.submit((codes, features, options)))
-        else:
-            result = self.searcher.search(codes=codes, features=features,
-                                          label=req.label if req.HasField("label") else None, **options)
+        plain = [i for i, q in enumerate(queries) if isinstance(q, dict) and q["label"] is None]
+        batch = [(queries[i]["codes"], queries[i]["features"], queries[i]["options"]) for i in plain]
+        found = self.search_batcher.submit_many(batch) if self.search_batcher is not None \
+            else search_groups(self.searcher.index, batch)
+        results: list = [q if isinstance(q, LatentHashError) else None for q in queries]
+        for i, res in zip(plain, found):
+            results[i] = res
+        for i, q in enumerate(queries):
+            if isinstance(q, dict) and q["label"] is not None:
+                try:
+                    results[i] = self.searcher.search(codes=q["codes"], features=q["features"], label=q["label"],
+                                                      **q["options"])
+                except LatentHashError as exc:
+                    results[i] = exc
         search_ms = (time.perf_counter() - t1) * 1e3
-        hits = []
-        for (id_, dist, score), meta in zip(result.hits(0), result.metadata[0]):
-            hits.append(pb.Hit(id=id_, distance=dist, score=score or 0.0,
-                               metadata_json="" if meta is None else json.dumps(meta)))
+        return [res if isinstance(res, BaseException) else self._response(res, encode_ms, search_ms, t0)
+                for res in results]
+
+    def _response(self, result, encode_ms: float, search_ms: float, t0: float) -> pb.SearchResponse:
+        if result.metadata is None:
+            self.searcher.with_metadata(result)
+        hits = [pb.Hit(id=id_, distance=dist, score=score or 0.0,
+                       metadata_json="" if meta is None else json.dumps(meta))
+                for (id_, dist, score), meta in zip(result.hits(0), result.metadata[0])]
         return pb.SearchResponse(hits=hits, reranked=result.scores is not None,
                                  timings=pb.Timings(encode_ms=encode_ms, search_ms=search_ms,
                                                     total_ms=(time.perf_counter() - t0) * 1e3))
 
+    @staticmethod
+    def _first_error(responses: list, what: str) -> list:
+        for i, r in enumerate(responses):
+            if isinstance(r, BaseException):
+                if len(responses) > 1 and isinstance(r, LatentHashError):
+                    raise type(r)(f"{what} {i}: {r}")
+                raise r
+        return responses
+
     # -------------------------------------------------------------------------------------------- RPCs
     @rpc
     def Search(self, request, context):
-        return self._search_one(request)
+        return self._first_error(self._search_many([request]), "request")[0]
 
     @rpc
     def SearchBatch(self, request, context):
         if not request.requests:
             raise InvalidInput("empty batch: add at least one request")
-        return pb.SearchBatchResponse(responses=[self._search_one(r) for r in request.requests])
+        if len(request.requests) > MAX_BATCH_QUERIES:
+            raise InvalidInput(f"one SearchBatch takes at most {MAX_BATCH_QUERIES} requests; split it")
+        return pb.SearchBatchResponse(responses=self._first_error(self._search_many(request.requests), "request"))
 
     def SearchStream(self, request_iterator, context):
-        for request in request_iterator:
-            yield self._stream_one(request, context)
-
-    @rpc
-    def _stream_one(self, request, context):
-        return self._search_one(request)
+        """Pipelined: a reader thread queues what the client sends (up to STREAM_WINDOW unanswered requests); each
+        round answers everything queued so far together, in order. A bad request ends the stream with its status
+        after the responses before it."""
+        inbox: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
+        stop = threading.Event()
+        threading.Thread(target=_read_stream, args=(request_iterator, inbox, stop), daemon=True,
+                         name="latenthash-stream-reader").start()
+        try:
+            done = False
+            while not done:
+                batch = [inbox.get()]
+                while len(batch) < STREAM_WINDOW:
+                    try:
+                        batch.append(inbox.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch[-1] is _END or isinstance(batch[-1], BaseException):
+                    done, last = True, batch.pop()
+                    if isinstance(last, BaseException):
+                        return  # the client went away or cancelled: nothing left to answer
+                t0 = time.perf_counter()
+                try:
+                    responses = self._search_many(batch) if batch else []
+                except Exception as exc:
+                    responses = [exc]
+                seconds = (time.perf_counter() - t0) / max(len(batch), 1)
+                for r in responses:
+                    if isinstance(r, LatentHashError):
+                        self.metrics.observe("SearchStream", r.grpc_code, seconds)
+                        context.abort(status_of(r), str(r))
+                    if isinstance(r, BaseException):
+                        self.metrics.observe("SearchStream", "INTERNAL", seconds)
+                        log.error("internal error in SearchStream", exc_info=r)
+                        context.abort(grpc.StatusCode.INTERNAL, "internal error in SearchStream; see the server log")
+                    self.metrics.observe("SearchStream", "OK", seconds)
+                    yield r
+        finally:
+            stop.set()
 
     @rpc
     def Upsert(self, request_iterator, context):

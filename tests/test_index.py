@@ -1,11 +1,13 @@
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
 
 import latenthash
 from latenthash import HashIndex, open_index
+from latenthash.codes import pack_codes
 from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound
 
 BITS, DIM = 48, 16
@@ -205,3 +207,42 @@ def test_empty_index_search(rng):
     index = HashIndex(bits=BITS)
     res = index.search(np.zeros((2, BITS), bool), k=3)
     assert res.counts.tolist() == [0, 0]
+
+
+def test_code_buckets_give_the_scan_results_and_follow_changes(rng):
+    from latenthash import buckets
+
+    bits, n = 48, buckets.MIN_ROWS + 5000
+    words = pack_codes(rng.random((60, bits)) < 0.5, bits)
+    codes = words[rng.integers(0, 60, n)]  # learned codes collapse onto few codewords
+    index = HashIndex(bits=bits)
+    index.add(np.arange(n), codes)
+    queries = np.concatenate([words[:4], pack_codes(rng.random((4, bits)) < 0.5, bits)])
+
+    def brute(k):
+        dist = np.bitwise_count(queries[:, None, :] ^ index.get(index.ids).codes[None]).sum(-1)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        return index.ids[order], np.take_along_axis(dist, order, 1)
+
+    scanned = index.search(queries, k=500)
+    index.warmup()  # groups the rows by code
+    assert index._buckets.get(index._snap) is not None
+    for k in (1, 500, 3000):
+        res, (ids, dist) = index.search(queries, k=k), brute(k)
+        np.testing.assert_array_equal(res.ids, ids)
+        np.testing.assert_array_equal(res.distances, dist)
+    np.testing.assert_array_equal(index.search(queries, k=500).ids, scanned.ids)
+    np.testing.assert_array_equal(index.search(queries[0], k=500).ids, scanned.ids[:1])
+    # a write publishes a new snapshot: the stale buckets are never used, and new ones are built in the background
+    index.add([n + 1, 3], words[:2])
+    index.remove([10, 11])
+    res, (ids, dist) = index.search(queries, k=800), brute(800)
+    np.testing.assert_array_equal(res.ids, ids)
+    for _ in range(200):
+        if index._buckets.get(index._snap) is not None:
+            break
+        time.sleep(0.05)
+    assert index._buckets.get(index._snap) is not None
+    res = index.search(queries, k=800)
+    np.testing.assert_array_equal(res.ids, ids)
+    np.testing.assert_array_equal(res.distances, dist)

@@ -57,6 +57,43 @@ def test_topk_real_codes_with_ties(real_codes, k):
     check_topk(db, q, 48, k)
 
 
+def check_topk_buckets(db, qs, bits, k):
+    """The bucket kernel against the brute-force reference, over a snapshot-like view of db."""
+    from latenthash import buckets as B
+
+    class Snapshot:  # what buckets read of an index snapshot
+        n, words = len(db), to_words(db, bits)
+
+    dw, qw = to_words(db, bits), to_words(qs, bits)
+    dist = brute_distances(qw, dw)
+    ref = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    b = B.build(Snapshot())
+    ucodes = b.codes if b.codes is not None else dw  # too diverse to keep: check the kernel on singletons anyway
+    offsets = b.offsets if b.codes is not None else np.arange(len(dw) + 1)
+    rows = b.rows if b.codes is not None else np.arange(len(dw))
+    for blocks in (1, 3):
+        ids, d = K.topk_buckets(np.ascontiguousarray(ucodes).ravel(), len(ucodes), dw.shape[1], offsets, rows,
+                                qw.ravel(), k, bits, blocks)
+        kk = min(k, len(dw))
+        np.testing.assert_array_equal(ids[:, :kk], ref)
+        np.testing.assert_array_equal(d[:, :kk], np.take_along_axis(dist, ref, 1))
+        assert (ids[:, kk:] == -1).all()
+
+
+@pytest.mark.parametrize("bits", [12, 48, 128, 200])
+@pytest.mark.parametrize("k", [1, 37, 1000])
+def test_topk_buckets_collapsed_codes(rng, bits, k):
+    words = random_codes(rng, 40, bits)  # 40 codewords shared by 4000 rows, queries on and off them
+    db = words[rng.integers(0, 40, 4000)]
+    check_topk_buckets(db, np.concatenate([words[:3], random_codes(rng, 3, bits)]), bits, k)
+
+
+def test_topk_buckets_real_and_k_beyond_n(rng, real_codes):
+    db, q = real_codes
+    check_topk_buckets(db, q[:8], 48, 100)
+    check_topk_buckets(random_codes(rng, 30, 64), random_codes(rng, 2, 64), 64, 50)
+
+
 @pytest.mark.parametrize("bits", [16, 48, 128])
 def test_radius_search_and_counts(rng, real_codes, bits):
     db = random_codes(rng, 2000, bits) if bits != 48 else real_codes[0]

@@ -4,6 +4,7 @@ compared with the embedded Searcher (congruence), plus bad input for each RPC, a
 import asyncio
 import datetime
 import io
+import json
 import subprocess
 import sys
 import time
@@ -194,14 +195,78 @@ def test_health_and_reflection(served):
     assert "latenthash.v1.HashSearch" in names
 
 
-def test_streaming_search(served, small_fashion):
+def mixed_requests(embedded, images) -> tuple[list, list]:
+    """Search requests of every kind (code, code + feature, tensor, with a label) and the embedded answer to each."""
+    enc = embedded.encode(images)
+    reqs, refs = [], []
+    for i, im in enumerate(images):
+        kind = i % 4
+        if kind == 0:
+            reqs.append(pb.SearchRequest(query=pb.Query(code=enc.codes[i].tobytes()), k=5))
+            refs.append(embedded.search(codes=enc.codes[i:i + 1], k=5))
+        elif kind == 1:
+            reqs.append(pb.SearchRequest(query=pb.Query(code=enc.codes[i].tobytes(), feature=enc.features[i]), k=7,
+                                         pool=40))
+            refs.append(embedded.search(codes=enc.codes[i:i + 1], features=enc.features[i:i + 1], k=7, pool=40))
+        elif kind == 2:
+            reqs.append(pb.SearchRequest(query=pb.Query(tensor=pb.ImageTensor(
+                data=im.tobytes(), height=im.shape[0], width=im.shape[1], channels=im.shape[2])), k=5))
+            refs.append(embedded.search(images=im[None], k=5))
+        else:
+            reqs.append(pb.SearchRequest(query=pb.Query(code=enc.codes[i].tobytes()), k=4, label="3"))
+            refs.append(embedded.search(codes=enc.codes[i:i + 1], k=4, label="3"))
+    return reqs, refs
+
+
+def assert_response(resp, ref):
+    assert [h.id for h in resp.hits] == ref.ids[0, :ref.counts[0]].tolist()
+    assert [h.distance for h in resp.hits] == ref.distances[0, :ref.counts[0]].tolist()
+    if ref.scores is not None:
+        np.testing.assert_allclose([h.score for h in resp.hits], ref.scores[0, :ref.counts[0]], atol=1e-6)
+    assert [json.loads(h.metadata_json) if h.metadata_json else None for h in resp.hits] == ref.metadata[0]
+
+
+def test_streaming_search_is_pipelined_and_in_order(served, small_fashion):
     server, client, embedded, _ = served
     stub = pb_grpc.HashSearchStub(client.channel)
-    enc = embedded.encode(small_fashion.test.images[:5])
-    reqs = [pb.SearchRequest(query=pb.Query(code=c.tobytes()), k=3) for c in enc.codes]
-    out = list(stub.SearchStream(iter(reqs), timeout=10))
-    ref = embedded.search(codes=enc.codes, k=3)
-    assert [[h.id for h in r.hits] for r in out] == ref.ids.tolist()
+    reqs, refs = mixed_requests(embedded, small_fashion.test.images[:200])
+    before = server.service.search_batcher.batches
+    out = list(stub.SearchStream(iter(reqs), timeout=30))
+    assert len(out) == len(reqs)
+    for resp, ref in zip(out, refs):
+        assert_response(resp, ref)
+    assert server.service.search_batcher.batches - before < len(reqs) // 2  # queued queries shared searches
+
+
+def test_stream_and_batch_answer_up_to_a_bad_request(served, small_fashion):
+    server, client, embedded, _ = served
+    stub = pb_grpc.HashSearchStub(client.channel)
+    reqs, refs = mixed_requests(embedded, small_fashion.test.images[:12])
+    bad = pb.SearchRequest(query=pb.Query(code=b"\x00"), k=5)
+    received = []
+    with pytest.raises(grpc.RpcError) as info:
+        for resp in stub.SearchStream(iter(reqs[:6] + [bad] + reqs[6:]), timeout=30):
+            received.append(resp)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "code has 1 bytes" in info.value.details()
+    assert len(received) == 6
+    for resp, ref in zip(received, refs):
+        assert_response(resp, ref)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.SearchBatch(pb.SearchBatchRequest(requests=reqs[:3] + [bad]), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "request 3: code has 1 bytes" in \
+        info.value.details()
+    for resp, ref in zip(stub.SearchBatch(pb.SearchBatchRequest(requests=reqs), timeout=30).responses, refs):
+        assert_response(resp, ref)
+
+
+def test_many_queries_travel_in_chunks(served, small_fashion):
+    from latenthash import client as client_module
+
+    server, client, embedded, _ = served
+    codes = embedded.encode(small_fashion.test.images[:250]).codes
+    codes = np.concatenate([codes] * 10)  # 2500 queries: three SearchBatch calls
+    assert len(codes) > 2 * client_module.SEARCH_CHUNK
+    assert_same(embedded.search(codes=codes, k=5), client.search(codes=codes, k=5))
 
 
 def test_dynamic_batching_merges_concurrent_image_queries(served, small_fashion):

@@ -88,14 +88,18 @@ class HashSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SearchBatch(self, request, context):
-        """Many queries in one call; responses are in request order.
+        """Many queries in one call (at most 10,000), searched together: one encoder call for its images, one index
+        search per distinct set of options. Responses are in request order; a bad request fails the call with its
+        status, naming the request ("request 3: ...").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SearchStream(self, request_iterator, context):
-        """A stream of queries answered one response per request, in order.
+        """A stream of queries answered one response per request, in order. Pipelined: send without waiting for answers;
+        the server answers everything that has arrived together (the fastest way to send many queries). A bad request
+        ends the stream with its status after the responses before it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
