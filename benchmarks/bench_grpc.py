@@ -1,7 +1,8 @@
 """Service overhead: QPS and p50/p99 latency of search-by-code and search-by-image through the gRPC server, at
 concurrency 1, 4, 16 and 64, against a 1M-item index, next to the same search called in-process.
 
-    python benchmarks/bench_grpc.py --model model.onnx [--n 1000000] [--seconds 5] [--forms unary stream batch]
+    python benchmarks/bench_grpc.py --model RUN/model.onnx [--run RUN] [--n 1000000] [--seconds 5]
+                                    [--forms unary stream batch]
 
 Three forms of the same queries: `unary` (one Search call per query; concurrency = calls in flight), `stream`
 (one SearchStream; concurrency = queries written and not yet answered) and `batch` (SearchBatch calls of
@@ -21,6 +22,7 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,19 +32,28 @@ import numpy as np
 OUT = Path(__file__).parent / "results"
 
 
-def build_index(path: Path, model: str, n: int) -> None:
-    """n items: random codes and unit features of the model's sizes (search cost does not depend on content)."""
+def build_index(path: Path, model: str, n: int, run: str | None) -> None:
+    """n items. `run` given: learned codes, as a trained model makes them (the real database's features,
+    replicated with jitter, coded by the model's own latent layer; see bench_search.synthetic_database), which
+    collapse onto a few thousand distinct codes. Otherwise uniform random codes: the worst case for search."""
     from latenthash import HashIndex
     from latenthash.encoder import Encoder
 
     enc = Encoder.open(model, runtime="onnxruntime")
-    rng = np.random.default_rng(0)
     index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim, feature_dtype="float16")
-    for lo in range(0, n, 250_000):
-        m = min(250_000, n - lo)
-        index.add(np.arange(lo, lo + m), rng.random((m, enc.bits)) < 0.5,
-                  rng.standard_normal((m, enc.feature_dim)).astype(np.float32),
-                  metadata=[{"label": int(i % 10)} for i in range(lo, lo + m)])
+    if run:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_search import synthetic_database
+
+        codes, feats, labels, *_ = synthetic_database(run, n)
+        index.add(np.arange(n), codes, feats, metadata=[{"label": int(v)} for v in labels])
+    else:
+        rng = np.random.default_rng(0)
+        for lo in range(0, n, 250_000):
+            m = min(250_000, n - lo)
+            index.add(np.arange(lo, lo + m), rng.random((m, enc.bits)) < 0.5,
+                      rng.standard_normal((m, enc.feature_dim)).astype(np.float32),
+                      metadata=[{"label": int(i % 10)} for i in range(lo, lo + m)])
     index.save(path)
 
 
@@ -55,16 +66,18 @@ def run_server(index: str, model: str, batch_max: int, port_q) -> None:
     server.wait_for_termination()
 
 
-async def load(port: int, requests: list, concurrency: int, seconds: float) -> dict:
-    """Unary Search calls, `concurrency` in flight."""
+async def load_calls(port: int, method: str, messages: list, concurrency: int, seconds: float,
+                     queries_per_call: int = 1) -> dict:
+    """Unary calls (Search, or SearchBatch carrying several queries), `concurrency` in flight; every query of a
+    call gets the call's latency."""
     import grpc
 
     from latenthash.v1 import search_pb2_grpc as pb_grpc
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.HashSearchStub(channel)
-        for r in requests[:20]:
-            await stub.Search(r)  # warm
+        call = getattr(pb_grpc.HashSearchStub(channel), method)
+        for m in messages[:5]:
+            await call(m)  # warm
         latencies: list[float] = []
         stop = time.perf_counter() + seconds
 
@@ -72,8 +85,8 @@ async def load(port: int, requests: list, concurrency: int, seconds: float) -> d
             i = w
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                await stub.Search(requests[i % len(requests)])
-                latencies.append(time.perf_counter() - t0)
+                await call(messages[i % len(messages)])
+                latencies.extend([time.perf_counter() - t0] * queries_per_call)
                 i += concurrency
 
         t0 = time.perf_counter()
@@ -115,33 +128,6 @@ async def load_stream(port: int, requests: list, concurrency: int, seconds: floa
         return summary(latencies, len(latencies), time.perf_counter() - t0)
 
 
-async def load_batch(port: int, requests: list, concurrency: int, seconds: float, batch_size: int) -> dict:
-    """SearchBatch calls of `batch_size` queries, `concurrency` in flight; every query of a call gets its latency."""
-    import grpc
-
-    from latenthash.v1 import search_pb2 as pb
-    from latenthash.v1 import search_pb2_grpc as pb_grpc
-
-    batches = [pb.SearchBatchRequest(requests=requests[i:i + batch_size])
-               for i in range(0, len(requests) - batch_size + 1, batch_size)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.HashSearchStub(channel)
-        latencies: list[float] = []
-        stop = time.perf_counter() + seconds
-
-        async def worker(w: int):
-            i = w
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                resp = await stub.SearchBatch(batches[i % len(batches)])
-                latencies.extend([time.perf_counter() - t0] * len(resp.responses))
-                i += concurrency
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        return summary(latencies, len(latencies), time.perf_counter() - t0)
-
-
 def summary(latencies: list[float], queries: int, elapsed: float) -> dict:
     lat = np.asarray(latencies) * 1e3
     return {"qps": queries / elapsed, "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
@@ -175,6 +161,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--index", help="reuse this index directory")
+    ap.add_argument("--run", help="training run of the model: index learned codes (default: uniform random codes)")
     ap.add_argument("--forms", nargs="+", default=["unary", "stream", "batch"], choices=["unary", "stream", "batch"])
     ap.add_argument("--batch-size", type=int, default=64, help="queries per SearchBatch call")
     ap.add_argument("--kinds", nargs="+", default=["code", "image"], choices=["code", "image"])
@@ -188,14 +175,14 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     index_dir = Path(args.index or Path(tempfile.mkdtemp()) / "ix")
     if not (index_dir / "CURRENT").exists():
-        build_index(index_dir, args.model, args.n)
+        build_index(index_dir, args.model, args.n, args.run)
     enc = Encoder.open(args.model, runtime="onnxruntime")
     images = load_dataset(enc.info.dataset).test.images[:500]
     codes = enc.encode(images).codes
     code_reqs = [pb.SearchRequest(query=pb.Query(code=c.tobytes()), k=10) for c in codes]
     image_reqs = [pb.SearchRequest(query=pb.Query(tensor=pb.ImageTensor(
         data=im.tobytes(), height=im.shape[0], width=im.shape[1], channels=im.shape[2])), k=10) for im in images]
-    results = {"n": args.n, "embedded": embedded(str(index_dir), args.model, codes, images), "grpc": {}}
+    results = {"n": args.n, "codes": "learned" if args.run else "random", "embedded": embedded(str(index_dir), args.model, codes, images), "grpc": {}}
     print("embedded:", json.dumps(results["embedded"]))
     print("| query | form | batching | concurrency | QPS | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
     ctx = mp.get_context("spawn")
@@ -212,11 +199,14 @@ def main() -> None:
                     levels = (1, 4) if form == "batch" else (1, 4, 16, 64) if form == "unary" else (1, 16, 64, 256)
                     for conc in levels:
                         if form == "unary":
-                            r = asyncio.run(load(port, reqs, conc, args.seconds))
+                            r = asyncio.run(load_calls(port, "Search", reqs, conc, args.seconds))
                         elif form == "stream":
                             r = asyncio.run(load_stream(port, reqs, conc, args.seconds))
                         else:
-                            r = asyncio.run(load_batch(port, reqs, conc, args.seconds, args.batch_size))
+                            batches = [pb.SearchBatchRequest(requests=reqs[i:i + args.batch_size])
+                                       for i in range(0, len(reqs) - args.batch_size + 1, args.batch_size)]
+                            r = asyncio.run(load_calls(port, "SearchBatch", batches, conc, args.seconds,
+                                                       args.batch_size))
                         name = f"batch of {args.batch_size}" if form == "batch" else form
                         results["grpc"][f"{kind}/{form}/batch{batch_max}/c{conc}"] = r
                         print(f"| {kind} | {name} | {batching} | {conc} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | "

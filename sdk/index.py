@@ -195,13 +195,16 @@ class HashIndex:
 
     def metadata(self, ids) -> list[Any]:
         """Metadata of the given ids (None for unknown ids, e.g. the -1 padding of a search result)."""
+        return [None if text is None else json.loads(text) for text in self.metadata_json(ids)]
+
+    def metadata_json(self, ids) -> list[str | None]:
+        """The same as JSON text, as stored: what a server sends on without decoding and encoding it again."""
         snap = self._snap
         rows = self._rows
         out = []
         for i in np.asarray(ids).ravel().tolist():
             r = rows.get(i)
-            text = snap.metadata[r] if r is not None and r < snap.n else None
-            out.append(None if text is None else json.loads(text))
+            out.append(snap.metadata[r] if r is not None and r < snap.n else None)
         return out
 
     @staticmethod

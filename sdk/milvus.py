@@ -265,6 +265,10 @@ class MilvusIndex:
         found = self._fetch([i for i in wanted if i >= 0], ["metadata"])
         return [found[i]["metadata"]["v"] if i in found else None for i in wanted]
 
+    def metadata_json(self, ids) -> list[str | None]:
+        """`metadata` as JSON text (None where absent)."""
+        return [None if m is None else json.dumps(m) for m in self.metadata(ids)]
+
     def search(self, codes, k: int = 10, *, features=None, pool: int | None = None, radius: int | None = None,
                rerank: bool | None = None) -> SearchResult:
         """Two-step search with the same arguments and result as `HashIndex.search` (see the module docstring)."""

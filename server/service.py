@@ -191,11 +191,9 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                 for res in results]
 
     def _response(self, result, encode_ms: float, search_ms: float, t0: float) -> pb.SearchResponse:
-        if result.metadata is None:
-            self.searcher.with_metadata(result)
-        hits = [pb.Hit(id=id_, distance=dist, score=score or 0.0,
-                       metadata_json="" if meta is None else json.dumps(meta))
-                for (id_, dist, score), meta in zip(result.hits(0), result.metadata[0])]
+        texts = self.searcher.index.metadata_json(result.ids[0, :result.counts[0]])  # sent on as stored
+        hits = [pb.Hit(id=id_, distance=dist, score=score or 0.0, metadata_json=text or "")
+                for (id_, dist, score), text in zip(result.hits(0), texts)]
         return pb.SearchResponse(hits=hits, reranked=result.scores is not None,
                                  timings=pb.Timings(encode_ms=encode_ms, search_ms=search_ms,
                                                     total_ms=(time.perf_counter() - t0) * 1e3))
