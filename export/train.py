@@ -36,11 +36,11 @@ class TrainConfig:
     protocol is the training split, so its codes must be right too: heavy regularization (dropout, random shifts)
     left 5% of the database misclassified and cost 0.05 mAP, so it is off by default."""
 
-    epochs: int = 12
+    epochs: int = 11
     batch_size: int = 128
     lr: float = 0.1
     weight_decay: float = 5e-4
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1  # tightens each class's codes: +0.009 mAP@all at 48 bits (0.2: no further gain)
     binarize: float = 0.1
     balance: float = 0.1
     shift: int = 0  # random translation in pixels

@@ -27,7 +27,7 @@ def train(
     out: Path = typer.Option(..., help="run directory (checkpoint, history, plots)"),
     data_dir: Optional[str] = typer.Option(None, help="dataset files (Fashion-MNIST: found automatically)"),
     bits: int = typer.Option(48, help="code length h (8..1024)"),
-    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 12)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 11)"),
     backbone: str = typer.Option("cnn", help="cnn, resnet18, mobilenet_v3_small, mobilenet_v3_large"),
     pretrained: Optional[str] = typer.Option(None, help="local ImageNet state-dict file for the backbone"),
     feature_dim: int = typer.Option(256, help="size of the F4 feature layer"),
@@ -35,6 +35,8 @@ def train(
     lr: float = typer.Option(0.1, help="peak learning rate of the one-cycle schedule"),
     binarize: float = typer.Option(0.1, help="weight of the push-to-0/1 regularizer (0 disables)"),
     balance: float = typer.Option(0.1, help="weight of the 50%-firing-rate regularizer (0 disables)"),
+    label_smoothing: Optional[float] = typer.Option(None, help="cross-entropy label smoothing (default: the "
+                                                    "measured default)"),
     image_size: int = typer.Option(32, help="resize size for folder/list datasets"),
     max_train: Optional[int] = typer.Option(None, help="train on a seeded subset of this many images"),
     threads: int = typer.Option(0, help="torch threads (0: all cores)"),
@@ -53,6 +55,8 @@ def train(
                           threads=threads, max_train=max_train)
         if epochs is not None:
             cfg.epochs = epochs
+        if label_smoothing is not None:
+            cfg.label_smoothing = label_smoothing
         mc = default_model_config(ds, bits=bits, backbone=backbone, feature_dim=feature_dim, pretrained=pretrained)
         run_training(ds, out, model_config=mc, cfg=cfg, resume=resume)
         typer.echo(f"trained {bits}-bit model: {out / 'checkpoint.pt'}")
