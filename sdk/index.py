@@ -26,7 +26,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from latenthash.backend import Items, SearchResult
-from latenthash.buckets import MIN_ROWS as MIN_BUCKET_ROWS
 from latenthash.buckets import BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound
@@ -311,12 +310,9 @@ class HashIndex:
         self._topk_rows(dummy, qw[:1], 1)
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
-        one = np.zeros(2, np.int64)
-        one[1] = 1
-        _kernels().topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], one, one[:1].copy(),
-                                qw.reshape(-1), 1, self.bits, 1)
-        if self._snap.n >= MIN_BUCKET_ROWS:  # group equal codes now (~0.1 s per million rows), not on a query
-            self._buckets.build_now(self._snap)
+        _kernels().topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
+                                np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, 1)
+        self._buckets.warm(self._snap)
         if dummy.features is not None:
             self._rerank(dummy, np.zeros((2, self.feature_dim), np.float32), rows, counts, 1)
         return time.perf_counter() - t0

@@ -379,7 +379,7 @@ def prefetch_row(typingctx, arr, row):
     def codegen(context, builder, signature, args):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
-        row_bytes = builder.mul(builder.extract_value(ary.strides, 0), context.get_constant(types.intp, 1))
+        row_bytes = builder.extract_value(ary.strides, 0)
         base = builder.ptrtoint(ary.data, ir.IntType(64))
         start = builder.add(base, builder.mul(builder.sext(args[1], ir.IntType(64)), row_bytes))
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)

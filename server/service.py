@@ -153,7 +153,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if not rows:
             return 0.0
         t0 = time.perf_counter()
-        enc = self._encode(np.concatenate([q["image"] for q in rows]) if len(rows) > 1 else rows[0]["image"])
+        enc = self._encode(np.concatenate([q["image"] for q in rows]))
         with_features = bool(self.searcher.index.feature_dim)
         for j, q in enumerate(rows):
             q["codes"], q["features"] = enc.codes[j:j + 1], enc.features[j:j + 1] if with_features else None
@@ -199,18 +199,19 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                                                     total_ms=(time.perf_counter() - t0) * 1e3))
 
     @staticmethod
-    def _first_error(responses: list, what: str) -> list:
+    def _first_error(responses: list) -> list:
+        """The responses, or the first request's error raised (naming the request when there are several)."""
         for i, r in enumerate(responses):
             if isinstance(r, BaseException):
                 if len(responses) > 1 and isinstance(r, LatentHashError):
-                    raise type(r)(f"{what} {i}: {r}")
+                    raise type(r)(f"request {i}: {r}")
                 raise r
         return responses
 
     # -------------------------------------------------------------------------------------------- RPCs
     @rpc
     def Search(self, request, context):
-        return self._first_error(self._search_many([request]), "request")[0]
+        return self._first_error(self._search_many([request]))[0]
 
     @rpc
     def SearchBatch(self, request, context):
@@ -218,7 +219,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
             raise InvalidInput("empty batch: add at least one request")
         if len(request.requests) > MAX_BATCH_QUERIES:
             raise InvalidInput(f"one SearchBatch takes at most {MAX_BATCH_QUERIES} requests; split it")
-        return pb.SearchBatchResponse(responses=self._first_error(self._search_many(request.requests), "request"))
+        return pb.SearchBatchResponse(responses=self._first_error(self._search_many(request.requests)))
 
     def SearchStream(self, request_iterator, context):
         """Pipelined: a reader thread queues what the client sends (up to STREAM_WINDOW unanswered requests); each
