@@ -2,11 +2,13 @@
 concurrency 1, 4, 16 and 64, against a 1M-item index, next to the same search called in-process.
 
     python benchmarks/bench_grpc.py --model RUN/model.onnx [--run RUN] [--n 1000000] [--seconds 5]
-                                    [--forms unary stream batch]
+                                    [--forms unary stream batch columnar] [--batch-size 64]
+                                    [--kinds code image] [--batching on off] [--levels 1 4]
 
-Three forms of the same queries: `unary` (one Search call per query; concurrency = calls in flight), `stream`
-(one SearchStream; concurrency = queries written and not yet answered) and `batch` (SearchBatch calls of
-`--batch-size` queries; concurrency = calls in flight). Latency is per query, from sending to its answer.
+Four forms of the same queries: `unary` (one Search call per query; concurrency = calls in flight), `stream`
+(one SearchStream; concurrency = queries written and not yet answered), `batch` (SearchBatch calls of
+`--batch-size` queries; concurrency = calls in flight) and `columnar` (SearchCodes calls of `--batch-size` codes,
+code queries only). Latency is per query, from sending to its answer (a call's queries each count the call's).
 
 The server runs in its own process; the load generator is one asyncio process sending pre-built requests (both
 share this machine's 2 cores, as they would on an edge box serving local clients). Dynamic batching (of encoder
@@ -162,8 +164,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--index", help="reuse this index directory")
     ap.add_argument("--run", help="training run of the model: index learned codes (default: uniform random codes)")
-    ap.add_argument("--forms", nargs="+", default=["unary", "stream", "batch"], choices=["unary", "stream", "batch"])
-    ap.add_argument("--batch-size", type=int, default=64, help="queries per SearchBatch call")
+    ap.add_argument("--forms", nargs="+", default=["unary", "stream", "batch", "columnar"],
+                    choices=["unary", "stream", "batch", "columnar"])
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[64], help="queries per SearchBatch / SearchCodes call")
+    ap.add_argument("--levels", type=int, nargs="+", help="concurrency levels (default: per form)")
     ap.add_argument("--kinds", nargs="+", default=["code", "image"], choices=["code", "image"])
     ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"],
                     help="server-side dynamic batching settings to run")
@@ -196,19 +200,26 @@ def main() -> None:
             for kind in args.kinds:
                 reqs = code_reqs if kind == "code" else image_reqs
                 for form in args.forms:
-                    levels = (1, 4) if form == "batch" else (1, 4, 16, 64) if form == "unary" else (1, 16, 64, 256)
-                    for conc in levels:
+                    if form == "columnar" and kind == "image":
+                        continue  # SearchCodes takes codes only
+                    sizes = args.batch_size if form in ("batch", "columnar") else [1]
+                    default = (1, 4) if form in ("batch", "columnar") else (1, 4, 16, 64) if form == "unary" \
+                        else (1, 16, 64, 256)
+                    for size, conc in ((b, c) for b in sizes for c in args.levels or default):
                         if form == "unary":
                             r = asyncio.run(load_calls(port, "Search", reqs, conc, args.seconds))
                         elif form == "stream":
                             r = asyncio.run(load_stream(port, reqs, conc, args.seconds))
+                        elif form == "batch":
+                            batches = [pb.SearchBatchRequest(requests=reqs[i:i + size])
+                                       for i in range(0, len(reqs) - size + 1, size)]
+                            r = asyncio.run(load_calls(port, "SearchBatch", batches, conc, args.seconds, size))
                         else:
-                            batches = [pb.SearchBatchRequest(requests=reqs[i:i + args.batch_size])
-                                       for i in range(0, len(reqs) - args.batch_size + 1, args.batch_size)]
-                            r = asyncio.run(load_calls(port, "SearchBatch", batches, conc, args.seconds,
-                                                       args.batch_size))
-                        name = f"batch of {args.batch_size}" if form == "batch" else form
-                        results["grpc"][f"{kind}/{form}/batch{batch_max}/c{conc}"] = r
+                            calls = [pb.SearchCodesRequest(codes=codes[i:i + size].tobytes(), k=10)
+                                     for i in range(0, len(codes) - size + 1, size)]
+                            r = asyncio.run(load_calls(port, "SearchCodes", calls, conc, args.seconds, size))
+                        name = {"batch": f"SearchBatch of {size}", "columnar": f"SearchCodes of {size}"}.get(form, form)
+                        results["grpc"][f"{kind}/{form}{size if size > 1 else ''}/batch{batch_max}/c{conc}"] = r
                         print(f"| {kind} | {name} | {batching} | {conc} | {r['qps']:,.0f} | {r['p50_ms']:.2f} | "
                               f"{r['p99_ms']:.2f} |", flush=True)
         finally:
@@ -216,7 +227,7 @@ def main() -> None:
             proc.join()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     OUT.mkdir(exist_ok=True)
-    (OUT / "grpc.json").write_text(json.dumps(results, indent=1))
+    (OUT / ("grpc_learned.json" if args.run else "grpc.json")).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -93,9 +93,7 @@ def _as_list(images) -> list:
     return [images]
 
 
-def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, rerank, label) -> list:
-    if (images is None) == (codes is None):
-        raise errors.InvalidInput("search needs exactly one of images= or codes=")
+def _search_options(k, pool, radius, rerank, label) -> dict:
     opts = {"k": k, "pool": pool or 0}
     if radius is not None:
         opts["radius"] = radius
@@ -103,6 +101,14 @@ def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, reran
         opts["rerank"] = rerank
     if label is not None:
         opts["label"] = str(label)
+    return opts
+
+
+def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, rerank, label, metadata) -> list:
+    """SearchRequests for images, or SearchCodesRequests (chunks of SEARCH_CHUNK) for several codes."""
+    if (images is None) == (codes is None):
+        raise errors.InvalidInput("search needs exactly one of images= or codes=")
+    opts = _search_options(k, pool, radius, rerank, label)
     if images is not None:
         return [pb.SearchRequest(query=pb.Query(**_image_message(im)), **opts) for im in _as_list(images)]
     packed = pack_codes(codes, bits_fn())
@@ -112,8 +118,12 @@ def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, reran
         feats = feats[None] if feats.ndim == 1 else feats
         if len(feats) != len(packed):
             raise errors.InvalidInput(f"{len(packed)} codes but {len(feats)} feature rows")
-    return [pb.SearchRequest(query=pb.Query(code=c.tobytes(), feature=feats[i] if feats is not None else []), **opts)
-            for i, c in enumerate(packed)]
+    if len(packed) == 1:
+        return [pb.SearchRequest(query=pb.Query(code=packed[0].tobytes(), feature=feats[0] if feats is not None
+                                                else []), **opts)]
+    return [pb.SearchCodesRequest(codes=packed[lo:lo + SEARCH_CHUNK].tobytes(),
+                                  features=b"" if feats is None else feats[lo:lo + SEARCH_CHUNK].astype("<f4").tobytes(),
+                                  skip_metadata=not metadata, **opts) for lo in range(0, len(packed), SEARCH_CHUNK)]
 
 
 def _chunks(reqs: list):
@@ -134,23 +144,36 @@ def _chunk_errors(offset: int):
         raise
 
 
-def _search_result(responses: Sequence[pb.SearchResponse]) -> SearchResult:
-    width = max([len(r.hits) for r in responses] + [1])
-    n = len(responses)
+def _search_result(responses: Sequence, metadata: bool) -> SearchResult:
+    """SearchResponses (one per query) or SearchCodesResponses (columnar, several queries each) -> one result."""
+    if responses and isinstance(responses[0], pb.SearchCodesResponse):
+        counts = np.concatenate([np.asarray(r.counts, np.int64) for r in responses])
+        flat = {"ids": [], "distances": [], "scores": [], "metadata_json": []}
+        for r in responses:
+            for name, values in flat.items():
+                values.extend(getattr(r, name))
+        reranked = responses[0].reranked
+    else:
+        counts = np.asarray([len(r.hits) for r in responses], np.int64)
+        hits = [h for r in responses for h in r.hits]
+        flat = {"ids": [h.id for h in hits], "distances": [h.distance for h in hits],
+                "scores": [h.score for h in hits], "metadata_json": [h.metadata_json for h in hits]}
+        reranked = any(r.reranked for r in responses)
+    n, width = len(counts), max(int(counts.max(initial=0)), 1)
+    valid = np.arange(width) < counts[:, None]
     ids = np.full((n, width), -1, np.int64)
     dists = np.full((n, width), -1, np.int64)
-    reranked = any(r.reranked for r in responses)
-    scores = np.full((n, width), np.nan, np.float32) if reranked else None
-    counts = np.zeros(n, np.int64)
-    metadata = []
-    for i, r in enumerate(responses):
-        counts[i] = len(r.hits)
-        ids[i, :counts[i]] = [h.id for h in r.hits]
-        dists[i, :counts[i]] = [h.distance for h in r.hits]
-        if scores is not None:
-            scores[i, :counts[i]] = [h.score for h in r.hits]
-        metadata.append([json.loads(h.metadata_json) if h.metadata_json else None for h in r.hits])
-    return SearchResult(ids, dists, counts, scores, metadata)
+    ids[valid], dists[valid] = flat["ids"], flat["distances"]
+    scores = None
+    if reranked:
+        scores = np.full((n, width), np.nan, np.float32)
+        scores[valid] = flat["scores"]
+    meta = None
+    if metadata:
+        decoded = [json.loads(t) if t else None for t in flat["metadata_json"]]
+        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        meta = [decoded[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return SearchResult(ids, dists, counts, scores, meta)
 
 
 def _upsert_items(bits_fn, ids, *, images, codes, features, metadata):
@@ -225,16 +248,20 @@ class Client:
         return self._bits
 
     def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
-               radius: int | None = None, rerank: bool | None = None, label: str | None = None) -> SearchResult:
+               radius: int | None = None, rerank: bool | None = None, label: str | None = None,
+               metadata: bool = True) -> SearchResult:
+        """As `Searcher.search`. Several codes go in SearchCodes calls (columnar), images in SearchBatch calls."""
         reqs = _search_requests(self.bits, images=images, codes=codes, features=features, k=k, pool=pool,
-                                radius=radius, rerank=rerank, label=label)
+                                radius=radius, rerank=rerank, label=label, metadata=metadata)
+        if reqs and isinstance(reqs[0], pb.SearchCodesRequest):
+            return _search_result([self._call("SearchCodes", r) for r in reqs], metadata)
         if len(reqs) == 1:
-            return _search_result([self._call("Search", reqs[0])])
+            return _search_result([self._call("Search", reqs[0])], metadata)
         responses: list = []
         for lo, chunk in _chunks(reqs):
             with _chunk_errors(lo):
                 responses += self._call("SearchBatch", chunk).responses
-        return _search_result(responses)
+        return _search_result(responses, metadata)
 
     def upsert(self, ids, *, images=None, codes=None, features=None,
                metadata: Sequence[Any] | None = None) -> tuple[int, int]:
@@ -289,17 +316,20 @@ class AsyncClient:
         return self._bits
 
     async def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
-                     radius: int | None = None, rerank: bool | None = None, label: str | None = None) -> SearchResult:
+                     radius: int | None = None, rerank: bool | None = None, label: str | None = None,
+                     metadata: bool = True) -> SearchResult:
         bits = await self._bits_value() if codes is not None else 0
         reqs = _search_requests(lambda: bits, images=images, codes=codes, features=features, k=k, pool=pool,
-                                radius=radius, rerank=rerank, label=label)
+                                radius=radius, rerank=rerank, label=label, metadata=metadata)
+        if reqs and isinstance(reqs[0], pb.SearchCodesRequest):
+            return _search_result([await self._call("SearchCodes", r) for r in reqs], metadata)
         if len(reqs) == 1:
-            return _search_result([await self._call("Search", reqs[0])])
+            return _search_result([await self._call("Search", reqs[0])], metadata)
         responses: list = []
         for lo, chunk in _chunks(reqs):
             with _chunk_errors(lo):
                 responses += (await self._call("SearchBatch", chunk)).responses
-        return _search_result(responses)
+        return _search_result(responses, metadata)
 
     async def upsert(self, ids, *, images=None, codes=None, features=None,
                      metadata: Sequence[Any] | None = None) -> tuple[int, int]:

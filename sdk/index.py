@@ -490,6 +490,8 @@ def check_query(codes, features, rerank: bool | None, *, k, radius, pool, bits: 
     qf = qf[None, :] if qf.ndim == 1 else qf
     if qf.shape != (len(packed), feature_dim):
         raise InvalidInput(f"query features must have shape ({len(packed)}, {feature_dim}), got {qf.shape}")
+    if not np.all(np.isfinite(qf)):
+        raise InvalidInput("query features contain NaN or infinite values")
     return packed, normalize(qf)
 
 

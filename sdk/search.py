@@ -41,10 +41,11 @@ class Searcher:
         return self._require_encoder().encode(images)
 
     def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
-               radius: int | None = None, rerank: bool | None = None, label: str | None = None) -> SearchResult:
+               radius: int | None = None, rerank: bool | None = None, label: str | None = None,
+               metadata: bool = True) -> SearchResult:
         """Search by images (encoded by the model; re-ranked by their features) or by packed codes (re-ranked when
         `features` are given). `label` keeps only items whose metadata "label" equals it (as text), applied to the
-        step-1 pool. Hits carry their metadata."""
+        step-1 pool. Hits carry their metadata unless `metadata=False` (then `result.metadata` is None)."""
         if (images is None) == (codes is None):
             raise InvalidInput("search needs exactly one of images= or codes=")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
@@ -56,7 +57,7 @@ class Searcher:
             result = self.index.search(codes, k, features=features, pool=pool, radius=radius, rerank=rerank)
         else:
             result = self._search_label(codes, k, features, pool, radius, rerank, str(label))
-        return self.with_metadata(result)
+        return self.with_metadata(result) if metadata else result
 
     def with_metadata(self, result: SearchResult) -> SearchResult:
         """Fill `result.metadata`: each hit's stored metadata, per query."""

@@ -127,18 +127,21 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                                f"({nb} bytes, packed MSB-first)")
         return np.frombuffer(data, np.uint8).reshape(1, nb)
 
+    def _options(self, req) -> dict:
+        """k, pool, radius and rerank of a SearchRequest or SearchCodesRequest (the fields they share), k checked."""
+        if not 1 <= req.k <= self.max_k:
+            raise InvalidInput(f"k must be from 1 to {self.max_k}, got {req.k}")
+        return {"k": req.k, "pool": req.pool or None, "radius": req.radius if req.HasField("radius") else None,
+                "rerank": req.rerank if req.HasField("rerank") else None}
+
     def _parse(self, req: pb.SearchRequest) -> dict:
         """A request checked and unpacked: codes (1, nb) or an image to encode, features, options, label."""
         if not req.HasField("query") or req.query.WhichOneof("kind") is None:
             raise InvalidInput("empty request: set query.image, query.tensor or query.code")
-        if not 1 <= req.k <= self.max_k:
-            raise InvalidInput(f"k must be from 1 to {self.max_k}, got {req.k}")
         q = req.query
         kind = q.WhichOneof("kind")
         parsed = {"codes": None, "features": None, "image": None, "label": req.label if req.HasField("label") else None,
-                  "options": {"k": req.k, "pool": req.pool or None,
-                              "radius": req.radius if req.HasField("radius") else None,
-                              "rerank": req.rerank if req.HasField("rerank") else None}}
+                  "options": self._options(req)}
         if kind == "code":
             parsed["codes"] = self._code(q.code)
             if q.feature:
@@ -220,6 +223,45 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if len(request.requests) > MAX_BATCH_QUERIES:
             raise InvalidInput(f"one SearchBatch takes at most {MAX_BATCH_QUERIES} requests; split it")
         return pb.SearchBatchResponse(responses=self._first_error(self._search_many(request.requests)))
+
+    @rpc
+    def SearchCodes(self, request, context):
+        """Columnar: one frombuffer for the codes, one index search, flat hit arrays out (no message per hit).
+        Searched directly, not through the search batcher: the call is a batch already."""
+        t0 = time.perf_counter()
+        index = self.searcher.index
+        nb = (index.bits + 7) // 8
+        n, extra = divmod(len(request.codes), nb)
+        if n == 0 or extra:
+            raise InvalidInput(f"codes holds {len(request.codes)} bytes: send n >= 1 packed {index.bits}-bit codes "
+                               f"back to back, {nb} bytes each (MSB-first)")
+        if n > MAX_BATCH_QUERIES:
+            raise InvalidInput(f"one SearchCodes takes at most {MAX_BATCH_QUERIES} codes, got {n}; split it")
+        features = None
+        if request.features:
+            dim = index.feature_dim or 0
+            if not dim:
+                raise InvalidInput("this index stores no features: leave features empty")
+            if len(request.features) != n * dim * 4:
+                raise InvalidInput(f"features holds {len(request.features)} bytes; {n} codes need {n} x {dim} "
+                                   f"float32 values ({n * dim * 4} bytes, little-endian)")
+            features = np.frombuffer(request.features, "<f4").reshape(n, dim)
+        t1 = time.perf_counter()
+        result = self.searcher.search(codes=np.frombuffer(request.codes, np.uint8).reshape(n, nb), features=features,
+                                      label=request.label if request.HasField("label") else None, metadata=False,
+                                      **self._options(request))
+        search_ms = (time.perf_counter() - t1) * 1e3
+        valid = np.arange(result.ids.shape[1]) < result.counts[:, None]  # row-major: query after query, best first
+        ids = result.ids[valid]
+        resp = pb.SearchCodesResponse(counts=result.counts.tolist(), ids=ids.tolist(),
+                                      distances=result.distances[valid].tolist(), reranked=result.scores is not None)
+        if result.scores is not None:
+            resp.scores.extend(result.scores[valid].tolist())
+        if not request.skip_metadata:
+            resp.metadata_json.extend([text or "" for text in index.metadata_json(ids)])
+        resp.timings.search_ms = search_ms
+        resp.timings.total_ms = (time.perf_counter() - t0) * 1e3
+        return resp
 
     def SearchStream(self, request_iterator, context):
         """Pipelined: a reader thread queues what the client sends (up to STREAM_WINDOW unanswered requests); each

@@ -190,6 +190,7 @@ def test_searches_never_see_half_written_items(rng):
     (lambda ix: ix.search(np.zeros((1, BITS), bool), radius=BITS + 1), "radius"),
     (lambda ix: ix.search(np.zeros((1, BITS), bool), features=np.ones((1, DIM + 1))), "shape"),
     (lambda ix: ix.search(np.zeros((1, BITS), bool), rerank=True), "features"),
+    (lambda ix: ix.search(np.zeros((1, BITS), bool), features=np.full((1, DIM), np.inf)), "infinite"),
     (lambda ix: ix.add([1, 2], np.zeros((1, BITS), bool), np.ones((1, DIM))), "ids but"),
     (lambda ix: ix.add([1], np.zeros((1, BITS), bool)), "features="),
     (lambda ix: ix.add([1], np.zeros((1, BITS), bool), np.full((1, DIM), np.nan)), "NaN"),

@@ -145,6 +145,12 @@ def stub_call(client, method, request):
     ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01\x02", feature=[1.0, 2.0]), k=5), "shape"),
     ("Search", pb.SearchRequest(query=pb.Query(code=b"\x00\x01\x02"), k=5, radius=99), "radius"),
     ("SearchBatch", pb.SearchBatchRequest(), "empty batch"),
+    ("SearchCodes", pb.SearchCodesRequest(k=5), "codes holds 0 bytes"),
+    ("SearchCodes", pb.SearchCodesRequest(codes=bytes(7), k=5), "codes holds 7 bytes"),
+    ("SearchCodes", pb.SearchCodesRequest(codes=bytes(6), k=0), "k must be"),
+    ("SearchCodes", pb.SearchCodesRequest(codes=bytes(6), features=bytes(8), k=5), "features holds 8 bytes"),
+    ("SearchCodes", pb.SearchCodesRequest(codes=bytes(3 * 10_001), k=5), "at most 10000 codes"),
+    ("SearchCodes", pb.SearchCodesRequest(codes=bytes(6), k=5, radius=99), "radius"),
     ("Delete", pb.DeleteRequest(), "empty Delete"),
     ("Get", pb.GetRequest(), "empty Get"),
     ("Encode", pb.EncodeRequest(), "empty Encode"),
@@ -263,10 +269,35 @@ def test_many_queries_travel_in_chunks(served, small_fashion):
     from latenthash import client as client_module
 
     server, client, embedded, _ = served
-    codes = embedded.encode(small_fashion.test.images[:250]).codes
-    codes = np.concatenate([codes] * 10)  # 2500 queries: three SearchBatch calls
+    enc = embedded.encode(small_fashion.test.images[:250])
+    codes = np.concatenate([enc.codes] * 10)  # 2500 queries: three SearchCodes calls
     assert len(codes) > 2 * client_module.SEARCH_CHUNK
     assert_same(embedded.search(codes=codes, k=5), client.search(codes=codes, k=5))
+    images = np.concatenate([small_fashion.test.images[:250]] * 5)  # three SearchBatch calls
+    assert_same(embedded.search(images=images, k=3), client.search(images=images, k=3))
+
+
+def test_columnar_code_search_is_congruent(served, small_fashion):
+    """SearchCodes (what the client uses for several codes) returns what the embedded searcher returns, with every
+    option; its flat arrays split by `counts` give each query's hits."""
+    server, client, embedded, _ = served
+    enc = embedded.encode(small_fashion.test.images[:40])
+    for kwargs in ({"k": 7}, {"k": 7, "features": enc.features}, {"k": 30, "radius": 2}, {"k": 5, "pool": 20,
+                   "features": enc.features, "label": "3"}, {"k": 4, "rerank": False, "features": enc.features},
+                   {"k": 6, "metadata": False}):
+        ref, got = embedded.search(codes=enc.codes, **kwargs), client.search(codes=enc.codes, **kwargs)
+        assert_same(ref, got)
+    assert got.metadata is None
+    resp = stub_call(client, "SearchCodes", pb.SearchCodesRequest(codes=enc.codes[:3].tobytes(), k=4,
+                                                                  features=enc.features[:3].astype("<f4").tobytes()))
+    ref = embedded.search(codes=enc.codes[:3], features=enc.features[:3], k=4)
+    assert list(resp.counts) == [4, 4, 4] and resp.reranked and len(resp.metadata_json) == 12
+    assert list(resp.ids) == ref.ids.ravel().tolist()
+    assert [json.loads(t) for t in resp.metadata_json] == [m for row in ref.metadata for m in row]
+    nan = np.full_like(enc.features[:2], np.nan).astype("<f4").tobytes()
+    with pytest.raises(grpc.RpcError) as info:
+        stub_call(client, "SearchCodes", pb.SearchCodesRequest(codes=enc.codes[:2].tobytes(), features=nan, k=4))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in info.value.details()
 
 
 def test_dynamic_batching_merges_concurrent_image_queries(served, small_fashion):

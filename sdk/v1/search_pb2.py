@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alatenthash/v1/search.proto\x12\rlatenthash.v1\"L\n\x0bImageTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"o\n\x05Query\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12,\n\x06tensor\x18\x02 \x01(\x0b\x32\x1a.latenthash.v1.ImageTensorH\x00\x12\x0e\n\x04\x63ode\x18\x03 \x01(\x0cH\x00\x12\x0f\n\x07\x66\x65\x61ture\x18\x04 \x03(\x02\x42\x06\n\x04kind\"\xab\x01\n\rSearchRequest\x12#\n\x05query\x18\x01 \x01(\x0b\x32\x14.latenthash.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0c\n\x04pool\x18\x03 \x01(\r\x12\x13\n\x06radius\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06rerank\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05label\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\t\n\x07_radiusB\t\n\x07_rerankB\x08\n\x06_label\"I\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08\x64istance\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"A\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"m\n\x0eSearchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.latenthash.v1.Hit\x12\x10\n\x08reranked\x18\x02 \x01(\x08\x12\'\n\x07timings\x18\x03 \x01(\x0b\x32\x16.latenthash.v1.Timings\"D\n\x12SearchBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.latenthash.v1.SearchRequest\"G\n\x13SearchBatchResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.latenthash.v1.SearchResponse\"\x9a\x01\n\nUpsertItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\x06tensor\x18\x03 \x01(\x0b\x32\x1a.latenthash.v1.ImageTensorH\x00\x12\x0e\n\x04\x63ode\x18\x04 \x01(\x0cH\x00\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x03(\x02\x12\x15\n\rmetadata_json\x18\x06 \x01(\tB\t\n\x07\x63ontent\"4\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x10\n\x08replaced\x18\x02 \x01(\x04\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x01(\x04\"\x19\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"H\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\x12\x0f\n\x07\x66\x65\x61ture\x18\x03 \x03(\x02\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"1\n\x0bGetResponse\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.latenthash.v1.Item\"\x0e\n\x0cStatsRequest\"{\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x03 \x01(\r\x12\x13\n\x0bindex_bytes\x18\x04 \x01(\x04\x12\x12\n\nmodel_json\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"L\n\rEncodeRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.latenthash.v1.ImageTensor\"(\n\x07\x45ncoded\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x03(\x02\"7\n\x0e\x45ncodeResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.latenthash.v1.Encoded2\xd0\x04\n\nHashSearch\x12\x45\n\x06Search\x12\x1c.latenthash.v1.SearchRequest\x1a\x1d.latenthash.v1.SearchResponse\x12T\n\x0bSearchBatch\x12!.latenthash.v1.SearchBatchRequest\x1a\".latenthash.v1.SearchBatchResponse\x12O\n\x0cSearchStream\x12\x1c.latenthash.v1.SearchRequest\x1a\x1d.latenthash.v1.SearchResponse(\x01\x30\x01\x12\x44\n\x06Upsert\x12\x19.latenthash.v1.UpsertItem\x1a\x1d.latenthash.v1.UpsertResponse(\x01\x12\x45\n\x06\x44\x65lete\x12\x1c.latenthash.v1.DeleteRequest\x1a\x1d.latenthash.v1.DeleteResponse\x12<\n\x03Get\x12\x19.latenthash.v1.GetRequest\x1a\x1a.latenthash.v1.GetResponse\x12\x42\n\x05Stats\x12\x1b.latenthash.v1.StatsRequest\x1a\x1c.latenthash.v1.StatsResponse\x12\x45\n\x06\x45ncode\x12\x1c.latenthash.v1.EncodeRequest\x1a\x1d.latenthash.v1.EncodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1alatenthash/v1/search.proto\x12\rlatenthash.v1\"L\n\x0bImageTensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"o\n\x05Query\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12,\n\x06tensor\x18\x02 \x01(\x0b\x32\x1a.latenthash.v1.ImageTensorH\x00\x12\x0e\n\x04\x63ode\x18\x03 \x01(\x0cH\x00\x12\x0f\n\x07\x66\x65\x61ture\x18\x04 \x03(\x02\x42\x06\n\x04kind\"\xab\x01\n\rSearchRequest\x12#\n\x05query\x18\x01 \x01(\x0b\x32\x14.latenthash.v1.Query\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0c\n\x04pool\x18\x03 \x01(\r\x12\x13\n\x06radius\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06rerank\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05label\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\t\n\x07_radiusB\t\n\x07_rerankB\x08\n\x06_label\"I\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x10\n\x08\x64istance\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"A\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"m\n\x0eSearchResponse\x12 \n\x04hits\x18\x01 \x03(\x0b\x32\x12.latenthash.v1.Hit\x12\x10\n\x08reranked\x18\x02 \x01(\x08\x12\'\n\x07timings\x18\x03 \x01(\x0b\x32\x16.latenthash.v1.Timings\"D\n\x12SearchBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.latenthash.v1.SearchRequest\"G\n\x13SearchBatchResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.latenthash.v1.SearchResponse\"\xc3\x01\n\x12SearchCodesRequest\x12\r\n\x05\x63odes\x18\x01 \x01(\x0c\x12\x10\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0c\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0c\n\x04pool\x18\x04 \x01(\r\x12\x13\n\x06radius\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06rerank\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x12\n\x05label\x18\x07 \x01(\tH\x02\x88\x01\x01\x12\x15\n\rskip_metadata\x18\x08 \x01(\x08\x42\t\n\x07_radiusB\t\n\x07_rerankB\x08\n\x06_label\"\xa7\x01\n\x13SearchCodesResponse\x12\x0e\n\x06\x63ounts\x18\x01 \x03(\r\x12\x0b\n\x03ids\x18\x02 \x03(\x03\x12\x11\n\tdistances\x18\x03 \x03(\r\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\x15\n\rmetadata_json\x18\x05 \x03(\t\x12\x10\n\x08reranked\x18\x06 \x01(\x08\x12\'\n\x07timings\x18\x07 \x01(\x0b\x32\x16.latenthash.v1.Timings\"\x9a\x01\n\nUpsertItem\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0f\n\x05image\x18\x02 \x01(\x0cH\x00\x12,\n\x06tensor\x18\x03 \x01(\x0b\x32\x1a.latenthash.v1.ImageTensorH\x00\x12\x0e\n\x04\x63ode\x18\x04 \x01(\x0cH\x00\x12\x0f\n\x07\x66\x65\x61ture\x18\x05 \x03(\x02\x12\x15\n\rmetadata_json\x18\x06 \x01(\tB\t\n\x07\x63ontent\"4\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\x12\x10\n\x08replaced\x18\x02 \x01(\x04\"\x1c\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"2\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\x12\x0f\n\x07missing\x18\x02 \x01(\x04\"\x19\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"H\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x0c\x12\x0f\n\x07\x66\x65\x61ture\x18\x03 \x03(\x02\x12\x15\n\rmetadata_json\x18\x04 \x01(\t\"1\n\x0bGetResponse\x12\"\n\x05items\x18\x01 \x03(\x0b\x32\x13.latenthash.v1.Item\"\x0e\n\x0cStatsRequest\"{\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x03 \x01(\r\x12\x13\n\x0bindex_bytes\x18\x04 \x01(\x04\x12\x12\n\nmodel_json\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\"L\n\rEncodeRequest\x12\x0e\n\x06images\x18\x01 \x03(\x0c\x12+\n\x07tensors\x18\x02 \x03(\x0b\x32\x1a.latenthash.v1.ImageTensor\"(\n\x07\x45ncoded\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x0c\x12\x0f\n\x07\x66\x65\x61ture\x18\x02 \x03(\x02\"7\n\x0e\x45ncodeResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.latenthash.v1.Encoded2\xa6\x05\n\nHashSearch\x12\x45\n\x06Search\x12\x1c.latenthash.v1.SearchRequest\x1a\x1d.latenthash.v1.SearchResponse\x12T\n\x0bSearchBatch\x12!.latenthash.v1.SearchBatchRequest\x1a\".latenthash.v1.SearchBatchResponse\x12O\n\x0cSearchStream\x12\x1c.latenthash.v1.SearchRequest\x1a\x1d.latenthash.v1.SearchResponse(\x01\x30\x01\x12T\n\x0bSearchCodes\x12!.latenthash.v1.SearchCodesRequest\x1a\".latenthash.v1.SearchCodesResponse\x12\x44\n\x06Upsert\x12\x19.latenthash.v1.UpsertItem\x1a\x1d.latenthash.v1.UpsertResponse(\x01\x12\x45\n\x06\x44\x65lete\x12\x1c.latenthash.v1.DeleteRequest\x1a\x1d.latenthash.v1.DeleteResponse\x12<\n\x03Get\x12\x19.latenthash.v1.GetRequest\x1a\x1a.latenthash.v1.GetResponse\x12\x42\n\x05Stats\x12\x1b.latenthash.v1.StatsRequest\x1a\x1c.latenthash.v1.StatsResponse\x12\x45\n\x06\x45ncode\x12\x1c.latenthash.v1.EncodeRequest\x1a\x1d.latenthash.v1.EncodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,30 +48,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHBATCHREQUEST']._serialized_end=731
   _globals['_SEARCHBATCHRESPONSE']._serialized_start=733
   _globals['_SEARCHBATCHRESPONSE']._serialized_end=804
-  _globals['_UPSERTITEM']._serialized_start=807
-  _globals['_UPSERTITEM']._serialized_end=961
-  _globals['_UPSERTRESPONSE']._serialized_start=963
-  _globals['_UPSERTRESPONSE']._serialized_end=1015
-  _globals['_DELETEREQUEST']._serialized_start=1017
-  _globals['_DELETEREQUEST']._serialized_end=1045
-  _globals['_DELETERESPONSE']._serialized_start=1047
-  _globals['_DELETERESPONSE']._serialized_end=1097
-  _globals['_GETREQUEST']._serialized_start=1099
-  _globals['_GETREQUEST']._serialized_end=1124
-  _globals['_ITEM']._serialized_start=1126
-  _globals['_ITEM']._serialized_end=1198
-  _globals['_GETRESPONSE']._serialized_start=1200
-  _globals['_GETRESPONSE']._serialized_end=1249
-  _globals['_STATSREQUEST']._serialized_start=1251
-  _globals['_STATSREQUEST']._serialized_end=1265
-  _globals['_STATSRESPONSE']._serialized_start=1267
-  _globals['_STATSRESPONSE']._serialized_end=1390
-  _globals['_ENCODEREQUEST']._serialized_start=1392
-  _globals['_ENCODEREQUEST']._serialized_end=1468
-  _globals['_ENCODED']._serialized_start=1470
-  _globals['_ENCODED']._serialized_end=1510
-  _globals['_ENCODERESPONSE']._serialized_start=1512
-  _globals['_ENCODERESPONSE']._serialized_end=1567
-  _globals['_HASHSEARCH']._serialized_start=1570
-  _globals['_HASHSEARCH']._serialized_end=2162
+  _globals['_SEARCHCODESREQUEST']._serialized_start=807
+  _globals['_SEARCHCODESREQUEST']._serialized_end=1002
+  _globals['_SEARCHCODESRESPONSE']._serialized_start=1005
+  _globals['_SEARCHCODESRESPONSE']._serialized_end=1172
+  _globals['_UPSERTITEM']._serialized_start=1175
+  _globals['_UPSERTITEM']._serialized_end=1329
+  _globals['_UPSERTRESPONSE']._serialized_start=1331
+  _globals['_UPSERTRESPONSE']._serialized_end=1383
+  _globals['_DELETEREQUEST']._serialized_start=1385
+  _globals['_DELETEREQUEST']._serialized_end=1413
+  _globals['_DELETERESPONSE']._serialized_start=1415
+  _globals['_DELETERESPONSE']._serialized_end=1465
+  _globals['_GETREQUEST']._serialized_start=1467
+  _globals['_GETREQUEST']._serialized_end=1492
+  _globals['_ITEM']._serialized_start=1494
+  _globals['_ITEM']._serialized_end=1566
+  _globals['_GETRESPONSE']._serialized_start=1568
+  _globals['_GETRESPONSE']._serialized_end=1617
+  _globals['_STATSREQUEST']._serialized_start=1619
+  _globals['_STATSREQUEST']._serialized_end=1633
+  _globals['_STATSRESPONSE']._serialized_start=1635
+  _globals['_STATSRESPONSE']._serialized_end=1758
+  _globals['_ENCODEREQUEST']._serialized_start=1760
+  _globals['_ENCODEREQUEST']._serialized_end=1836
+  _globals['_ENCODED']._serialized_start=1838
+  _globals['_ENCODED']._serialized_end=1878
+  _globals['_ENCODERESPONSE']._serialized_start=1880
+  _globals['_ENCODERESPONSE']._serialized_end=1935
+  _globals['_HASHSEARCH']._serialized_start=1938
+  _globals['_HASHSEARCH']._serialized_end=2616
 # @@protoc_insertion_point(module_scope)

@@ -91,6 +91,44 @@ class SearchBatchResponse(_message.Message):
     responses: _containers.RepeatedCompositeFieldContainer[SearchResponse]
     def __init__(self, responses: _Optional[_Iterable[_Union[SearchResponse, _Mapping]]] = ...) -> None: ...
 
+class SearchCodesRequest(_message.Message):
+    __slots__ = ("codes", "features", "k", "pool", "radius", "rerank", "label", "skip_metadata")
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    RADIUS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SKIP_METADATA_FIELD_NUMBER: _ClassVar[int]
+    codes: bytes
+    features: bytes
+    k: int
+    pool: int
+    radius: int
+    rerank: bool
+    label: str
+    skip_metadata: bool
+    def __init__(self, codes: _Optional[bytes] = ..., features: _Optional[bytes] = ..., k: _Optional[int] = ..., pool: _Optional[int] = ..., radius: _Optional[int] = ..., rerank: _Optional[bool] = ..., label: _Optional[str] = ..., skip_metadata: _Optional[bool] = ...) -> None: ...
+
+class SearchCodesResponse(_message.Message):
+    __slots__ = ("counts", "ids", "distances", "scores", "metadata_json", "reranked", "timings")
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    DISTANCES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    RERANKED_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    distances: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    metadata_json: _containers.RepeatedScalarFieldContainer[str]
+    reranked: bool
+    timings: Timings
+    def __init__(self, counts: _Optional[_Iterable[int]] = ..., ids: _Optional[_Iterable[int]] = ..., distances: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., metadata_json: _Optional[_Iterable[str]] = ..., reranked: _Optional[bool] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
 class UpsertItem(_message.Message):
     __slots__ = ("id", "image", "tensor", "code", "feature", "metadata_json")
     ID_FIELD_NUMBER: _ClassVar[int]

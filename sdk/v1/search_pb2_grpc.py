@@ -50,6 +50,11 @@ class HashSearchStub:
                 request_serializer=latenthash_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
                 response_deserializer=latenthash_dot_v1_dot_search__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchCodes = channel.unary_unary(
+                '/latenthash.v1.HashSearch/SearchCodes',
+                request_serializer=latenthash_dot_v1_dot_search__pb2.SearchCodesRequest.SerializeToString,
+                response_deserializer=latenthash_dot_v1_dot_search__pb2.SearchCodesResponse.FromString,
+                _registered_method=True)
         self.Upsert = channel.stream_unary(
                 '/latenthash.v1.HashSearch/Upsert',
                 request_serializer=latenthash_dot_v1_dot_search__pb2.UpsertItem.SerializeToString,
@@ -100,6 +105,14 @@ class HashSearchServicer:
         """A stream of queries answered one response per request, in order. Pipelined: send without waiting for answers;
         the server answers everything that has arrived together (the fastest way to send many queries). A bad request
         ends the stream with its status after the responses before it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchCodes(self, request, context):
+        """Many code queries with one set of options, in columnar form: the codes as one byte string in, every query's
+        hits as flat arrays out. No message per query or per hit, so it is the fastest way to search by code in bulk.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +170,11 @@ def add_HashSearchServicer_to_server(servicer, server):
                     servicer.SearchStream,
                     request_deserializer=latenthash_dot_v1_dot_search__pb2.SearchRequest.FromString,
                     response_serializer=latenthash_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchCodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchCodes,
+                    request_deserializer=latenthash_dot_v1_dot_search__pb2.SearchCodesRequest.FromString,
+                    response_serializer=latenthash_dot_v1_dot_search__pb2.SearchCodesResponse.SerializeToString,
             ),
             'Upsert': grpc.stream_unary_rpc_method_handler(
                     servicer.Upsert,
@@ -265,6 +283,33 @@ class HashSearch:
             '/latenthash.v1.HashSearch/SearchStream',
             latenthash_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
             latenthash_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchCodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/latenthash.v1.HashSearch/SearchCodes',
+            latenthash_dot_v1_dot_search__pb2.SearchCodesRequest.SerializeToString,
+            latenthash_dot_v1_dot_search__pb2.SearchCodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
