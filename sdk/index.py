@@ -256,14 +256,15 @@ class HashIndex:
     def _topk_rows(self, snap: _Snapshot, qw: np.ndarray, k: int):
         K = _kernels()
         n, w = snap.n, qw.shape[1]
-        flat = snap.words[:n].reshape(-1)
         k_eff = min(k, max(n, 1))
         buckets = self._buckets.get(snap)
         if buckets is not None:  # learned codes collapse onto few codewords: search those instead of every row
-            rows, dists = K.topk_buckets(buckets.codes.reshape(-1), len(buckets.codes), w, buckets.offsets,
-                                         buckets.rows, qw.reshape(-1), k_eff, self.bits,
-                                         max(1, min(len(qw), 4 * K.threads())))
-        elif len(qw) == 1:
+            rows, dists, counts = K.topk_buckets(buckets.codes.reshape(-1), len(buckets.codes), w, buckets.offsets,
+                                                 buckets.rows, qw.reshape(-1), k_eff, self.bits,
+                                                 max(1, min(len(qw), 4 * K.threads())))
+            return rows, dists, counts
+        flat = snap.words[:n].reshape(-1)
+        if len(qw) == 1:
             r, d = K.topk_single(flat, n, w, qw[0], k_eff, self.bits, max(1, min(K.threads(), n // 65536 + 1)))
             if len(r) == k_eff:  # the common case: no padding, no copies
                 return r[None], d[None], np.array([k_eff])
@@ -310,8 +311,9 @@ class HashIndex:
         self._topk_rows(dummy, qw[:1], 1)
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
-        _kernels().topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
-                                np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, 1)
+        for blocks in (1, 2):  # one query runs serially, a batch in parallel: compile both
+            _kernels().topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
+                                    np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         self._buckets.warm(self._snap)
         if dummy.features is not None:
             self._rerank(dummy, np.zeros((2, self.feature_dim), np.float32), rows, counts, 1)
@@ -413,7 +415,7 @@ class HashIndex:
             arr = np.load(gen_dir / name, mmap_mode=mode, allow_pickle=False)
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
                 raise IndexCorrupt(f"{gen_dir / name} holds {arr.dtype} {arr.shape}, the header says {dtype} {shape}")
-            return arr
+            return arr.view(np.ndarray)  # the same mapped memory; slicing np.memmap costs ~5 us a time in Python
 
         words = load("codes.npy", np.uint64, (n, n_words(index.bits)))
         ids = load("ids.npy", np.int64, (n,))

@@ -72,9 +72,10 @@ def check_topk_buckets(db, qs, bits, k):
     offsets = b.offsets if b.codes is not None else np.arange(len(dw) + 1)
     rows = b.rows if b.codes is not None else np.arange(len(dw))
     for blocks in (1, 3):
-        ids, d = K.topk_buckets(np.ascontiguousarray(ucodes).ravel(), len(ucodes), dw.shape[1], offsets, rows,
-                                qw.ravel(), k, bits, blocks)
+        ids, d, counts = K.topk_buckets(np.ascontiguousarray(ucodes).ravel(), len(ucodes), dw.shape[1], offsets,
+                                        rows, qw.ravel(), k, bits, blocks)
         kk = min(k, len(dw))
+        assert (counts == kk).all()
         np.testing.assert_array_equal(ids[:, :kk], ref)
         np.testing.assert_array_equal(d[:, :kk], np.take_along_axis(dist, ref, 1))
         assert (ids[:, kk:] == -1).all()
