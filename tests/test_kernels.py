@@ -57,6 +57,22 @@ def test_topk_real_codes_with_ties(real_codes, k):
     check_topk(db, q, 48, k)
 
 
+@pytest.mark.parametrize("chunks", [2, 7])
+def test_chunks_keep_ties_in_order(rng, chunks):
+    """One query split into chunks, with codes that tie heavily (the nearest codeword in every chunk, k beyond a
+    chunk's size): the merged result must still be the scan's, ties by row."""
+    words = random_codes(rng, 6, 48)
+    db = words[rng.integers(0, 6, 20_000)]
+    dw, qw = to_words(db, 48), to_words(np.concatenate([words[:2], random_codes(rng, 2, 48)]), 48)
+    dist = brute_distances(qw, dw)
+    for k in (1, 50, 3000, 9000):
+        ref = np.argsort(dist, axis=1, kind="stable")[:, :k]
+        for i in range(len(qw)):
+            ids, d = K.topk_single(dw.ravel(), len(dw), 1, qw[i], k, 48, chunks)
+            np.testing.assert_array_equal(ids, ref[i])
+            np.testing.assert_array_equal(d, dist[i, ref[i]])
+
+
 def check_topk_buckets(db, qs, bits, k):
     """The bucket kernel against the brute-force reference, over a snapshot-like view of db."""
     from latenthash import buckets as B

@@ -114,19 +114,23 @@ def test_async_client(served, small_fashion):
     server, client, embedded, _ = served
     port = client.channel._channel.target().decode().rsplit(":", 1)[1]
 
+    enc = embedded.encode(small_fashion.test.images[:6])
+
     async def run():
         ac = AsyncClient(f"127.0.0.1:{port}")
         try:
             res = await ac.search(images=small_fashion.test.images[:3], k=5)
+            by_codes = await ac.search(codes=enc.codes, features=enc.features, k=4)  # SearchCodes
             stats = await ac.stats()
             with pytest.raises(NotFound):
                 await ac.get([123456789])
-            return res, stats
+            return res, by_codes, stats
         finally:
             await ac.close()
 
-    res, stats = asyncio.run(run())
+    res, by_codes, stats = asyncio.run(run())
     assert_same(embedded.search(images=small_fashion.test.images[:3], k=5), res)
+    assert_same(embedded.search(codes=enc.codes, features=enc.features, k=4), by_codes)
     assert stats["count"] == N_DB
 
 
