@@ -186,7 +186,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
             if isinstance(q, dict) and q["label"] is not None:
                 try:
                     results[i] = self.searcher.search(codes=q["codes"], features=q["features"], label=q["label"],
-                                                      **q["options"])
+                                                      metadata=False, **q["options"])  # sent on as stored JSON
                 except LatentHashError as exc:
                     results[i] = exc
         search_ms = (time.perf_counter() - t1) * 1e3

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """Test this checkout's code: an editable install made from another clone (as a fresh-clone CI run leaves one)
+    would otherwise be imported and tested instead, silently."""
+    import latenthash
+
+    here = Path(__file__).resolve().parent.parent / "sdk"
+    imported = Path(latenthash.__file__).resolve().parent
+    if imported != here and (imported.parent / "pyproject.toml").is_file():
+        pytest.exit(f"latenthash is imported from another checkout ({imported}), not this one ({here}): "
+                    f"run pip install --no-deps -e {here.parent}", returncode=4)
 
 
 @pytest.fixture
