@@ -126,10 +126,19 @@ def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, reran
                                   skip_metadata=not metadata, **opts) for lo in range(0, len(packed), SEARCH_CHUNK)]
 
 
-def _chunks(reqs: list):
-    """(offset, SearchBatchRequest) pieces of at most SEARCH_CHUNK queries: many queries stay many small messages."""
-    for lo in range(0, len(reqs), SEARCH_CHUNK):
-        yield lo, pb.SearchBatchRequest(requests=reqs[lo:lo + SEARCH_CHUNK])
+def _search_calls(reqs: list) -> list[tuple[str, Any, int]]:
+    """(method, request, index of its first query) for `_search_requests`' output: SearchCodes calls as built, one
+    Search for a single query, SearchBatch calls of at most SEARCH_CHUNK queries otherwise."""
+    if reqs and isinstance(reqs[0], pb.SearchCodesRequest):
+        return [("SearchCodes", r, 0) for r in reqs]
+    if len(reqs) == 1:
+        return [("Search", reqs[0], 0)]
+    return [("SearchBatch", pb.SearchBatchRequest(requests=reqs[lo:lo + SEARCH_CHUNK]), lo)
+            for lo in range(0, len(reqs), SEARCH_CHUNK)]
+
+
+def _responses(method: str, response) -> list:
+    return list(response.responses) if method == "SearchBatch" else [response]
 
 
 @contextlib.contextmanager
@@ -253,14 +262,10 @@ class Client:
         """As `Searcher.search`. Several codes go in SearchCodes calls (columnar), images in SearchBatch calls."""
         reqs = _search_requests(self.bits, images=images, codes=codes, features=features, k=k, pool=pool,
                                 radius=radius, rerank=rerank, label=label, metadata=metadata)
-        if reqs and isinstance(reqs[0], pb.SearchCodesRequest):
-            return _search_result([self._call("SearchCodes", r) for r in reqs], metadata)
-        if len(reqs) == 1:
-            return _search_result([self._call("Search", reqs[0])], metadata)
         responses: list = []
-        for lo, chunk in _chunks(reqs):
-            with _chunk_errors(lo):
-                responses += self._call("SearchBatch", chunk).responses
+        for method, request, first in _search_calls(reqs):
+            with _chunk_errors(first):
+                responses += _responses(method, self._call(method, request))
         return _search_result(responses, metadata)
 
     def upsert(self, ids, *, images=None, codes=None, features=None,
@@ -321,14 +326,10 @@ class AsyncClient:
         bits = await self._bits_value() if codes is not None else 0
         reqs = _search_requests(lambda: bits, images=images, codes=codes, features=features, k=k, pool=pool,
                                 radius=radius, rerank=rerank, label=label, metadata=metadata)
-        if reqs and isinstance(reqs[0], pb.SearchCodesRequest):
-            return _search_result([await self._call("SearchCodes", r) for r in reqs], metadata)
-        if len(reqs) == 1:
-            return _search_result([await self._call("Search", reqs[0])], metadata)
         responses: list = []
-        for lo, chunk in _chunks(reqs):
-            with _chunk_errors(lo):
-                responses += (await self._call("SearchBatch", chunk)).responses
+        for method, request, first in _search_calls(reqs):
+            with _chunk_errors(first):
+                responses += _responses(method, await self._call(method, request))
         return _search_result(responses, metadata)
 
     async def upsert(self, ids, *, images=None, codes=None, features=None,

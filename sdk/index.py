@@ -259,10 +259,8 @@ class HashIndex:
         k_eff = min(k, max(n, 1))
         buckets = self._buckets.get(snap)
         if buckets is not None:  # learned codes collapse onto few codewords: search those instead of every row
-            rows, dists, counts = K.topk_buckets(buckets.codes.reshape(-1), len(buckets.codes), w, buckets.offsets,
-                                                 buckets.rows, qw.reshape(-1), k_eff, self.bits,
-                                                 max(1, min(len(qw), 4 * K.threads())))
-            return rows, dists, counts
+            return K.topk_buckets(buckets.codes.reshape(-1), len(buckets.codes), w, buckets.offsets, buckets.rows,
+                                  qw.reshape(-1), k_eff, self.bits, max(1, min(len(qw), 4 * K.threads())))
         flat = snap.words[:n].reshape(-1)
         if len(qw) == 1:
             r, d = K.topk_single(flat, n, w, qw[0], k_eff, self.bits, max(1, min(K.threads(), n // 65536 + 1)))
