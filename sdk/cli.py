@@ -27,7 +27,7 @@ def train(
     out: Path = typer.Option(..., help="run directory (checkpoint, history, plots)"),
     data_dir: Optional[str] = typer.Option(None, help="dataset files (Fashion-MNIST: found automatically)"),
     bits: int = typer.Option(48, help="code length h (8..1024)"),
-    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 11)"),
+    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 10)"),
     backbone: str = typer.Option("cnn", help="cnn, resnet18, mobilenet_v3_small, mobilenet_v3_large"),
     pretrained: Optional[str] = typer.Option(None, help="local ImageNet state-dict file for the backbone"),
     feature_dim: int = typer.Option(256, help="size of the F4 feature layer"),
@@ -37,6 +37,8 @@ def train(
     balance: float = typer.Option(0.1, help="weight of the 50%-firing-rate regularizer (0 disables)"),
     label_smoothing: Optional[float] = typer.Option(None, help="cross-entropy label smoothing (default: the "
                                                     "measured default)"),
+    clean_epochs: Optional[int] = typer.Option(None, help="the last N epochs train on unaugmented images "
+                                               "(default: the measured default)"),
     image_size: int = typer.Option(32, help="resize size for folder/list datasets"),
     max_train: Optional[int] = typer.Option(None, help="train on a seeded subset of this many images"),
     threads: int = typer.Option(0, help="torch threads (0: all cores)"),
@@ -57,6 +59,8 @@ def train(
             cfg.epochs = epochs
         if label_smoothing is not None:
             cfg.label_smoothing = label_smoothing
+        if clean_epochs is not None:
+            cfg.clean_epochs = clean_epochs
         mc = default_model_config(ds, bits=bits, backbone=backbone, feature_dim=feature_dim, pretrained=pretrained)
         run_training(ds, out, model_config=mc, cfg=cfg, resume=resume)
         typer.echo(f"trained {bits}-bit model: {out / 'checkpoint.pt'}")

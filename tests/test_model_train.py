@@ -62,3 +62,24 @@ def test_short_training_run_beats_chance_and_resumes(fashion, tmp_path):
     assert report["map_all"] > 0.4 and report["map_at_1000"] > 0.5
     assert report["baselines"]["lsh"]["16"]["map_all"] > 0.1
     assert all(p.endswith(".png") for p in report["plots"])
+
+
+def test_clean_epochs_train_on_unaugmented_images(fashion, tmp_path):
+    """The last `clean_epochs` see the images as stored: a run made only of clean epochs equals a run with no
+    augmentation at all, weight for weight, and differs from the same run with flips."""
+    small = Dataset("fashion-mnist", fashion.train.subset(256, seed=2), fashion.test.subset(64, seed=2),
+                    fashion.class_names)
+    mc = default_model_config(small, bits=16, feature_dim=32)
+
+    def weights(name: str, **options) -> dict:
+        model, _ = train(small, tmp_path / name, model_config=mc, cfg=TrainConfig(epochs=1, batch_size=32, **options),
+                         progress=False)
+        return model.state_dict()
+
+    clean = weights("clean", clean_epochs=1)
+    plain = weights("plain", clean_epochs=0, hflip=False)
+    flipped = weights("flipped", clean_epochs=0)
+    assert all(torch.equal(clean[k], plain[k]) for k in clean)
+    assert not all(torch.equal(clean[k], flipped[k]) for k in clean)
+    with pytest.raises(InvalidInput, match="clean_epochs"):
+        train(small, tmp_path / "bad", model_config=mc, cfg=TrainConfig(epochs=1, clean_epochs=-1), progress=False)
