@@ -152,6 +152,8 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
     from tqdm import tqdm
 
     cfg = cfg or TrainConfig()
+    if cfg.clean_epochs < 0:
+        raise InvalidInput(f"clean_epochs must be 0 or more (0: augment every epoch), got {cfg.clean_epochs}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -165,8 +167,15 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(split) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    if total_steps < 3:
+        raise InvalidInput(f"{total_steps} optimizer step(s) in all ({len(split)} images, batch size "
+                           f"{cfg.batch_size}, {cfg.epochs} epochs): the learning-rate schedule needs at least 3; "
+                           "use more epochs or a smaller batch size")
+    # warm-up over a quarter of the run, but at least two steps (OneCycleLR divides by the warm-up's length)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, epochs=cfg.epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
+                                                    steps_per_epoch=steps_per_epoch,
+                                                    pct_start=min(0.5, max(0.25, 2.0 / total_steps)))
     start_epoch = 0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -181,8 +190,6 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
         scheduler.load_state_dict(state["scheduler_state"])
         start_epoch = state["epoch"]
         cfg.history = state["train_config"].get("history", [])
-    if cfg.clean_epochs < 0:
-        raise InvalidInput(f"clean_epochs must be 0 or more (0: augment every epoch), got {cfg.clean_epochs}")
     hflip = cfg.hflip and dataset.name not in NO_HFLIP
     last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(start_epoch, last):

@@ -83,3 +83,16 @@ def test_clean_epochs_train_on_unaugmented_images(fashion, tmp_path):
     assert not all(torch.equal(clean[k], flipped[k]) for k in clean)
     with pytest.raises(InvalidInput, match="clean_epochs"):
         train(small, tmp_path / "bad", model_config=mc, cfg=TrainConfig(epochs=1, clean_epochs=-1), progress=False)
+
+
+def test_very_short_runs_train_or_say_why(fashion, tmp_path):
+    """A handful of optimizer steps still trains (the warm-up stretches to two steps); fewer than three is refused
+    with the fix in the message instead of failing inside the learning-rate schedule."""
+    small = Dataset("fashion-mnist", fashion.train.subset(128, seed=3), fashion.test.subset(32, seed=3),
+                    fashion.class_names)
+    mc = default_model_config(small, bits=16, feature_dim=32)
+    model, cfg = train(small, tmp_path / "four", model_config=mc, cfg=TrainConfig(epochs=1, batch_size=32),
+                       progress=False)
+    assert len(cfg.history) == 1 and np.isfinite(cfg.history[0]["loss"])
+    with pytest.raises(InvalidInput, match="smaller batch size"):
+        train(small, tmp_path / "two", model_config=mc, cfg=TrainConfig(epochs=1, batch_size=64), progress=False)
