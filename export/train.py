@@ -3,7 +3,9 @@
 Loss = cross-entropy (single-label) or binary cross-entropy (multi-label) on F5's logits, plus the two optional
 SSDH regularizers on H's sigmoid outputs p:
   - `binarize`: -mean((p - 0.5)^2), pushes each activation towards 0 or 1, so thresholding loses little;
-  - `balance`:  mean over bits of (batch mean of p - 0.5)^2, asks every bit to fire for half the images.
+  - `balance`:  mean over bits of (batch mean of p - 0.5)^2, asks every bit to fire for half the images;
+and, for single-label data, `compact`: the within-class variance of p in the batch, which draws each class's codes
+together, so fewer correctly classified queries land where no database code lies within a small Hamming radius.
 SGD with Nesterov momentum and a one-cycle learning-rate schedule converges in few epochs, which matters on a
 2-core CPU; augmentation (random shifts, horizontal flips where the data allow) runs in numpy on whole batches, and
 the last `clean_epochs` train on the images as stored, in the low-learning-rate tail of the schedule.
@@ -37,7 +39,8 @@ class TrainConfig:
     protocol is the training split, so its codes must be right too: heavy regularization (dropout, random shifts)
     left 5% of the database misclassified and cost 0.05 mAP, so it is off by default; for the same reason the last
     epochs see no flips (`clean_epochs`): a database item whose code lands in another class's cluster is an intruder
-    for every query of that class."""
+    for every query of that class. `compact` keeps each class's codes close together, so a correctly classified query
+    rarely lands where no database code lies within Hamming radius 2."""
 
     epochs: int = 10
     batch_size: int = 128
@@ -46,6 +49,7 @@ class TrainConfig:
     label_smoothing: float = 0.1  # tightens each class's codes: +0.009 mAP@all at 48 bits (0.2: no further gain)
     binarize: float = 0.1
     balance: float = 0.1
+    compact: float = 0.3  # within-class spread of H: fewer queries with nothing near (mAP@all 0.9394 -> 0.9419)
     shift: int = 0  # random translation in pixels
     hflip: bool = True
     clean_epochs: int = 3  # the last epochs see unaugmented images, so the model fits the database it will index
@@ -102,6 +106,10 @@ def hash_loss(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, 
         loss = loss - cfg.binarize * ((probs - 0.5) ** 2).mean() * 4.0  # scaled so the term lies in [-1, 0]
     if cfg.balance:
         loss = loss + cfg.balance * ((probs.mean(dim=0) - 0.5) ** 2).mean() * 4.0
+    if cfg.compact and not multilabel:
+        onehot = F.one_hot(targets, logits.shape[1]).to(probs.dtype)
+        means = (onehot.T @ probs) / onehot.sum(0).clamp_min(1.0)[:, None]
+        loss = loss + cfg.compact * ((probs - means[targets]) ** 2).mean() * 4.0
     return loss
 
 
@@ -154,6 +162,8 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
     cfg = cfg or TrainConfig()
     if cfg.clean_epochs < 0:
         raise InvalidInput(f"clean_epochs must be 0 or more (0: augment every epoch), got {cfg.clean_epochs}")
+    if cfg.compact < 0:
+        raise InvalidInput(f"compact must be 0 or more (0: off), got {cfg.compact}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:

@@ -35,6 +35,8 @@ def train(
     lr: float = typer.Option(0.1, help="peak learning rate of the one-cycle schedule"),
     binarize: float = typer.Option(0.1, help="weight of the push-to-0/1 regularizer (0 disables)"),
     balance: float = typer.Option(0.1, help="weight of the 50%-firing-rate regularizer (0 disables)"),
+    compact: Optional[float] = typer.Option(None, help="weight of the within-class code spread regularizer "
+                                            "(default: the measured default; 0 disables)"),
     label_smoothing: Optional[float] = typer.Option(None, help="cross-entropy label smoothing (default: the "
                                                     "measured default)"),
     clean_epochs: Optional[int] = typer.Option(None, help="the last N epochs train on unaugmented images "
@@ -59,6 +61,8 @@ def train(
             cfg.epochs = epochs
         if label_smoothing is not None:
             cfg.label_smoothing = label_smoothing
+        if compact is not None:
+            cfg.compact = compact
         if clean_epochs is not None:
             cfg.clean_epochs = clean_epochs
         mc = default_model_config(ds, bits=bits, backbone=backbone, feature_dim=feature_dim, pretrained=pretrained)

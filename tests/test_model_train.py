@@ -96,3 +96,30 @@ def test_very_short_runs_train_or_say_why(fashion, tmp_path):
     assert len(cfg.history) == 1 and np.isfinite(cfg.history[0]["loss"])
     with pytest.raises(InvalidInput, match="smaller batch size"):
         train(small, tmp_path / "two", model_config=mc, cfg=TrainConfig(epochs=1, batch_size=64), progress=False)
+
+
+def test_compact_term_is_the_within_class_spread_of_the_codes(fashion, tmp_path):
+    """`compact` adds the within-class variance of H's activations in the batch: nothing when every image of a class
+    has the same activations, a positive amount otherwise, and nothing for multi-label data."""
+    from latenthash.export.train import hash_loss
+
+    targets = torch.tensor([0, 0, 1, 1])
+    logits = torch.zeros(4, 2)
+    same = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.2, 0.8]])
+    spread = torch.tensor([[0.9, 0.1], [0.5, 0.1], [0.2, 0.8], [0.2, 0.8]])
+
+    def term(probs: torch.Tensor, multilabel: bool = False) -> float:
+        cfg_on, cfg_off = TrainConfig(compact=1.0), TrainConfig(compact=0.0)
+        y = torch.nn.functional.one_hot(targets, 2) if multilabel else targets
+        return float(hash_loss(logits, probs, y, multilabel=multilabel, cfg=cfg_on)
+                     - hash_loss(logits, probs, y, multilabel=multilabel, cfg=cfg_off))
+
+    assert term(same) == pytest.approx(0.0, abs=1e-7)
+    # class 0 holds 0.9 and 0.5 on bit 0: variance 0.04 for two of the 8 activations, scaled by 4
+    assert term(spread) == pytest.approx(4 * 2 * 0.04 / 8)
+    assert term(spread, multilabel=True) == 0.0
+    small = Dataset("fashion-mnist", fashion.train.subset(64, seed=4), fashion.test.subset(16, seed=4),
+                    fashion.class_names)
+    with pytest.raises(InvalidInput, match="compact"):
+        train(small, tmp_path / "bad", model_config=default_model_config(small, bits=16, feature_dim=32),
+              cfg=TrainConfig(epochs=1, compact=-0.5), progress=False)
