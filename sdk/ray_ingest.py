@@ -47,6 +47,27 @@ class EncodeBatches:
         return {"pos": pos, "codes": enc.codes, "features": enc.features}
 
 
+def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """`ray.init` for ingest: joins the cluster at `address`, or starts a local one with every CPU (or `num_cpus`).
+
+    A local start is tried twice: Ray gives its raylet a fixed 30 s to register, which a 2-core machine under load
+    can miss ("timed out during startup"); the second try finds the machine no busier than before."""
+    import ray
+
+    options = {"include_dashboard": False, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **options)
+        return
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(exc):
+                raise
+
+
 def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images: np.ndarray | None = None,
                    paths: Sequence[str] | None = None, metadata: Sequence[Any] | None = None,
                    address: str | None = None, workers: int | None = None, threads_per_worker: int = 1,
@@ -76,8 +97,7 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
             raise DataError(f"cannot read image {missing[0]!r} ({len(missing)} of {n} paths missing)")
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({} if address else {"num_cpus": os.cpu_count()}))
+        start_ray(address)
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

@@ -16,20 +16,7 @@ pytest.importorskip("ray.data")
 from latenthash import HashIndex, open_index  # noqa: E402
 from latenthash.encoder import Encoder  # noqa: E402
 from latenthash.errors import DataError, InvalidInput  # noqa: E402
-from latenthash.ray_ingest import add_images_ray  # noqa: E402
-
-
-def start_local_ray() -> None:
-    """Ray waits a fixed 30 s for its local raylet to register; on a 2-core machine busy with the rest of the suite
-    that once ran out (a startup failure, before any assertion), so the start is tried twice."""
-    for attempt in (1, 2):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            return
-        except Exception as exc:
-            ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
-                raise
+from latenthash.ray_ingest import add_images_ray, start_ray  # noqa: E402
 
 
 def test_ray_encodes_arrays_and_files_like_one_process(onnx_model, small_fashion, tmp_path):
@@ -42,7 +29,7 @@ def test_ray_encodes_arrays_and_files_like_one_process(onnx_model, small_fashion
         paths.append(tmp_path / f"{i}.png")
         paths[-1].write_bytes(buf.getvalue())
     index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim, feature_dtype="float32")
-    start_local_ray()
+    start_ray(num_cpus=2)
     try:
         meta = [{"n": i} for i in range(600)]
         assert add_images_ray(index, onnx_model, ids=np.arange(600) + 10**6, images=images, metadata=meta,
