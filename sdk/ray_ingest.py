@@ -51,8 +51,8 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> Non
     """`ray.init` for ingest: joins the cluster at `address`, or starts a local one with every CPU (or `num_cpus`).
 
     A local start is tried twice: Ray gives its raylet a fixed 30 s to register, which a 2-core machine under load
-    can miss ("timed out during startup"); the second try finds the machine no busier than before."""
-    import ray
+    can miss ("timed out during startup"); any other failure, and a failed join, are raised at once."""
+    ray = require("ray", extra="ray", purpose="bulk indexing on Ray Data")
 
     options = {"include_dashboard": False, "log_to_driver": False}
     if address:
