@@ -241,11 +241,7 @@ class HashIndex:
             ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
             return SearchResult(ids, dists, counts)
         pos, scores = self._rerank(snap, qf, rows, counts, k)
-        valid = pos >= 0
-        safe = np.maximum(pos, 0)
-        sel_rows = np.take_along_axis(rows, safe, 1)
-        ids = np.where(valid, snap.ids[np.maximum(sel_rows, 0)] if snap.n else -1, -1)
-        return SearchResult(ids, np.where(valid, np.take_along_axis(dists, safe, 1), -1), valid.sum(1), scores)
+        return SearchResult(*_kernels().take_hits(pos, rows, dists, snap.ids), scores)
 
     @staticmethod
     def _rerank(snap: _Snapshot, qf: np.ndarray, rows: np.ndarray, counts: np.ndarray, k: int):
@@ -307,14 +303,18 @@ class HashIndex:
                                                                            snap.scales)), [None])
         qw = np.zeros((2, dummy.words.shape[1]), np.uint64)
         self._topk_rows(dummy, qw[:1], 1)
+        K = _kernels()
+        K.topk_single(dummy.words[:1].reshape(-1), 1, qw.shape[1], qw[0], 1, self.bits, 2)  # large indexes' path
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
         for blocks in (1, 2):  # one query runs serially, a batch in parallel: compile both
-            _kernels().topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
+            K.topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
                                     np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         self._buckets.warm(self._snap)
         if dummy.features is not None:
-            self._rerank(dummy, np.zeros((2, self.feature_dim), np.float32), rows, counts, 1)
+            qf = normalize(np.zeros((2, self.feature_dim), np.float32), "features")
+            pos, _ = self._rerank(dummy, qf, rows, counts, 1)
+            K.take_hits(pos, rows, rows, dummy.ids)
         return time.perf_counter() - t0
 
     def stats(self) -> dict:
@@ -490,9 +490,7 @@ def check_query(codes, features, rerank: bool | None, *, k, radius, pool, bits: 
     qf = qf[None, :] if qf.ndim == 1 else qf
     if qf.shape != (len(packed), feature_dim):
         raise InvalidInput(f"query features must have shape ({len(packed)}, {feature_dim}), got {qf.shape}")
-    if not np.all(np.isfinite(qf)):
-        raise InvalidInput("query features contain NaN or infinite values")
-    return packed, normalize(qf)
+    return packed, normalize(qf, "query features")
 
 
 def check_features(features, n: int, feature_dim: int | None) -> np.ndarray | None:
@@ -508,14 +506,16 @@ def check_features(features, n: int, feature_dim: int | None) -> np.ndarray | No
         f = f[None, :]
     if f.shape != (n, feature_dim):
         raise InvalidInput(f"features must have shape ({n}, {feature_dim}), got {f.shape}")
-    if not np.all(np.isfinite(f)):
-        raise InvalidInput("features contain NaN or infinite values")
-    return normalize(f)
+    return normalize(f, "features")
 
 
-def normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalization (zero rows stay zero)."""
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+def normalize(x: np.ndarray, what: str) -> np.ndarray:
+    """Row-wise L2 normalization of float32 rows (zero rows stay zero); InvalidInput naming `what` if any value is
+    NaN or infinite. One Numba pass: the numpy version cost ~20 us per query, a tenth of a small index's search."""
+    unit, finite = _kernels().unit_rows(np.ascontiguousarray(x))
+    if not finite:
+        raise InvalidInput(f"{what} contain NaN or infinite values")
+    return unit
 
 
 def _pack_metadata(texts: list) -> tuple[bytes, np.ndarray]:

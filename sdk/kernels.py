@@ -264,28 +264,30 @@ def _finish(hist, cand_i, cand_d, state, k, out_i, out_d):
     return total
 
 
-@njit(parallel=True, cache=True)
-def topk_single(db, n, w, q, k, bits, chunks):
-    """Top-k of one query over n codes, the database split into `chunks` parallel parts.
+@njit(cache=True)
+def _chunk_topk(db, lo, hi, w, q, k, bits, out_i, out_d):
+    """Top-k of one query over codes lo..hi-1 into out_i/out_d, sorted by (distance, database order); the count."""
+    cap = 2 * k + 4 * GROUP
+    hist = np.zeros(bits + 2, np.int64)
+    cand_i = np.empty(cap, np.int64)
+    cand_d = np.empty(cap, np.int64)
+    dist_buf = np.empty(GROUP, np.int64)
+    gmin = np.empty((hi - lo + GROUP - 1) // GROUP, np.int64)
+    state = np.array([0, bits + 1, 0], np.int64)
+    _scan_bounded(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin)
+    return _finish(hist, cand_i, cand_d, state, k, out_i, out_d)
 
-    Returns (ids int64 (<=k,), distances int64 (<=k,)) sorted by (distance, database order)."""
+
+@njit(parallel=True, cache=True)
+def _topk_chunks(db, n, w, q, k, bits, chunks):
     per = (n + chunks - 1) // chunks
     per = (per + GROUP - 1) // GROUP * GROUP
-    cap = 2 * k + 4 * GROUP
     loc_i = np.empty((chunks, k), np.int64)
     loc_d = np.empty((chunks, k), np.int64)
     loc_n = np.zeros(chunks, np.int64)
     for c in prange(chunks):
         lo = min(n, c * per)
-        hi = min(n, lo + per)
-        hist = np.zeros(bits + 2, np.int64)
-        cand_i = np.empty(cap, np.int64)
-        cand_d = np.empty(cap, np.int64)
-        dist_buf = np.empty(GROUP, np.int64)
-        gmin = np.empty((hi - lo + GROUP - 1) // GROUP, np.int64)
-        state = np.array([0, bits + 1, 0], np.int64)
-        _scan_bounded(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin)
-        loc_n[c] = _finish(hist, cand_i, cand_d, state, k, loc_i[c], loc_d[c])
+        loc_n[c] = _chunk_topk(db, lo, min(n, lo + per), w, q, k, bits, loc_i[c], loc_d[c])
     # merge: chunks are in database order, so a stable counting sort by distance keeps ties in order
     counts = np.zeros(bits + 2, np.int64)
     for c in range(chunks):
@@ -305,6 +307,20 @@ def topk_single(db, n, w, q, k, bits, chunks):
                 out_i[p] = loc_i[c, j]
                 out_d[p] = d
     return out_i, out_d
+
+
+@njit(cache=True)
+def topk_single(db, n, w, q, k, bits, chunks):
+    """Top-k of one query over n codes, the database split into `chunks` parallel parts.
+
+    Returns (ids int64 (<=k,), distances int64 (<=k,)) sorted by (distance, database order). One chunk runs without
+    a parallel launch (6-30 us saved per query, measured at 2k-60k codes)."""
+    if chunks > 1:
+        return _topk_chunks(db, n, w, q, k, bits, chunks)
+    out_i = np.empty(k, np.int64)
+    out_d = np.empty(k, np.int64)
+    m = _chunk_topk(db, 0, n, w, q, k, bits, out_i, out_d)
+    return out_i[:m], out_d[:m]
 
 
 @njit(parallel=True, cache=True)
@@ -587,6 +603,44 @@ def _keep_best(scores, k, out_p, out_s):
     for j in range(min(k, order.shape[0])):
         out_p[j] = order[j]
         out_s[j] = scores[order[j]]
+
+
+@njit(cache=True)
+def take_hits(pos, pool, pool_d, ids):
+    """The re-ranked hits as ids and Hamming distances: pos (nq, k) positions into each query's pool (-1 padded,
+    as `cosine_rerank` returns them), pool/pool_d (nq, P) its rows and distances, ids (N,) the row ids.
+
+    Returns (ids (nq, k), distances (nq, k), counts (nq,)), -1 padded: one pass in place of a dozen numpy calls
+    (~40 us of a 0.3 ms query)."""
+    nq, k = pos.shape
+    out_i = np.full((nq, k), -1, np.int64)
+    out_d = np.full((nq, k), -1, np.int64)
+    counts = np.zeros(nq, np.int64)
+    for i in range(nq):
+        for j in range(k):
+            p = pos[i, j]
+            if p >= 0:
+                out_i[i, j] = ids[pool[i, p]]
+                out_d[i, j] = pool_d[i, p]
+                counts[i] += 1
+    return out_i, out_d, counts
+
+
+@njit(cache=True)
+def unit_rows(x):
+    """Row-wise L2 normalization of float32 (n, d) (zero rows stay zero) and whether every value was finite."""
+    out = np.empty_like(x)
+    finite = True
+    for i in range(x.shape[0]):
+        s = np.float64(0.0)
+        for t in range(x.shape[1]):
+            v = x[i, t]
+            finite &= np.isfinite(v)
+            s += np.float64(v) * v
+        norm = np.float32(max(np.sqrt(s), 1e-12))
+        for t in range(x.shape[1]):
+            out[i, t] = x[i, t] / norm
+    return out, finite
 
 
 def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -182,3 +182,35 @@ def test_cosine_rerank(rng, dtype):
         # storage precision: scores close to the float32 truth
         np.testing.assert_allclose(scores[i, :len(ref)], feats[rows[i, ref]] @ qf[i],
                                    atol={"float32": 1e-6, "float16": 2e-3, "int8": 2e-2}[dtype])
+
+
+def test_take_hits(rng):
+    nq, width, k, n = 5, 40, 7, 300
+    ids = rng.permutation(10 * n)[:n].astype(np.int64)
+    pool = rng.integers(0, n, (nq, width)).astype(np.int64)
+    pool_d = rng.integers(0, 49, (nq, width)).astype(np.int64)
+    pos = np.full((nq, k), -1, np.int64)
+    filled = [7, 3, 0, 7, 1]
+    for i, m in enumerate(filled):
+        pos[i, :m] = rng.choice(width, m, replace=False)
+    got_i, got_d, counts = K.take_hits(pos, pool, pool_d, ids)
+    np.testing.assert_array_equal(counts, filled)
+    for i, m in enumerate(filled):
+        np.testing.assert_array_equal(got_i[i, :m], ids[pool[i, pos[i, :m]]])
+        np.testing.assert_array_equal(got_d[i, :m], pool_d[i, pos[i, :m]])
+        assert (got_i[i, m:] == -1).all() and (got_d[i, m:] == -1).all()
+
+
+def test_unit_rows(rng):
+    x = rng.standard_normal((6, 33)).astype(np.float32) * np.float32(1e3)
+    x[2] = 0
+    x[4] *= np.float32(1e30)  # squares overflow float32: the norm is summed in float64
+    unit, finite = K.unit_rows(x)
+    assert finite and unit.dtype == np.float32
+    ref = x.astype(np.float64) / np.maximum(np.linalg.norm(x.astype(np.float64), axis=1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(unit, ref, rtol=2e-6, atol=1e-7)
+    assert not unit[2].any()
+    for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[5, 7] = bad
+        assert not K.unit_rows(y)[1]
