@@ -292,12 +292,13 @@ def main() -> None:
     elif args.part == "twostep":
         if not args.run:
             ap.error("twostep needs --run RUN_DIR (a trained model)")
-        print("| pool | two-step ms/query | speed-up vs exhaustive | recall@100 vs exhaustive |\n|---|---|---|---|")
         result = bench_twostep(args.run, args.n, args.queries, args.feature_dtypes)
     else:
         result = bench_index(args.n)
     print(load_note().replace("before", "after"))
     tag = "_quick" if args.quick else "_" + "_".join(map(str, args.bits)) if args.bits else ""
+    if args.part == "twostep" and args.n != 1_000_000:
+        tag += f"_{args.n}"
     (OUT / f"search_{args.part}{tag}.json").write_text(json.dumps(result, indent=1))
 
 
