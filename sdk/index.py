@@ -304,12 +304,12 @@ class HashIndex:
         qw = np.zeros((2, dummy.words.shape[1]), np.uint64)
         self._topk_rows(dummy, qw[:1], 1)
         K = _kernels()
-        K.topk_single(dummy.words[:1].reshape(-1), 1, qw.shape[1], qw[0], 1, self.bits, 2)  # large indexes' path
+        K.topk_single(dummy.words[:1].reshape(-1), 1, qw.shape[1], qw[0], 1, self.bits, 2)  # the parallel path of indexes over 64k rows
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
         for blocks in (1, 2):  # one query runs serially, a batch in parallel: compile both
             K.topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
-                                    np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
+                           np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         self._buckets.warm(self._snap)
         if dummy.features is not None:
             qf = normalize(np.zeros((2, self.feature_dim), np.float32), "features")
