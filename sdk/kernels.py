@@ -626,17 +626,19 @@ def take_hits(pos, pool, pool_d, ids):
     return out_i, out_d, counts
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST)
 def unit_rows(x):
-    """Row-wise L2 normalization of float32 (n, d) (zero rows stay zero) and whether every value was finite."""
+    """Row-wise L2 normalization of float32 (n, d) (zero rows stay zero) and whether every value was finite.
+
+    The squares are summed in float64, where no float32 value overflows, so a row's sum is finite exactly when all
+    its values are: one vectorised pass per row checks and measures it."""
     out = np.empty_like(x)
     finite = True
     for i in range(x.shape[0]):
         s = np.float64(0.0)
         for t in range(x.shape[1]):
-            v = x[i, t]
-            finite &= np.isfinite(v)
-            s += np.float64(v) * v
+            s += np.float64(x[i, t]) * np.float64(x[i, t])
+        finite &= np.isfinite(s)
         norm = np.float32(max(np.sqrt(s), 1e-12))
         for t in range(x.shape[1]):
             out[i, t] = x[i, t] / norm
