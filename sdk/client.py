@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +32,7 @@ STATUS_TO_ERROR = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.ModelMismatch,
     grpc.StatusCode.DATA_LOSS: errors.IndexCorrupt,
     grpc.StatusCode.UNIMPLEMENTED: errors.MissingDependency,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LatentHashError,
 }
 
 
@@ -47,8 +47,9 @@ def _retry_config(retries: int) -> str:
 
 
 def _error(exc: grpc.RpcError) -> errors.LatentHashError:
-    cls = STATUS_TO_ERROR.get(exc.code(), errors.LatentHashError)
-    return cls(f"{exc.details()} [{exc.code().name}]")
+    default = STATUS_TO_ERROR.get(exc.code(), errors.LatentHashError)
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return errors.from_status(exc.code().name, exc.details(), trailers, default)
 
 
 def _channel_args(token, tls, retries, max_message_mb):
@@ -147,9 +148,8 @@ def _chunk_errors(offset: int):
     try:
         yield
     except errors.LatentHashError as exc:
-        match = re.match(r"request (\d+): (.*)", str(exc), re.S)
-        if offset and match:
-            raise type(exc)(f"request {offset + int(match[1])}: {match[2]}") from None
+        if offset and exc.request_index is not None:
+            exc.request_index += offset
         raise
 
 

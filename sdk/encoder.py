@@ -16,6 +16,7 @@ import numpy as np
 
 from latenthash.codes import threshold
 from latenthash.errors import InvalidInput, ModelMismatch
+from latenthash.limits import MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -113,38 +114,50 @@ class Encoder:
             return np.ascontiguousarray(arr)
         if isinstance(images, (bytes, bytearray, memoryview)) or _is_pil(images):
             images = [images]
-        if not isinstance(images, Sequence) or not len(images):
-            raise InvalidInput("encode() takes a uint8 array, PIL images or encoded image bytes (a non-empty list)")
+        if isinstance(images, str) or not isinstance(images, Sequence):
+            raise InvalidInput("encode() takes a uint8 array, PIL images or encoded image bytes (a list of them)")
         out = np.empty((len(images), h, w, c), dtype=np.uint8)
         for i, item in enumerate(images):
             out[i] = self._decode(item, i)
         return out
 
     def _decode(self, item, i: int) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        """One encoded image or PIL image -> the model's input; InvalidInput for anything that fails to decode."""
+        from PIL import Image
 
         h, w, c = self.info.height, self.info.width, self.info.channels
         if isinstance(item, np.ndarray):
             return self.to_array(item)[0]
         if isinstance(item, (bytes, bytearray, memoryview)):
+            what = f"{len(item)} bytes"
             try:
-                img = Image.open(io.BytesIO(bytes(item)))
-                img.load()
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                raise InvalidInput(f"image {i}: cannot decode {len(item)} bytes as an image ({exc})") from None
+                img = Image.open(io.BytesIO(bytes(item)))  # reads the header only
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is the caller's bad image
+                raise InvalidInput(f"image {i}: cannot decode {what} as an image ({type(exc).__name__}: {exc})") \
+                    from None
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise InvalidInput(f"image {i} declares {img.width}x{img.height} pixels, over the limit of "
+                                   f"{MAX_IMAGE_PIXELS:,} (MAX_IMAGE_PIXELS): downscale it before sending")
+            img.draft("L" if c == 1 else "RGB", (4 * w, 4 * h))  # JPEG: decode at a reduced scale, not full size
         elif _is_pil(item):
-            img = item
+            img, what = item, "a PIL image"
         else:
             raise InvalidInput(f"image {i}: expected bytes, a PIL image or a uint8 array, got {type(item).__name__}")
-        img = img.convert("L" if c == 1 else "RGB")
-        if img.size != (w, h):
-            img = img.resize((w, h), Image.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
+        try:
+            img = img.convert("L" if c == 1 else "RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+        except Exception as exc:  # noqa: BLE001 - truncated data, bad chunks, unsupported modes, bombs
+            raise InvalidInput(f"image {i}: cannot decode {what} ({type(exc).__name__}: {exc})") from None
         return arr[..., None] if c == 1 else arr
 
     def encode(self, images, *, return_probs: bool = False) -> EncodeResult:
         """Codes (packed uint8) and L2-normalized features of a batch, run in chunks of `batch_size`."""
         batch = self.to_array(images)
+        if not len(batch):  # an empty batch encodes to empty arrays of the right shapes
+            return EncodeResult(np.zeros((0, (self.bits + 7) // 8), np.uint8), np.zeros((0, self.feature_dim),
+                                np.float32), np.zeros((0, self.bits), np.float32) if return_probs else None)
         probs, feats = [], []
         for i in range(0, len(batch), self.batch_size):
             p, f = self.runtime.run(batch[i:i + self.batch_size])

@@ -1,17 +1,34 @@
 """One exception family for embedded and remote use.
 
 Every error the SDK raises on purpose is a `LatentHashError`; each subclass names the gRPC status code that the
-server sends for it and that the client maps back, so the same mistake raises the same exception whether the index
-is in-process or behind `latenthash serve`.
+server sends for it. The server also sends the class name and, for one request of a batch, its index as trailing
+metadata (`to_trailers`), and the client rebuilds the same class with the same `request_index` (`from_status`), so the
+same mistake raises the same exception whether the index is in-process or behind `latenthash serve`.
 """
 
 from __future__ import annotations
 
+import errno
+
+CLASS_KEY = "latenthash-error"
+INDEX_KEY = "latenthash-request-index"
+
 
 class LatentHashError(Exception):
-    """Base class of every error raised on purpose by latenthash."""
+    """Base class of every error raised on purpose by latenthash. `request_index`: which request of a batch (or
+    which query of a search) it concerns, None when it concerns the whole call."""
 
     grpc_code = "INTERNAL"
+    request_index: int | None = None
+
+    def at(self, index: int | None) -> "LatentHashError":
+        """The same error, naming request `index` of a batch."""
+        self.request_index = index
+        return self
+
+    def __str__(self) -> str:
+        text = str(self.args[0]) if self.args else ""
+        return text if self.request_index is None else f"request {self.request_index}: {text}"
 
 
 class InvalidInput(LatentHashError, ValueError):
@@ -25,8 +42,7 @@ class NotFound(LatentHashError, KeyError):
 
     grpc_code = "NOT_FOUND"
 
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
+    __str__ = LatentHashError.__str__  # KeyError quotes its message; keep it readable
 
 
 class DataError(LatentHashError):
@@ -69,6 +85,16 @@ class Unavailable(LatentHashError):
     grpc_code = "UNAVAILABLE"
 
 
+class StorageFull(LatentHashError):
+    """The disk is full (or a quota or file-size limit is reached): nothing of the refused write was stored."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class StorageUnavailable(Unavailable):
+    """The index directory cannot be written (read-only, permissions, I/O error): nothing of the write was stored."""
+
+
 def require(module: str, *, extra: str, purpose: str):
     """Import an optional heavy module, or raise `MissingDependency` that says how to install it."""
     import importlib
@@ -80,3 +106,32 @@ def require(module: str, *, extra: str, purpose: str):
             f"{purpose} needs the '{module}' package, which is not installed: "
             f"pip install 'latenthash[{extra}]' (for torch, first: pip install torch==2.13.0)"
         ) from exc
+
+
+def to_trailers(exc: LatentHashError) -> tuple[tuple[str, str], ...]:
+    """The class (and request index) of an error as gRPC trailing metadata."""
+    out = ((CLASS_KEY, type(exc).__name__),)
+    return out + (((INDEX_KEY, str(exc.request_index)),) if exc.request_index is not None else ())
+
+
+def from_status(code: str, details: str, trailers, default: type[LatentHashError]) -> LatentHashError:
+    """The error a server sent: its own class and request index when the trailers name them (else `default`, the
+    class for the status code), with the server's message."""
+    meta = {k: v for k, v in trailers or ()}
+    cls = globals().get(meta.get(CLASS_KEY, ""))
+    if not (isinstance(cls, type) and issubclass(cls, LatentHashError)):
+        cls = default
+    index = meta.get(INDEX_KEY)
+    index = int(index) if index is not None and index.lstrip("-").isdigit() else None
+    if index is not None:
+        details = details.removeprefix(f"request {index}: ")  # str() of the error puts it back
+    return cls(f"{details} [{code}]").at(index)
+
+
+def storage_error(exc: OSError, what: str) -> LatentHashError:
+    """An OSError of the disk as the error family's StorageFull (no space) or StorageUnavailable (anything else)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return StorageFull(f"{what}: {exc.strerror} (errno {exc.errno}); nothing of this request was stored: free "
+                           f"disk space and retry")
+    return StorageUnavailable(f"{what}: {exc.strerror or exc} (errno {exc.errno}); nothing of this request was "
+                              f"stored: check that the directory is writable and retry")

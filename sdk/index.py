@@ -25,15 +25,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latenthash.backend import Items, SearchResult
+from latenthash.backend import (Items, SearchResult, check_features, check_ids, check_items, check_query, normalize,
+                                padded)
 from latenthash.buckets import BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
-from latenthash.errors import IndexCorrupt, InvalidInput, NotFound
+from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
+from latenthash.storage import DirLock
 
 FORMAT = "latenthash-index"
 VERSION = 1
 FEATURE_DTYPES = ("float32", "float16", "int8")
-MAX_K = 100_000
 
 
 @dataclass(frozen=True)
@@ -223,9 +224,13 @@ class HashIndex:
         re-ranks the pool by cosine similarity and keeps the best k. Without step 2, the result is the exact
         Hamming top-k (or, with `radius`, every code within it, nearest first, at most k when k is given)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
-                                 feature_dim=self.feature_dim, max_k=MAX_K, max_pool=10 * MAX_K)
+                                 feature_dim=self.feature_dim)
         qw = to_words(packed, self.bits)
         do_rerank = qf is not None
+        if not len(qw):
+            empty = np.zeros((0, k), np.int64)
+            return SearchResult(empty, empty.copy(), np.zeros(0, np.int64),
+                                np.zeros((0, k), np.float32) if do_rerank else None)
         if threads is not None:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
@@ -236,10 +241,10 @@ class HashIndex:
         else:
             rows, dists, counts = self._radius_rows(snap, qw, radius, step1)
         if not do_rerank:
-            if counts.min() == rows.shape[1]:  # no padding to keep
+            if counts.min() == rows.shape[1] == k:  # no padding to keep
                 return SearchResult(snap.ids[rows], dists, counts)
             ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
-            return SearchResult(ids, dists, counts)
+            return padded(ids, dists, counts, None, k)
         pos, scores = self._rerank(snap, qf, rows, counts, k)
         return SearchResult(*_kernels().take_hits(pos, rows, dists, snap.ids), scores)
 
@@ -332,45 +337,53 @@ class HashIndex:
 
     # ------------------------------------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        """Atomically write the index to a directory (the one it was opened from when no path is given)."""
+        """Atomically write the index to a directory (the one it was opened from when no path is given); returns
+        the generation folder written. Holds the directory's lock meanwhile (see storage.py); a disk that is full
+        or read-only raises StorageFull / StorageUnavailable and leaves the previous generation in place."""
         root = Path(path) if path is not None else self.path
         if root is None:
             raise InvalidInput("save() needs a directory: this index was not opened from one")
-        with self._lock:
-            snap = self._snap
-            root.mkdir(parents=True, exist_ok=True)
-            current = _read_current(root)
-            gen = (int(current.split("-")[1]) + 1) if current else 1
-            gen_dir = root / f"gen-{gen}"
-            if gen_dir.exists():
-                shutil.rmtree(gen_dir)
-            gen_dir.mkdir()
-            n = snap.n
-            arrays = {"codes.npy": snap.words[:n], "ids.npy": snap.ids[:n]}
-            if snap.features is not None:
-                arrays["features.npy"] = snap.features[:n]
-            if snap.scales is not None:
-                arrays["scales.npy"] = snap.scales[:n]
-            blob, offsets = _pack_metadata(snap.metadata[:n])
-            arrays["metadata_offsets.npy"] = offsets
-            files = {}
-            for name, arr in arrays.items():
-                files[name] = _write_file(gen_dir / name, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
-            files["metadata.bin"] = _write_file(gen_dir / "metadata.bin", lambda f: f.write(blob))
-            header = {"format": FORMAT, "version": VERSION, "bits": self.bits, "feature_dim": self.feature_dim,
-                      "feature_dtype": self.feature_dtype, "count": n, "code_layout": "uint64-le-words",
-                      "files": files, "model": self.model_info, "saved_at": time.time()}
-            _write_file(gen_dir / "header.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
-            _fsync_dir(gen_dir)
-            tmp = root / "CURRENT.tmp"
-            _write_file(tmp, lambda f: f.write(gen_dir.name.encode()))
-            os.replace(tmp, root / "CURRENT")
-            _fsync_dir(root)
-            for old in root.glob("gen-*"):
-                if old.name != gen_dir.name:
-                    shutil.rmtree(old, ignore_errors=True)
+        with self._lock, DirLock(root):
+            try:
+                gen_dir = self._write_generation(root)
+            except OSError as exc:
+                raise storage_error(exc, f"cannot save the index to {root}") from None
             self.path = root
             return gen_dir
+
+    def _write_generation(self, root: Path) -> Path:
+        snap = self._snap
+        current = _read_current(root)
+        gen = (int(current[0].split("-")[1]) + 1) if current else 1
+        gen_dir = root / f"gen-{gen}"
+        if gen_dir.exists():
+            shutil.rmtree(gen_dir)
+        gen_dir.mkdir()
+        n = snap.n
+        arrays = {"codes.npy": snap.words[:n], "ids.npy": snap.ids[:n]}
+        if snap.features is not None:
+            arrays["features.npy"] = snap.features[:n]
+        if snap.scales is not None:
+            arrays["scales.npy"] = snap.scales[:n]
+        blob, offsets = _pack_metadata(snap.metadata[:n])
+        arrays["metadata_offsets.npy"] = offsets
+        files = {}
+        for name, arr in arrays.items():
+            files[name] = _write_file(gen_dir / name, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
+        files["metadata.bin"] = _write_file(gen_dir / "metadata.bin", lambda f: f.write(blob))
+        header = {"format": FORMAT, "version": VERSION, "bits": self.bits, "feature_dim": self.feature_dim,
+                  "feature_dtype": self.feature_dtype, "count": n, "code_layout": "uint64-le-words",
+                  "files": files, "model": self.model_info, "saved_at": time.time()}
+        head = _write_file(gen_dir / "header.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
+        _fsync_dir(gen_dir)
+        tmp = root / "CURRENT.tmp"
+        _write_file(tmp, lambda f: f.write(f"{gen_dir.name}\nheader-sha256 {head['sha256']}\n".encode()))
+        os.replace(tmp, root / "CURRENT")
+        _fsync_dir(root)
+        for old in root.glob("gen-*"):
+            if old.name != gen_dir.name:
+                shutil.rmtree(old, ignore_errors=True)
+        return gen_dir
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True,
@@ -386,12 +399,28 @@ class HashIndex:
         current = _read_current(root)
         if current is None:
             raise IndexCorrupt(f"{root} is not a latenthash index (no CURRENT file)")
-        gen_dir = root / current
+        gen_dir = root / current[0]
         try:
-            header = json.loads((gen_dir / "header.json").read_text())
-        except (OSError, ValueError) as exc:
+            raw = (gen_dir / "header.json").read_bytes()
+        except OSError as exc:
             raise IndexCorrupt(f"cannot read the index header {gen_dir / 'header.json'}: {exc}") from None
-        if header.get("format") != FORMAT:
+        if current[1] is not None and hashlib.sha256(raw).hexdigest() != current[1]:
+            raise IndexCorrupt(f"{gen_dir / 'header.json'} fails its checksum (named in {root / 'CURRENT'}): the "
+                               f"index is corrupt; restore or rebuild it")
+        try:
+            index = cls._from_header(root, gen_dir, json.loads(raw), verify=verify, mmap=mmap)
+        except IndexCorrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the parsers raise
+            raise IndexCorrupt(f"the index in {gen_dir} cannot be read ({type(exc).__name__}: {exc}); restore or "
+                               f"rebuild it") from None
+        if warmup:
+            threading.Thread(target=index.warmup, name="latenthash-warmup", daemon=True).start()
+        return index
+
+    @classmethod
+    def _from_header(cls, root: Path, gen_dir: Path, header: dict, *, verify: bool, mmap: bool) -> "HashIndex":
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise IndexCorrupt(f"{gen_dir} is not a latenthash index header")
         if header.get("version") != VERSION:
             raise IndexCorrupt(f"index format version {header.get('version')} in {root}; this latenthash reads "
@@ -410,6 +439,8 @@ class HashIndex:
         mode = "r" if mmap else None
 
         def load(name: str, dtype, shape) -> np.ndarray:
+            if name not in files:
+                raise IndexCorrupt(f"{gen_dir / 'header.json'} does not list {name}")
             arr = np.load(gen_dir / name, mmap_mode=mode, allow_pickle=False)
             if arr.dtype != np.dtype(dtype) or arr.shape != shape:
                 raise IndexCorrupt(f"{gen_dir / name} holds {arr.dtype} {arr.shape}, the header says {dtype} {shape}")
@@ -419,16 +450,23 @@ class HashIndex:
         ids = load("ids.npy", np.int64, (n,))
         feats = load("features.npy", index.feature_dtype, (n, index.feature_dim)) if index.feature_dim else None
         scales = load("scales.npy", np.float32, (n,)) if index.feature_dtype == "int8" and index.feature_dim else None
-        offsets = load("metadata_offsets.npy", np.int64, (n + 1,))
+        offsets = np.asarray(load("metadata_offsets.npy", np.int64, (n + 1,)))
+        if "metadata.bin" not in files:
+            raise IndexCorrupt(f"{gen_dir / 'header.json'} does not list metadata.bin")
         blob = (gen_dir / "metadata.bin").read_bytes()
-        metadata = [None if offsets[i] == offsets[i + 1] else blob[offsets[i]:offsets[i + 1]].decode()
-                    for i in range(n)]
+        if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
+            raise IndexCorrupt(f"{gen_dir / 'metadata_offsets.npy'} does not describe metadata.bin "
+                               f"({len(blob)} bytes): restore or rebuild the index")
+        try:
+            metadata = [None if offsets[i] == offsets[i + 1] else blob[offsets[i]:offsets[i + 1]].decode()
+                        for i in range(n)]
+        except UnicodeDecodeError as exc:
+            raise IndexCorrupt(f"{gen_dir / 'metadata.bin'} holds invalid UTF-8 ({exc}): restore or rebuild the "
+                               f"index") from None
         index._rows = {i: r for r, i in enumerate(ids.tolist())}
         if len(index._rows) != n:
             raise IndexCorrupt(f"{gen_dir / 'ids.npy'} holds duplicate ids")
         index._snap = _Snapshot(n, words, ids, feats, scales, metadata)
-        if warmup:
-            threading.Thread(target=index.warmup, name="latenthash-warmup", daemon=True).start()
         return index
 
 
@@ -437,85 +475,6 @@ def _like(a: np.ndarray) -> np.ndarray:
     out = np.zeros((1, *a.shape[1:]), dtype=a.dtype)
     out.flags.writeable = a.flags.writeable
     return out
-
-
-def check_ids(ids) -> np.ndarray:
-    """Caller ids as int64, or InvalidInput."""
-    arr = np.atleast_1d(np.asarray(ids))
-    if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise InvalidInput(f"ids must be a 1-D sequence of integers, got dtype {arr.dtype} shape {arr.shape}")
-    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
-        raise InvalidInput("ids must fit in a signed 64-bit integer")
-    return arr.astype(np.int64)
-
-
-def check_items(ids, codes, metadata, bits: int) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-    """What every backend's add() checks: unique int64 ids, packed codes of the right length, one JSON text (or
-    None) of metadata per id."""
-    ids = check_ids(ids)
-    packed = pack_codes(codes, bits)
-    n = len(ids)
-    if len(packed) != n:
-        raise InvalidInput(f"{n} ids but {len(packed)} codes")
-    if len(np.unique(ids)) != n:
-        raise InvalidInput("ids given to one add() must be unique")
-    if metadata is not None and len(metadata) != n:
-        raise InvalidInput(f"{n} ids but {len(metadata)} metadata entries")
-    try:
-        meta = [None if m is None else json.dumps(m) for m in metadata] if metadata is not None else [None] * n
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(f"metadata must be JSON-serializable: {exc}") from None
-    return ids, packed, meta
-
-
-def check_query(codes, features, rerank: bool | None, *, k, radius, pool, bits: int, feature_dim: int | None,
-                max_k: int, max_pool: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """What every backend's search() checks: k, radius and pool in range, the query codes packed, and the query
-    features L2-normalized when step 2 (the re-rank) runs, else None."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= max_k:
-        raise InvalidInput(f"k must be an integer from 1 to {max_k}, got {k!r}")
-    if radius is not None and (not isinstance(radius, (int, np.integer)) or not 0 <= radius <= bits):
-        raise InvalidInput(f"radius must be an integer from 0 to {bits}, got {radius!r}")
-    if pool is not None and (not isinstance(pool, (int, np.integer)) or not 1 <= pool <= max_pool):
-        raise InvalidInput(f"pool must be an integer from 1 to {max_pool}, got {pool!r}")
-    packed = pack_codes(codes, bits)
-    do_rerank = (features is not None) if rerank is None else bool(rerank)
-    if not do_rerank:
-        return packed, None
-    if features is None:
-        raise InvalidInput("rerank=True needs the query features (features=...)")
-    if feature_dim is None:
-        raise InvalidInput("this index stores no features, so it cannot re-rank: pass rerank=False")
-    qf = np.asarray(features, dtype=np.float32)
-    qf = qf[None, :] if qf.ndim == 1 else qf
-    if qf.shape != (len(packed), feature_dim):
-        raise InvalidInput(f"query features must have shape ({len(packed)}, {feature_dim}), got {qf.shape}")
-    return packed, normalize(qf, "query features")
-
-
-def check_features(features, n: int, feature_dim: int | None) -> np.ndarray | None:
-    """L2-normalized float32 (n, feature_dim) features, or None for an index without features; else InvalidInput."""
-    if features is None:
-        if feature_dim:
-            raise InvalidInput(f"this index stores {feature_dim}-d features: pass features= with add()")
-        return None
-    if not feature_dim:
-        raise InvalidInput("this index was created without feature_dim: it cannot store features")
-    f = np.asarray(features, dtype=np.float32)
-    if f.ndim == 1:
-        f = f[None, :]
-    if f.shape != (n, feature_dim):
-        raise InvalidInput(f"features must have shape ({n}, {feature_dim}), got {f.shape}")
-    return normalize(f, "features")
-
-
-def normalize(x: np.ndarray, what: str) -> np.ndarray:
-    """Row-wise L2 normalization of float32 rows (zero rows stay zero); InvalidInput naming `what` if any value is
-    NaN or infinite. One Numba pass: the numpy version cost ~20 us per query, a tenth of a small index's search."""
-    unit, finite = _kernels().unit_rows(np.ascontiguousarray(x))
-    if not finite:
-        raise InvalidInput(f"{what} contain NaN or infinite values")
-    return unit
 
 
 def _pack_metadata(texts: list) -> tuple[bytes, np.ndarray]:
@@ -549,11 +508,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_current(root: Path) -> str | None:
+def _read_current(root: Path) -> tuple[str, str | None] | None:
+    """The generation named by CURRENT and the sha256 of its header (None in indexes saved before it was kept)."""
     try:
-        name = (root / "CURRENT").read_text().strip()
+        lines = (root / "CURRENT").read_text().split("\n")
     except FileNotFoundError:
         return None
-    if not name.startswith("gen-") or not (root / name).is_dir():
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IndexCorrupt(f"cannot read {root / 'CURRENT'}: {exc}") from None
+    name = lines[0].strip()
+    if not name.startswith("gen-") or not name[4:].isdigit() or not (root / name).is_dir():
         raise IndexCorrupt(f"{root / 'CURRENT'} names {name!r}, which is not a generation folder of this index")
-    return name
+    digest = next((line.split()[1] for line in lines[1:] if line.startswith("header-sha256 ")), None)
+    return name, digest

@@ -33,8 +33,9 @@ import numpy as np
 
 from latenthash.backend import Items, SearchResult
 from latenthash.codes import check_bits
+from latenthash.limits import MAX_K
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
-from latenthash.index import check_features, check_ids, check_items, check_query
+from latenthash.backend import check_features, check_ids, check_items, check_query, from_hits
 
 MAX_TOPK = 16384  # Milvus's limit on hits per query
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
@@ -273,14 +274,14 @@ class MilvusIndex:
                rerank: bool | None = None) -> SearchResult:
         """Two-step search with the same arguments and result as `HashIndex.search` (see the module docstring)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
-                                 feature_dim=self.feature_dim, max_k=MAX_TOPK, max_pool=MAX_TOPK)
+                                 feature_dim=self.feature_dim, max_k=min(MAX_K, MAX_TOPK), max_pool=MAX_TOPK)
         do_rerank = qf is not None
         step1 = (min(max(10 * k, 1000), MAX_TOPK) if pool is None else pool) if do_rerank else k
         hits = self._hamming(packed, step1, radius)
         if not do_rerank:
-            return _result(hits, k, None)
+            return from_hits(hits, k, False)
         rerank_fn = self._rerank_fetch if self.rerank_mode == "fetch" else self._rerank_milvus
-        return _result(rerank_fn(qf, hits, k), k, True)
+        return from_hits(rerank_fn(qf, hits, k), k, True)
 
     def _hamming(self, packed: np.ndarray, limit: int, radius: int | None) -> list[list[tuple[int, int]]]:
         """Step 1: per query, (id, distance) pairs sorted by (distance, id)."""
@@ -357,20 +358,3 @@ class MilvusIndex:
 def _code_bytes(value) -> bytes:
     """pymilvus returns a binary vector as bytes or as a one-element list of bytes, depending on the version."""
     return value[0] if isinstance(value, list) else bytes(value)
-
-
-def _result(hits: list[list[tuple]], k: int, scored: bool | None) -> SearchResult:
-    q = len(hits)
-    width = max(1, min(k, max((len(r) for r in hits), default=0)))
-    ids = np.full((q, width), -1, np.int64)
-    dists = np.full((q, width), -1, np.int64)
-    scores = np.full((q, width), np.nan, np.float32) if scored else None
-    counts = np.zeros(q, np.int64)
-    for i, row in enumerate(hits):
-        row = row[:k]
-        counts[i] = len(row)
-        for j, hit in enumerate(row):
-            ids[i, j], dists[i, j] = hit[0], hit[1]
-            if scores is not None:
-                scores[i, j] = hit[2]
-    return SearchResult(ids, dists, counts, scores)

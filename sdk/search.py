@@ -12,12 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from latenthash.backend import IndexBackend, Items, SearchResult
+from latenthash.backend import IndexBackend, Items, SearchResult, check_k
 from latenthash.codes import pack_codes
 from latenthash.encoder import EncodeResult, Encoder
 from latenthash.errors import InvalidInput, ModelMismatch
-
-MAX_K = 10_000
 
 
 class Searcher:
@@ -48,8 +46,7 @@ class Searcher:
         step-1 pool. Hits carry their metadata unless `metadata=False` (then `result.metadata` is None)."""
         if (images is None) == (codes is None):
             raise InvalidInput("search needs exactly one of images= or codes=")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
-            raise InvalidInput(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        check_k(k)
         if images is not None:
             enc = self.encode(images)
             codes, features = enc.codes, (enc.features if self.index.feature_dim else None)

@@ -17,16 +17,18 @@ from pathlib import Path
 
 import grpc
 
-from latenthash.backend import open_index
-from latenthash.errors import NotFound
-from latenthash.index import HashIndex
+from latenthash.backend import index_directory, open_index
+from latenthash.errors import InvalidInput, NotFound
+from latenthash.limits import MAX_MESSAGE_MB
 from latenthash.search import Searcher
+from latenthash.storage import DirLock
 from latenthash.server.auth import TokenInterceptor, server_credentials
 from latenthash.server.batching import encode_batcher, search_batcher
+from latenthash.server.handlers import add_service
 from latenthash.server.metrics import Metrics
 from latenthash.server.service import HashSearchService
 from latenthash.server.wal import WriteAheadLog
-from latenthash.v1 import search_pb2, search_pb2_grpc
+from latenthash.v1 import search_pb2
 
 log = logging.getLogger("latenthash.server")
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["HashSearch"].full_name
@@ -35,7 +37,8 @@ WAL_NAME = "wal.log"
 
 @dataclass
 class ServerConfig:
-    index: str  # index directory or milvus:// URI (created when missing, with bits / feature_dim from the model)
+    index: str  # index directory or milvus:// URI
+    create: bool = False  # create the index when missing (bits / feature_dim from the model)
     model: str | None = None  # exported ONNX model; without it the server answers code queries only
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
@@ -44,7 +47,7 @@ class ServerConfig:
     tls_key: str | None = None
     runtime: str = "auto"
     max_workers: int = 32
-    max_message_mb: int = 64
+    max_message_mb: int = MAX_MESSAGE_MB
     batch_max: int = 64  # images per dynamic encode batch (1: off)
     batch_delay_ms: float = 2.0
     search_batch_max: int = 64  # concurrent queries merged into one index search (1: off)
@@ -56,7 +59,9 @@ class ServerConfig:
 class LatentHashServer:
     """A running server: the grpc.Server plus what must be closed and persisted with it."""
 
-    def __init__(self, grpc_server: grpc.Server, service: HashSearchService, health, metrics: Metrics):
+    def __init__(self, grpc_server: grpc.Server, service: HashSearchService, health, metrics: Metrics,
+                 lock: DirLock):
+        self.lock = lock
         self.grpc_server = grpc_server
         self.service = service
         self.health = health
@@ -76,57 +81,72 @@ class LatentHashServer:
 
         self.health.enter_graceful_shutdown()
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server.stop(grace).wait()
+        # grpc cancels what is still running when the grace ends; its event is awaited a bounded time only, so a
+        # handler stuck anywhere cannot keep the index from being checkpointed
+        if not self.grpc_server.stop(grace).wait(None if grace is None else grace + 2.0):
+            log.warning(json.dumps({"event": "stop_timeout", "grace_s": grace}))
         for batcher in (self.service.batcher, self.service.search_batcher):
             if batcher is not None:
                 batcher.close()
-        self.service.checkpoint()
-        if self.service.wal is not None:
-            self.service.wal.close()
+        with self.service.write_lock:  # a write still running finishes (and is logged) before the checkpoint
+            saved = self.service.checkpoint()
+            if self.service.wal is not None:
+                self.service.wal.close()
         self.metrics.close()
-        log.info(json.dumps({"event": "stopped", "items": len(self.searcher.index)}))
+        self.lock.release()
+        log.info(json.dumps({"event": "stopped", "items": len(self.searcher.index), "checkpointed": saved}))
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
 
 
-def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None]:
-    """The model and the index (created if missing), with the write-ahead log replayed onto it.
+def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None, DirLock]:
+    """The model and the index, with the write-ahead log replayed onto it and checkpointed, and the directory's
+    lock held (one writing process per index directory).
 
     A directory index gets a write-ahead log next to it (fsynced before an upsert is applied and acknowledged); a
-    Milvus index (milvus://...) gets none: Milvus acknowledges a write once it is in its own log."""
+    Milvus index (milvus://...) gets none: Milvus acknowledges a write once it is in its own log. A missing index is
+    created from the model's shape only with `create=True`."""
     from latenthash.encoder import Encoder
 
     encoder = Encoder.open(config.model, runtime=config.runtime) if config.model else None
     shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim} if encoder else {}
-    if "://" in config.index and not config.index.startswith("file://"):
-        index = open_index(config.index, create=encoder is not None, **shape)
+    root = index_directory(config.index)
+    if root is None:
+        index = open_index(config.index, create=config.create and encoder is not None, **shape)
         index.warmup()
-        return Searcher(index, encoder), None
-    root = Path(config.index.removeprefix("file://"))
-    if (root / "CURRENT").exists():
-        index = HashIndex.open(root)
-    elif encoder is not None:
-        index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, path=root)
-        index.model_info = encoder.info.to_dict()
-        index.save(root)
-    else:
-        raise NotFound(f"no index at {root}, and no --model to create one with")
-    root.mkdir(parents=True, exist_ok=True)
-    wal = WriteAheadLog(root / WAL_NAME)
-    replayed = wal.replay(index)
-    if replayed:
-        log.info(json.dumps({"event": "wal_replayed", "records": replayed, "items": len(index)}))
+        return Searcher(index, encoder), None, DirLock(None)
+    if not (root / "CURRENT").exists():
+        if not config.create:
+            raise NotFound(f"no index at {root}: check the path, or pass --create (with --model) to start an "
+                           f"empty one")
+        if encoder is None:
+            raise NotFound(f"no index at {root}, and no --model to create one with")
+    lock = DirLock(root)  # before anything is read or written: another server or indexer may own the directory
+    try:
+        index = open_index(root, create=True, **shape)
+        if encoder is not None:
+            index.model_info = index.model_info or encoder.info.to_dict()
+        wal = WriteAheadLog(root / WAL_NAME)
+        replayed = wal.replay(index)
+        if replayed or wal.found.damaged:
+            log.info(json.dumps({"event": "wal_replayed", "records": replayed, "items": len(index)}))
+            index.save()  # start from a clean log: crashes never pile up log to replay
+            wal.truncate()
+    except BaseException:
+        lock.release()
+        raise
     index.warmup()
-    return Searcher(index, encoder), wal
+    return Searcher(index, encoder), wal, lock
 
 
 def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     """Build and start the server; returns it and the bound port (config.port 0 picks a free one)."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
+    from grpc_health.v1 import health, health_pb2
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-    searcher, wal = open_searcher(config)
+    check_token(config)
+    searcher, wal, lock = open_searcher(config)
     metrics = Metrics(config.metrics_port, config.host) if config.metrics_port is not None else Metrics(None)
     batcher = (encode_batcher(searcher.encoder, max_batch=config.batch_max, max_delay_ms=config.batch_delay_ms)
                if searcher.encoder is not None and config.batch_max > 1 else None)
@@ -139,10 +159,12 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
         interceptors=[TokenInterceptor(config.token)] if config.token else [],
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                  ("grpc.so_reuseport", 0)])
-    search_pb2_grpc.add_HashSearchServicer_to_server(service, server)
+    add_service(server, service, search_pb2.DESCRIPTOR.services_by_name["HashSearch"])
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    add_service(server, health_servicer, health_pb2.DESCRIPTOR.services_by_name["Health"])
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    add_service(server, reflection.ReflectionServicer(names),
+                reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"])
     address = f"{config.host}:{config.port}"
     if config.tls_cert or config.tls_key:
         port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key))
@@ -153,7 +175,18 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(json.dumps({"event": "started", "address": f"{config.host}:{port}", "items": len(searcher.index),
                          "tls": bool(config.tls_cert), "auth": bool(config.token), "metrics_port": metrics.port}))
-    return LatentHashServer(server, service, health_servicer, metrics), port
+    return LatentHashServer(server, service, health_servicer, metrics, lock), port
+
+
+def check_token(config: ServerConfig) -> None:
+    """An empty token would silently turn authentication off: refuse it. A token sent without TLS crosses the
+    network in the clear: say so."""
+    if config.token is not None and not config.token.strip():
+        raise InvalidInput("the token is empty (--token or LATENTHASH_TOKEN): pass a non-empty token, or unset it "
+                           "to serve without authentication")
+    if config.token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(json.dumps({"event": "token_without_tls", "message": "the bearer token crosses the network "
+                                "in the clear: add --tls-cert and --tls-key"}))
 
 
 class JsonFormatter(logging.Formatter):

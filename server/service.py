@@ -17,8 +17,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from latenthash.codes import pack_codes
-from latenthash.errors import InvalidInput, LatentHashError
+from latenthash.backend import check_features, check_items, parse_metadata_json
+from latenthash.errors import InvalidInput, LatentHashError, to_trailers
+from latenthash.limits import MAX_BATCH_QUERIES, MAX_K, MAX_UPSERT_ITEMS
 from latenthash.search import Searcher
 from latenthash.server.batching import DynamicBatcher, search_groups
 from latenthash.server.wal import WriteAheadLog
@@ -26,15 +27,19 @@ from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
 
 log = logging.getLogger("latenthash.server")
-MAX_UPSERT_ITEMS = 100_000
-MAX_BATCH_QUERIES = 10_000
 STREAM_WINDOW = 1024  # unanswered requests a SearchStream buffers before it stops reading
 _END = object()
-CHECKPOINT_WAL_BYTES = 256 << 20
+CHECKPOINT_WAL_BYTES = 64 << 20  # replaying this much takes about a second
 
 
 def status_of(exc: LatentHashError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def abort(context, exc: LatentHashError):
+    """End the call with the error's status, message, class and request index (see errors.to_trailers)."""
+    context.set_trailing_metadata(to_trailers(exc))
+    context.abort(status_of(exc), str(exc))
 
 
 def rpc(method):
@@ -48,10 +53,7 @@ def rpc(method):
             return method(self, request, context)
         except LatentHashError as exc:
             code = exc.grpc_code
-            context.abort(status_of(exc), str(exc))
-        except ValueError as exc:  # malformed message contents (e.g. a non-JSON metadata string)
-            code = "INVALID_ARGUMENT"
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, exc)
         except Exception:
             code = "INTERNAL"
             log.exception("internal error in %s", method.__name__)
@@ -90,14 +92,14 @@ def _read_stream(request_iterator, inbox: queue.Queue, stop: threading.Event) ->
 
 class HashSearchService(pb_grpc.HashSearchServicer):
     def __init__(self, searcher: Searcher, *, batcher: DynamicBatcher | None, wal: WriteAheadLog | None,
-                 metrics, search_batcher: DynamicBatcher | None = None, max_k: int = 10_000):
+                 metrics, search_batcher: DynamicBatcher | None = None, max_k: int = MAX_K):
         self.searcher = searcher
         self.batcher = batcher
         self.search_batcher = search_batcher
         self.wal = wal
         self.metrics = metrics
         self.max_k = max_k
-        self._write_lock = threading.Lock()  # WAL order == apply order
+        self.write_lock = threading.Lock()  # WAL order == apply order
         metrics.set_items(len(searcher.index))
 
     # -------------------------------------------------------------------------------------------- helpers
@@ -207,7 +209,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         for i, r in enumerate(responses):
             if isinstance(r, BaseException):
                 if len(responses) > 1 and isinstance(r, LatentHashError):
-                    raise type(r)(f"request {i}: {r}")
+                    raise r.at(i)
                 raise r
         return responses
 
@@ -274,7 +276,12 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         try:
             done = False
             while not done:
-                batch = [inbox.get()]
+                try:
+                    batch = [inbox.get(timeout=0.2)]
+                except queue.Empty:
+                    if context.is_active():
+                        continue
+                    return  # cancelled, or the server is stopping: never wait on a stream that is gone
                 while len(batch) < STREAM_WINDOW:
                     try:
                         batch.append(inbox.get_nowait())
@@ -282,6 +289,8 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                         break
                 if batch[-1] is _END or isinstance(batch[-1], BaseException):
                     done, last = True, batch.pop()
+                    if isinstance(last, LatentHashError):  # a request that could not be read (malformed)
+                        abort(context, last)
                     if isinstance(last, BaseException):
                         return  # the client went away or cancelled: nothing left to answer
                 t0 = time.perf_counter()
@@ -293,7 +302,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                 for r in responses:
                     if isinstance(r, LatentHashError):
                         self.metrics.observe("SearchStream", r.grpc_code, seconds)
-                        context.abort(status_of(r), str(r))
+                        abort(context, r)
                     if isinstance(r, BaseException):
                         self.metrics.observe("SearchStream", "INTERNAL", seconds)
                         log.error("internal error in SearchStream", exc_info=r)
@@ -305,46 +314,43 @@ class HashSearchService(pb_grpc.HashSearchServicer):
 
     @rpc
     def Upsert(self, request_iterator, context):
+        """Items are checked as they arrive and all together (the same checks the index makes) before the log is
+        written: what was acknowledged can always be replayed."""
         ids, codes, features, metadata, image_rows, images = [], [], [], [], [], []
         index = self.searcher.index
         for n, item in enumerate(request_iterator):
             if n >= MAX_UPSERT_ITEMS:
                 raise InvalidInput(f"one Upsert stream takes at most {MAX_UPSERT_ITEMS} items; split the stream")
-            kind = item.WhichOneof("content")
-            if kind is None:
-                raise InvalidInput(f"item {n} (id {item.id}): set image, tensor or code")
-            ids.append(item.id)
             try:
-                metadata.append(json.loads(item.metadata_json) if item.metadata_json else None)
-            except ValueError:
-                raise InvalidInput(f"item {n} (id {item.id}): metadata_json is not valid JSON") from None
-            if kind == "code":
-                codes.append(self._code(item.code)[0])
-                if index.feature_dim and len(item.feature) != index.feature_dim:
-                    raise InvalidInput(f"item {n} (id {item.id}): this index stores {index.feature_dim}-d features; "
-                                       f"got {len(item.feature)} values")
-                features.append(np.asarray(item.feature, np.float32) if index.feature_dim else None)
-            else:
-                codes.append(None)
-                features.append(None)
-                image_rows.append(n)
-                images.append(item.image if kind == "image" else self._tensor(item.tensor)[0])
+                kind = item.WhichOneof("content")
+                if kind is None:
+                    raise InvalidInput(f"item {n} (id {item.id}): set image, tensor or code")
+                ids.append(item.id)
+                metadata.append(parse_metadata_json(item.metadata_json, n) if item.metadata_json else None)
+                if kind == "code":
+                    codes.append(self._code(item.code)[0])
+                    if index.feature_dim and len(item.feature) != index.feature_dim:
+                        raise InvalidInput(f"item {n} (id {item.id}): this index stores {index.feature_dim}-d "
+                                           f"features; got {len(item.feature)} values")
+                    features.append(np.asarray(item.feature, np.float32) if index.feature_dim else None)
+                else:
+                    codes.append(None)
+                    features.append(None)
+                    image_rows.append(n)
+                    images.append(item.image if kind == "image" else self._tensor(item.tensor)[0])
+            except LatentHashError as exc:
+                raise exc.at(n)
         if not ids:
             raise InvalidInput("empty Upsert stream: send at least one item")
-        if len(set(ids)) != len(ids):
-            raise InvalidInput("an Upsert stream must not repeat an id")
         if images:
             enc = self._encode(images)
             for j, row in enumerate(image_rows):
                 codes[row], features[row] = enc.codes[j], enc.features[j]
-        id_arr = np.asarray(ids, np.int64)
-        code_arr = pack_codes(np.stack(codes), index.bits)  # checks padding bits
-        feat_arr = np.stack(features) if index.feature_dim else None
-        if feat_arr is not None and not np.all(np.isfinite(feat_arr)):
-            raise InvalidInput("features contain NaN or infinite values")
-        with self._write_lock:
+        id_arr, code_arr, meta_texts = check_items(ids, np.stack(codes), metadata, index.bits)
+        feat_arr = check_features(np.stack(features), len(ids), index.feature_dim) if index.feature_dim else None
+        with self.write_lock:
             if self.wal is not None:  # durable before applied and acknowledged
-                self.wal.append_upsert(id_arr, code_arr, feat_arr, metadata)
+                self.wal.append_upsert(id_arr, code_arr, feat_arr, meta_texts)
             _, replaced = self.searcher.upsert(id_arr, codes=code_arr, features=feat_arr, metadata=metadata)
             self._maybe_checkpoint()
         self.metrics.set_items(len(index))
@@ -355,7 +361,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if not request.ids:
             raise InvalidInput("empty Delete: pass at least one id")
         ids = np.asarray(request.ids, np.int64)
-        with self._write_lock:
+        with self.write_lock:
             if self.wal is not None:
                 self.wal.append_delete(ids)
             deleted, missing = self.searcher.delete(ids)
@@ -396,10 +402,18 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if self.wal is not None and self.wal.size() > CHECKPOINT_WAL_BYTES:
             self.checkpoint()
 
-    def checkpoint(self) -> None:
-        """Save the index, then truncate the log (caller holds the write lock or the server is stopped)."""
+    def checkpoint(self) -> bool:
+        """Save the index, then empty the log (the caller holds the write lock or the server is stopped). A save
+        that fails (full or read-only disk) is logged and leaves the log as it is: nothing is lost, and the next
+        checkpoint tries again. Returns whether the index is saved."""
         if self.searcher.index.path is None:
-            return
-        self.searcher.index.save()
+            return False
+        try:
+            self.searcher.index.save()
+        except (OSError, LatentHashError) as exc:
+            log.error(json.dumps({"event": "checkpoint_failed", "error": str(exc),
+                                  "wal_bytes": self.wal.size() if self.wal else 0}))
+            return False
         if self.wal is not None:
             self.wal.truncate()
+        return True

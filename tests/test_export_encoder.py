@@ -82,12 +82,74 @@ def test_encoder_accepts_arrays_pil_and_bytes(onnx_model, small_fashion):
     ([np.zeros((28, 28, 1), np.uint8), b"junk"], "image 1"),
     (np.zeros((2, 32, 32, 1), np.uint8), "does not fit"),
     (np.zeros((1, 28, 28, 1), np.float32), "uint8"),
-    ([], "non-empty"),
     ([3.5], "image 0: expected bytes"),
+    ("not a list", "a list of them"),
 ])
 def test_encoder_bad_input(onnx_model, bad, match):
     with pytest.raises(InvalidInput, match=match):
         Encoder.open(onnx_model).encode(bad)
+
+
+def png_declaring(width: int, height: int, idat: bytes = b"") -> bytes:
+    """A PNG whose header declares any size, with the given (possibly broken) IDAT payload."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def hostile_images() -> dict[str, bytes]:
+    """Images that made Pillow raise its own exceptions (or decode 169 MP) before: each must be InvalidInput."""
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
+    good = bytearray(buf.getvalue())
+    good[41] ^= 0xFF  # inside the IDAT chunk: its length, then zlib data
+    tiff = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tiff, "TIFF")
+    tiff_bytes = bytearray(tiff.getvalue())
+    tiff_bytes[tiff_bytes.index(b"\x02\x01\x03\x00") + 8] = 99  # BitsPerSample: an unsupported mode
+    return {"bomb": png_declaring(100_000, 100_000, zlib_garbage()), "over the pixel limit": png_declaring(13_000, 13_000),
+            "broken IDAT": bytes(good), "truncated": bytes(buf.getvalue()[:30]), "tiff mode": bytes(tiff_bytes)}
+
+
+def zlib_garbage() -> bytes:
+    import zlib
+
+    return zlib.compress(b"\x00" * 1000)
+
+
+@pytest.mark.parametrize("name", list(hostile_images()))
+def test_hostile_images_are_invalid_input(onnx_model, name):
+    with pytest.raises(InvalidInput, match="image 0"):
+        Encoder.open(onnx_model).encode([hostile_images()[name]])
+
+
+def test_empty_batch_encodes_to_empty_arrays(onnx_model):
+    enc = Encoder.open(onnx_model)
+    for empty in ([], np.zeros((0, enc.info.height, enc.info.width, enc.info.channels), np.uint8)):
+        out = enc.encode(empty, return_probs=True)
+        assert out.codes.shape == (0, 3) and out.features.shape == (0, enc.feature_dim)
+        assert out.probs.shape == (0, enc.bits)
+
+
+def test_large_jpeg_decodes_at_reduced_scale(onnx_model):
+    """A 4000 x 3000 JPEG is decoded through Pillow's draft mode (a fraction of the pixels) with the same code as
+    a full decode resized by hand, give or take the few bits of a different downscale."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    big = Image.fromarray(small).resize((4000, 3000), Image.NEAREST)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=95)
+    enc = Encoder.open(onnx_model)
+    fast = enc.encode([buf.getvalue()])
+    size = (enc.info.width, enc.info.height)
+    full = enc.encode(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L").resize(size, Image.BILINEAR)))
+    differing = np.unpackbits(fast.codes ^ full.codes).sum()
+    assert differing <= 3 and float((fast.features * full.features).sum()) > 0.98
 
 
 def test_encoder_errors(tmp_path, onnx_model):

@@ -8,7 +8,7 @@ import pytest
 import latenthash
 from latenthash import HashIndex, open_index
 from latenthash.codes import pack_codes
-from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound
+from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
 
 BITS, DIM = 48, 16
 
@@ -100,7 +100,7 @@ def test_persistence_round_trip_and_corruption(rng, tmp_path):
     # writes after open go to memory, a second save makes a new generation and removes the old one
     opened.add([1], codes[:1], feats[:1])
     opened.save()
-    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["CURRENT", "gen-2"]
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == ["CURRENT", "LOCK", "gen-2"]
     assert len(HashIndex.open(tmp_path / "ix")) == len(ids) + 1
     # flipped byte -> checksum error; truncation -> size error; garbage header -> clear error
     gen = tmp_path / "ix" / "gen-2"
@@ -114,14 +114,58 @@ def test_persistence_round_trip_and_corruption(rng, tmp_path):
     with pytest.raises(IndexCorrupt, match="truncated"):
         HashIndex.open(tmp_path / "ix")
     (gen / "header.json").write_text("{not json")
-    with pytest.raises(IndexCorrupt, match="header"):
+    with pytest.raises(IndexCorrupt, match="header.json fails its checksum"):  # CURRENT names the header's sha256
         HashIndex.open(tmp_path / "ix")
-    header_v2 = {"format": "latenthash-index", "version": 99}
-    (gen / "header.json").write_text(json.dumps(header_v2))
+    set_header(tmp_path / "ix", "{not json")
+    with pytest.raises(IndexCorrupt, match="cannot be read"):
+        HashIndex.open(tmp_path / "ix")
+    set_header(tmp_path / "ix", json.dumps({"format": "latenthash-index", "version": 99}))
     with pytest.raises(IndexCorrupt, match="version 99"):
         HashIndex.open(tmp_path / "ix")
     with pytest.raises(NotFound):
         HashIndex.open(tmp_path / "nothing")
+
+
+def set_header(root, text: str) -> None:
+    """Replace an index's header and name its checksum in CURRENT, as a save would: damage past the checksum."""
+    import hashlib
+
+    gen = (root / "CURRENT").read_text().split()[0]
+    (root / gen / "header.json").write_text(text)
+    (root / "CURRENT").write_text(f"{gen}\nheader-sha256 {hashlib.sha256(text.encode()).hexdigest()}\n")
+
+
+@pytest.mark.parametrize("damage", ["no files", "bad utf-8", "random codes", "offset out of range", "bad bits",
+                                    "bad CURRENT"])
+def test_damaged_index_files_raise_index_corrupt(rng, tmp_path, damage):
+    """Every way a damaged index was seen to fail (KeyError, UnicodeDecodeError, ValueError, silent success) is
+    IndexCorrupt naming the file; verify=False skips only the content checksums, not the structure."""
+    index, ids, codes, feats = make(rng, n=50)
+    root = tmp_path / "ix"
+    index.save(root)
+    gen = root / (root / "CURRENT").read_text().split()[0]
+    header = json.loads((gen / "header.json").read_text())
+    if damage == "no files":
+        del header["files"]
+    elif damage == "bad utf-8":
+        blob = bytearray((gen / "metadata.bin").read_bytes())
+        blob[2] = 0xFF
+        (gen / "metadata.bin").write_bytes(bytes(blob))
+    elif damage == "random codes":
+        size = header["files"]["codes.npy"]["size"]
+        (gen / "codes.npy").write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    elif damage == "offset out of range":
+        offsets = np.load(gen / "metadata_offsets.npy")
+        offsets[-1] += 1000
+        np.save(gen / "metadata_offsets.npy", offsets)
+    elif damage == "bad bits":
+        header["bits"] = 0
+    else:
+        (root / "CURRENT").write_text("../elsewhere")
+    if damage != "bad CURRENT":
+        set_header(root, json.dumps(header))
+    with pytest.raises(IndexCorrupt):
+        HashIndex.open(root, verify=False)
 
 
 def test_interrupted_save_leaves_previous_version(rng, tmp_path, monkeypatch):
@@ -133,7 +177,7 @@ def test_interrupted_save_leaves_previous_version(rng, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("latenthash.index.os.replace", crash)  # dies before CURRENT switches
-    with pytest.raises(OSError):
+    with pytest.raises(StorageUnavailable, match="cannot save the index"):
         index.save()
     monkeypatch.undo()
     reopened = HashIndex.open(tmp_path / "ix")
@@ -247,3 +291,42 @@ def test_code_buckets_give_the_scan_results_and_follow_changes(rng):
     res = index.search(queries, k=800)
     np.testing.assert_array_equal(res.ids, ids)
     np.testing.assert_array_equal(res.distances, dist)
+
+
+def test_embedded_api_edge_cases_are_clear(rng):
+    """What raised raw exceptions or returned odd shapes before: zero-row queries, string features, metadata that
+    is a string, NaN, too deep or too large; results are always (queries, k), whatever the index holds."""
+    from latenthash.limits import MAX_METADATA_BYTES, MAX_METADATA_DEPTH
+
+    index, ids, codes, feats = make(rng, n=5)
+    empty = index.search(np.zeros((0, 6), np.uint8), k=4)
+    assert empty.ids.shape == (0, 4) and empty.counts.shape == (0,)
+    assert index.search(np.zeros((0, 6), np.uint8), k=4, features=np.zeros((0, feats.shape[1]))).scores.shape == (0, 4)
+    for hamming_only in (True, False):
+        res = index.search(codes[:2], k=8, features=None if hamming_only else feats[:2])
+        assert res.ids.shape == (2, 8) and list(res.counts) == [5, 5]
+        assert (res.ids[:, 5:] == -1).all() and (res.distances[:, 5:] == -1).all()
+    nothing = HashIndex(bits=BITS, feature_dim=feats.shape[1])
+    res = nothing.search(codes[:1], k=3)
+    assert res.ids.shape == (1, 3) and res.counts[0] == 0 and (res.ids == -1).all()
+    with pytest.raises(InvalidInput, match="numbers"):
+        index.search(codes[:1], k=3, features=["a"] * feats.shape[1])
+    with pytest.raises(InvalidInput, match="one entry per id"):
+        index.add([100, 101, 102], codes[:3], feats[:3], metadata="abc")
+    with pytest.raises(InvalidInput, match="NaN"):
+        index.add([100], codes[:1], feats[:1], metadata=[{"x": float("nan")}])
+    deep: list = []
+    for _ in range(MAX_METADATA_DEPTH):
+        deep = [deep]
+    with pytest.raises(InvalidInput, match="levels deep"):
+        index.add([100], codes[:1], feats[:1], metadata=[deep])
+    very_deep: list = []
+    for _ in range(5000):
+        very_deep = [very_deep]
+    with pytest.raises(InvalidInput, match="deeper"):
+        index.add([100], codes[:1], feats[:1], metadata=[very_deep])
+    with pytest.raises(InvalidInput, match="MAX_METADATA_BYTES"):
+        index.add([100], codes[:1], feats[:1], metadata=["x" * MAX_METADATA_BYTES])
+    assert 100 not in index and len(index) == 5  # nothing refused was stored
+    index.add([100], codes[:1], feats[:1], metadata=[{"ok": [[1]]}])
+    assert index.metadata([100]) == [{"ok": [[1]]}]

@@ -21,6 +21,7 @@ from latenthash.errors import InvalidInput, NotFound, Unauthenticated, Unavailab
 from latenthash.ingest import add_images
 from latenthash.search import Searcher
 from latenthash.server.app import ServerConfig, create_server
+from latenthash.server.wal import FILE_MAGIC
 from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
 
@@ -178,7 +179,7 @@ def test_bad_upserts_and_unknown_ids(served):
         ([pb.UpsertItem(id=1, code=b"\x00\x00\x00", feature=[0.0] * 3)], "64-d features"),
         ([pb.UpsertItem(id=1, image=b"junk")], "cannot decode"),
         ([pb.UpsertItem(id=1, code=b"\x00" * 3, feature=[1.0] * 64, metadata_json="{bad")], "not valid JSON"),
-        ([pb.UpsertItem(id=1, code=b"\x00" * 3, feature=[1.0] * 64)] * 2, "repeat an id"),
+        ([pb.UpsertItem(id=1, code=b"\x00" * 3, feature=[1.0] * 64)] * 2, "do not repeat an id"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             stub.Upsert(iter(items), timeout=10)
@@ -406,6 +407,7 @@ def test_acknowledged_upserts_survive_a_crash(index_dir, onnx_model, tmp_path, s
     code = f"""
 import sys, time
 from latenthash.server.app import ServerConfig, create_server
+from latenthash.server.wal import FILE_MAGIC
 server, port = create_server(ServerConfig(index={str(tmp_path / 'ix')!r}, model={str(onnx_model)!r}, port=0))
 print(port, flush=True)
 time.sleep(600)
@@ -429,7 +431,7 @@ time.sleep(600)
     finally:
         server.stop(1)
     reopened = HashIndex.open(tmp_path / "ix")  # graceful stop saved the index and emptied the log
-    assert len(reopened) == N_DB + 18 and (tmp_path / "ix" / "wal.log").stat().st_size == 0
+    assert len(reopened) == N_DB + 18 and (tmp_path / "ix" / "wal.log").read_bytes() == FILE_MAGIC
 
 
 def test_graceful_shutdown_finishes_in_flight_calls(index_dir, onnx_model, tmp_path, small_fashion):

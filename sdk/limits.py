@@ -1,0 +1,15 @@
+"""Every limit latenthash enforces, written once: the SDK, the server and the docs (docs/reliability.md) read them
+from here. A request past a limit is refused with `InvalidInput` (gRPC INVALID_ARGUMENT) naming the limit, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+MAX_K = 10_000  # hits per query (k), embedded and remote alike; a backend may declare a lower max_k of its own
+MAX_POOL = 1_000_000  # step-1 candidates per query (pool)
+MAX_IMAGE_PIXELS = 40_000_000  # declared width x height of an encoded image, checked before it is decoded
+MAX_METADATA_BYTES = 65_536  # one item's metadata as JSON text (UTF-8 bytes)
+MAX_METADATA_DEPTH = 64  # nesting of arrays and objects in one item's metadata
+MAX_UPSERT_ITEMS = 100_000  # items in one Upsert stream
+MAX_BATCH_QUERIES = 10_000  # requests in one SearchBatch, codes in one SearchCodes
+MAX_MESSAGE_MB = 64  # one gRPC message, either way (server and client default)

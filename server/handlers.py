@@ -1,0 +1,81 @@
+"""Registering servicers so that a malformed message is the caller's error, not the server's.
+
+grpcio answers a request that fails to deserialize with INTERNAL ("Exception deserializing request!"), and on a
+stream it can leave the handler waiting for a message that never comes. Here every service (ours, health and
+reflection) is registered from its descriptor with a deserializer that never raises: a message that does not parse
+becomes `Malformed`, and the call ends with INVALID_ARGUMENT naming what failed to parse.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+
+
+class Malformed:
+    """A request message that failed to parse, and why."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _deserializer(cls):
+    def parse(data: bytes):
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's malformed message
+            return Malformed(f"{type(exc).__name__}: {exc}")
+
+    return parse
+
+
+def _refuse(context, bad: Malformed):
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({bad.error}): send a valid "
+                                                    f"protobuf message of the method's request type")
+
+
+def _checked(requests, context):
+    """A request stream that ends the call with INVALID_ARGUMENT at the first malformed message."""
+    for request in requests:
+        if isinstance(request, Malformed):
+            _refuse(context, request)
+        yield request
+
+
+def _unary(behaviour):
+    def handle(request, context):
+        if isinstance(request, Malformed):
+            _refuse(context, request)
+        return behaviour(request, context)
+
+    return handle
+
+
+def _stream(behaviour):
+    def handle(requests, context):
+        return behaviour(_checked(requests, context), context)
+
+    return handle
+
+
+def add_service(server: grpc.Server, servicer, service: ServiceDescriptor) -> None:
+    """Register every method of `service` (a protobuf ServiceDescriptor) implemented by `servicer`."""
+    handlers = {}
+    for method in service.methods:
+        request = _deserializer(message_factory.GetMessageClass(method.input_type))
+        response = message_factory.GetMessageClass(method.output_type).SerializeToString
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming:
+            make = grpc.stream_stream_rpc_method_handler if method.server_streaming \
+                else grpc.stream_unary_rpc_method_handler
+            handlers[method.name] = make(_stream(behaviour), request_deserializer=request,
+                                         response_serializer=response)
+        else:
+            make = grpc.unary_stream_rpc_method_handler if method.server_streaming \
+                else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = make(_unary(behaviour), request_deserializer=request,
+                                         response_serializer=response)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
