@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +69,7 @@ def train(
         mc = default_model_config(ds, bits=bits, backbone=backbone, feature_dim=feature_dim, pretrained=pretrained)
         run_training(ds, out, model_config=mc, cfg=cfg, resume=resume)
         typer.echo(f"trained {bits}-bit model: {out / 'checkpoint.pt'}")
-    except LatentHashError as exc:
+    except (LatentHashError, OSError) as exc:
         _fail(exc)
 
 
@@ -92,7 +93,7 @@ def evaluate(
             save_report(report, json_out)
         keys = ("bits", "map_all", "map_at_1000", "precision_r2", "accuracy")
         typer.echo(json.dumps({k: report[k] for k in keys} | {"linear_search": report["linear_search"]}, indent=1))
-    except LatentHashError as exc:
+    except (LatentHashError, OSError) as exc:
         _fail(exc)
 
 
@@ -110,7 +111,7 @@ def export_model(
         report = export_onnx(run_dir, out, opset=opset, atol=atol)
         typer.echo(json.dumps({"path": report["path"], "bytes": report["bytes"], "checks": report["checks"]},
                               indent=1))
-    except LatentHashError as exc:
+    except (LatentHashError, OSError) as exc:
         _fail(exc)
 
 
@@ -136,21 +137,27 @@ def build_index(
     try:
         import numpy as np
 
-        from latenthash.backend import open_index
+        from latenthash.backend import index_directory, open_index
         from latenthash.encoder import Encoder
         from latenthash.export.data import load_dataset
+        from latenthash.index import HashIndex
         from latenthash.ingest import add_images
+        from latenthash.storage import DirLock
 
         encoder = Encoder.open(model, runtime=runtime)
         ds = load_dataset(dataset, data_dir)
         part = ds.train if split == "train" else ds.test
         images, labels = part.images[:limit], part.labels[:limit]
         shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim}
-        if "://" not in out and not add:
-            shape["feature_dtype"] = feature_dtype
-            if (Path(out) / "CURRENT").exists():
-                raise LatentHashError(f"an index already exists at {out}: pass --add to append, or another --out")
-        index = open_index(out, create=not add, **shape)
+        if index_directory(out) is not None and not add and (index_directory(out) / "CURRENT").exists():
+            raise LatentHashError(f"an index already exists at {out}: pass --add to append, or another --out")
+        root = index_directory(out)
+        lock = DirLock(root)  # held until the index is saved: no server or other indexer writes meanwhile
+        if root is not None and not add:  # built in memory and saved once complete: an interrupted run leaves nothing
+            index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
+                              path=root)
+        else:
+            index = open_index(out, create=not add, **shape)
         index.model_info = encoder.info.to_dict()
         start = int(index.ids.max()) + 1 if add and len(index) else 0
         if ds.multilabel:
@@ -170,15 +177,16 @@ def build_index(
         else:
             add_images(index, encoder, images, ids=ids, metadata=metadata)
         index.save()
+        lock.release()
         typer.echo(json.dumps(index.stats(), indent=1))
-    except LatentHashError as exc:
+    except (LatentHashError, OSError) as exc:
         _fail(exc)
 
 
 @app.command()
 def serve(
-    index: str = typer.Option(..., help="index directory or milvus://host:19530/collection (created from the model "
-                                        "when missing)"),
+    index: str = typer.Option(..., help="index directory or milvus://host:19530/collection"),
+    create: bool = typer.Option(False, "--create", help="create the index (from the model's shape) when missing"),
     model: Optional[Path] = typer.Option(None, help="exported ONNX model (needed for image queries)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces"),
     port: int = typer.Option(50051),
@@ -198,13 +206,28 @@ def serve(
 
         if bool(tls_cert) != bool(tls_key):
             raise LatentHashError("TLS needs both --tls-cert and --tls-key")
+        if token is None and os.environ.get("LATENTHASH_TOKEN") == "":  # set but empty: refused, not ignored
+            token = ""
         run_server(ServerConfig(index=index, model=str(model) if model else None, host=host, port=port,
                                 token=token, tls_cert=str(tls_cert) if tls_cert else None,
                                 tls_key=str(tls_key) if tls_key else None, runtime=runtime, metrics_port=metrics_port,
                                 batch_max=batch_max, batch_delay_ms=batch_delay_ms,
-                                search_batch_max=search_batch_max))
-    except LatentHashError as exc:
+                                search_batch_max=search_batch_max, create=create))
+    except (LatentHashError, OSError) as exc:
         _fail(exc)
+    _exit_even_if_stuck()
+
+
+def _exit_even_if_stuck() -> None:
+    """The server is stopped and its index checkpointed; a handler thread that a broken client left waiting must
+    not keep the process alive past its grace period."""
+    import sys
+    import threading
+
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 @app.command()
@@ -219,7 +242,7 @@ def quickstart(
         from latenthash.export.quickstart import run
 
         run(out, dataset=dataset, bits=bits, epochs=epochs)
-    except LatentHashError as exc:
+    except (LatentHashError, OSError) as exc:
         _fail(exc)
 
 

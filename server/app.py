@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 
 from latenthash.backend import index_directory, open_index
-from latenthash.errors import InvalidInput, NotFound
+from latenthash.errors import InvalidInput, LatentHashError, NotFound
 from latenthash.limits import MAX_MESSAGE_MB
 from latenthash.search import Searcher
 from latenthash.storage import DirLock
@@ -131,8 +131,11 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
         replayed = wal.replay(index)
         if replayed or wal.found.damaged:
             log.info(json.dumps({"event": "wal_replayed", "records": replayed, "items": len(index)}))
-            index.save()  # start from a clean log: crashes never pile up log to replay
-            wal.truncate()
+            try:  # start from a clean log: crashes never pile up log to replay
+                index.save()
+                wal.truncate()
+            except (OSError, LatentHashError) as exc:  # a full disk: serve on, the log keeps everything
+                log.error(json.dumps({"event": "checkpoint_failed", "error": str(exc), "wal_bytes": wal.size()}))
     except BaseException:
         lock.release()
         raise

@@ -3,7 +3,8 @@
 grpcio answers a request that fails to deserialize with INTERNAL ("Exception deserializing request!"), and on a
 stream it can leave the handler waiting for a message that never comes. Here every service (ours, health and
 reflection) is registered from its descriptor with a deserializer that never raises: a message that does not parse
-becomes `Malformed`, and the call ends with INVALID_ARGUMENT naming what failed to parse.
+becomes `Malformed`, and the call ends with INVALID_ARGUMENT naming what failed to parse (on a request stream, where
+the handler reads that message: the messages before it are handled as usual).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
+
+from latenthash.errors import InvalidInput
 
 
 class Malformed:
@@ -32,31 +35,47 @@ def _deserializer(cls):
     return parse
 
 
-def _refuse(context, bad: Malformed):
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message ({bad.error}): send a valid "
-                                                    f"protobuf message of the method's request type")
+class MalformedRequest(InvalidInput):
+    """A message of a request stream failed to parse (raised where the handler reads it)."""
 
 
-def _checked(requests, context):
-    """A request stream that ends the call with INVALID_ARGUMENT at the first malformed message."""
+def _message(bad: Malformed) -> str:
+    return f"malformed request message ({bad.error}): send a valid protobuf message of the method's request type"
+
+
+def _checked(requests):
+    """A request stream that raises MalformedRequest at the first message that failed to parse."""
     for request in requests:
         if isinstance(request, Malformed):
-            _refuse(context, request)
+            raise MalformedRequest(_message(request))
         yield request
 
 
 def _unary(behaviour):
     def handle(request, context):
         if isinstance(request, Malformed):
-            _refuse(context, request)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _message(request))
         return behaviour(request, context)
 
     return handle
 
 
-def _stream(behaviour):
+def _stream_unary(behaviour):
     def handle(requests, context):
-        return behaviour(_checked(requests, context), context)
+        try:
+            return behaviour(_checked(requests), context)
+        except MalformedRequest as exc:  # a servicer that does not map errors itself (ours does: same status)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    return handle
+
+
+def _stream_stream(behaviour):
+    def handle(requests, context):
+        try:
+            yield from behaviour(_checked(requests), context)
+        except MalformedRequest as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     return handle
 
@@ -68,11 +87,12 @@ def add_service(server: grpc.Server, servicer, service: ServiceDescriptor) -> No
         request = _deserializer(message_factory.GetMessageClass(method.input_type))
         response = message_factory.GetMessageClass(method.output_type).SerializeToString
         behaviour = getattr(servicer, method.name)
-        if method.client_streaming:
-            make = grpc.stream_stream_rpc_method_handler if method.server_streaming \
-                else grpc.stream_unary_rpc_method_handler
-            handlers[method.name] = make(_stream(behaviour), request_deserializer=request,
-                                         response_serializer=response)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _stream_stream(behaviour), request_deserializer=request, response_serializer=response)
+        elif method.client_streaming:
+            handlers[method.name] = grpc.stream_unary_rpc_method_handler(
+                _stream_unary(behaviour), request_deserializer=request, response_serializer=response)
         else:
             make = grpc.unary_stream_rpc_method_handler if method.server_streaming \
                 else grpc.unary_unary_rpc_method_handler

@@ -8,7 +8,7 @@ import pytest
 import latenthash
 from latenthash import HashIndex, open_index
 from latenthash.codes import pack_codes
-from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound, StorageUnavailable
+from latenthash.errors import IndexCorrupt, InvalidInput, ModelMismatch, NotFound, StorageFull
 
 BITS, DIM = 48, 16
 
@@ -177,7 +177,7 @@ def test_interrupted_save_leaves_previous_version(rng, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("latenthash.index.os.replace", crash)  # dies before CURRENT switches
-    with pytest.raises(StorageUnavailable, match="cannot save the index"):
+    with pytest.raises(StorageFull, match="cannot save the index .*disk full"):
         index.save()
     monkeypatch.undo()
     reopened = HashIndex.open(tmp_path / "ix")

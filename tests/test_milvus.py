@@ -200,7 +200,7 @@ def test_the_service_on_milvus_answers_like_the_embedded_searcher(tmp_path, onnx
     from latenthash.search import Searcher
     from latenthash.server.app import ServerConfig, create_server
 
-    server, port = create_server(ServerConfig(index=lite_uri(tmp_path), model=str(onnx_model), port=0))
+    server, port = create_server(ServerConfig(index=lite_uri(tmp_path), model=str(onnx_model), port=0, create=True))
     enc = Encoder.open(onnx_model)
     embedded = Searcher(HashIndex(bits=enc.bits, feature_dim=enc.feature_dim, feature_dtype="float32"), enc)
     images, labels = small_fashion.train.images[:400], small_fashion.train.labels[:400]

@@ -481,3 +481,54 @@ def test_metrics_endpoint(index_dir, onnx_model, tmp_path):
 def test_stubs_are_fresh():
     proc = subprocess.run([sys.executable, "proto/generate.py", "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_hostile_images_are_invalid_argument_on_every_image_path(served):
+    """Issue 17 cases 6 and 7: decompression bombs, broken chunks, unsupported modes and images over the pixel limit
+    answer INVALID_ARGUMENT on Search, SearchStream, Upsert and Encode, and the server keeps serving."""
+    from test_export_encoder import hostile_images
+
+    server, client, embedded, _ = served
+    stub = pb_grpc.HashSearchStub(client.channel)
+    for name, data in hostile_images().items():
+        calls = [lambda: stub.Search(pb.SearchRequest(query=pb.Query(image=data), k=3), timeout=10),
+                 lambda: list(stub.SearchStream(iter([pb.SearchRequest(query=pb.Query(image=data), k=3)]),
+                                                timeout=10)),
+                 lambda: stub.Upsert(iter([pb.UpsertItem(id=1, image=data)]), timeout=10),
+                 lambda: stub.Encode(pb.EncodeRequest(images=[data]), timeout=10)]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+    assert client.stats()["count"] == N_DB
+
+
+def test_error_class_and_request_index_travel_both_ways(served):
+    """The class a server raised comes back as that class (DataError and ModelMismatch share FAILED_PRECONDITION),
+    with the failing request's index as a field, also past the client's own chunking."""
+    from latenthash import errors
+    from latenthash.client import _error
+
+    server, client, embedded, _ = served
+    good = pb.SearchRequest(query=pb.Query(code=b"\x00" * 3), k=3)
+    bad = pb.SearchRequest(query=pb.Query(code=b"\x00" * 2), k=3)
+    with pytest.raises(grpc.RpcError) as info:
+        pb_grpc.HashSearchStub(client.channel).SearchBatch(pb.SearchBatchRequest(requests=[good, good, bad]))
+    back = _error(info.value)
+    assert type(back) is InvalidInput and back.request_index == 2 and "code has 2 bytes" in str(back)
+    for cls in (errors.DataError, errors.ModelMismatch, errors.IndexCorrupt, errors.StorageFull,
+                errors.StorageUnavailable, errors.NotFound, errors.InvalidInput):
+        exc = cls("boom").at(7)
+
+        class Fake(grpc.RpcError):
+            def code(self):
+                return getattr(grpc.StatusCode, exc.grpc_code)
+
+            def details(self):
+                return str(exc)
+
+            def trailing_metadata(self):
+                return errors.to_trailers(exc)
+
+        back = _error(Fake())
+        assert type(back) is cls and back.request_index == 7 and str(back).startswith("request 7: boom")
