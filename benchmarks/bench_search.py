@@ -3,6 +3,7 @@ two-step search against exhaustive cosine search, and index open / first-query /
 
     python benchmarks/bench_search.py hamming   [--quick]
     python benchmarks/bench_search.py twostep   --run RUN_DIR
+    python benchmarks/bench_search.py fidelity  --run RUN_DIR --queries 1000   (the real database, recall beside time)
     python benchmarks/bench_search.py index
 
 Same data, same process, interleaved repetitions, medians; thread counts of Numba and faiss set explicitly.
@@ -239,6 +240,81 @@ def bench_twostep(run_dir: str, n: int, n_queries: int, dtypes: list[str]) -> di
     return out
 
 
+def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) -> dict:
+    """The two-step search on the real database (the training images, encoded by the run's exported model.onnx)
+    against exhaustive cosine search over the same stored features: recall@k beside every time, over the pool
+    knob, single queries, medians; class precision@k beside. Draws recall against time as a PNG."""
+    from latenthash.encoder import Encoder
+    from latenthash.export.data import load_dataset
+    from latenthash.export.train import load_model
+
+    _, ckpt = load_model(run_dir)
+    ds = load_dataset(ckpt["dataset"])
+    enc = Encoder.open(Path(run_dir) / "model.onnx")
+    db, q = enc.encode(ds.train.images), enc.encode(ds.test.images[:n_queries])
+    index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)  # the default storage (float16)
+    index.add(np.arange(len(db)), db.codes, db.features)
+    index.warmup()
+    stored = index.get(np.arange(len(db))).features  # what the index ranks by, as float32, L2-normalized
+    qn = q.features / np.linalg.norm(q.features, axis=1, keepdims=True)
+    labels, qlabels = ds.train.labels, ds.test.labels[:n_queries]
+
+    def exhaustive(i):
+        s = stored @ qn[i]
+        top = np.argpartition(-s, k)[:k]
+        return top[np.argsort(-s[top])]
+
+    truth = [exhaustive(i) for i in range(n_queries)]
+    kernels.set_threads(2)
+    t_lin = statistics.median(timed(lambda i=i: exhaustive(i), 1)[0] for i in range(n_queries))
+    prec_lin = float(np.mean([(labels[truth[i]] == qlabels[i]).mean() for i in range(n_queries)]))
+    out = {"n": len(db), "bits": enc.bits, "k": k, "queries": n_queries, "exhaustive_ms": t_lin * 1e3,
+           "exhaustive_precision": prec_lin, "distinct_codes": int(len(np.unique(db.codes, axis=0))), "rows": []}
+    print(f"exhaustive cosine (numpy float32 matmul, {len(db)} x {enc.feature_dim}): {t_lin * 1e3:.3f} ms/query, "
+          f"class precision@{k} {prec_lin:.4f}")
+    print(f"| pool (knob) | ms/query | speed-up | recall@{k} vs exhaustive | class precision@{k} |\n|" + "---|" * 5)
+    for pool in pools:
+        times, recall, prec = [], [], []
+        for i in range(n_queries):
+            t0 = time.perf_counter()
+            res = index.search(q.codes[i], k=k, features=q.features[i], pool=pool)
+            times.append(time.perf_counter() - t0)
+            recall.append(len(np.intersect1d(res.ids[0], truth[i])) / k)
+            prec.append(float((labels[res.ids[0]] == qlabels[i]).mean()))
+        t = statistics.median(times)
+        row = {"pool": pool, "ms": t * 1e3, "speedup": t_lin / t, "recall": float(np.mean(recall)),
+               "precision": float(np.mean(prec))}
+        out["rows"].append(row)
+        print(f"| {pool}{' (default)' if pool == max(10 * k, 1000) else ''} | {t * 1e3:.3f} | {t_lin / t:.1f}x | "
+              f"{row['recall']:.4f} | {row['precision']:.4f} |", flush=True)
+    plot_fidelity(out, Path(__file__).parent / "plots" / f"twostep_recall_{len(db)}.png")
+    return out
+
+
+def plot_fidelity(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ms = [r["ms"] for r in out["rows"]]
+    ax.plot(ms, [r["recall"] for r in out["rows"]], "o-", label="two-step (Hamming shells, cosine re-rank)")
+    for r in out["rows"]:
+        ax.annotate(f"pool {r['pool']}", (r["ms"], r["recall"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7)
+    ax.axvline(out["exhaustive_ms"], color="grey", ls="--", label=f"exhaustive cosine ({out['exhaustive_ms']:.2f} ms)")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("ms per query (one query, median)")
+    ax.set_ylabel(f"recall@{out['k']} against exhaustive cosine")
+    ax.set_title(f"{out['n']:,} real items, {out['bits']}-bit codes, {out['queries']} test queries", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def bench_index(n: int = 1_000_000, bits: int = 48, dim: int = 256) -> dict:
     """Save / open time, first-query latency after open, bytes per item (float16 features, small metadata)."""
     rng = np.random.default_rng(0)
@@ -275,12 +351,14 @@ def main() -> None:
         lib, bits, n, threads = sys.argv[2], *map(int, sys.argv[3:6])
         print(json.dumps(measure(lib, bits, n, threads)))
         return
-    ap.add_argument("part", choices=["hamming", "twostep", "index"])
+    ap.add_argument("part", choices=["hamming", "twostep", "fidelity", "index"])
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--bits", type=int, nargs="+", help="hamming: only the 1M rows of these code lengths")
     ap.add_argument("--run", help="training run directory (twostep)")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--pools", type=int, nargs="+", default=[1000, 2000, 4000, 6000, 10000, 20000],
+                    help="fidelity: values of the pool knob")
     ap.add_argument("--feature-dtypes", nargs="+", default=["float32", "float16", "int8"],
                     help="twostep: feature storage types to compare")
     args = ap.parse_args()
@@ -293,6 +371,10 @@ def main() -> None:
         if not args.run:
             ap.error("twostep needs --run RUN_DIR (a trained model)")
         result = bench_twostep(args.run, args.n, args.queries, args.feature_dtypes)
+    elif args.part == "fidelity":
+        if not args.run:
+            ap.error("fidelity needs --run RUN_DIR (a trained and exported model)")
+        result = bench_fidelity(args.run, args.queries, args.pools)
     else:
         result = bench_index(args.n)
     print(load_note().replace("before", "after"))

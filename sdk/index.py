@@ -35,6 +35,7 @@ from latenthash.storage import DirLock
 FORMAT = "latenthash-index"
 VERSION = 1
 FEATURE_DTYPES = ("float32", "float16", "int8")
+RESCORE = 4  # candidates per hit that step 2 re-scores exactly after the int8 pass over a pool of buckets
 
 
 @dataclass(frozen=True)
@@ -219,9 +220,12 @@ class HashIndex:
                rerank: bool | None = None, threads: int | None = None) -> SearchResult:
         """Two-step search for one query code or a batch.
 
-        Step 1 takes the Hamming candidate pool: the `pool` nearest codes (default max(10 k, 1000)), or every code
-        within `radius`. Step 2 (when `features` are given and the index stores features; `rerank=False` skips it)
-        re-ranks the pool by cosine similarity and keeps the best k. Without step 2, the result is the exact
+        Step 1 takes the Hamming candidate pool by distance: every item at distance <= d*, the smallest distance at
+        which at least `pool` items are covered (default max(10 k, 1000)): whole distance shells, so a tie at the
+        boundary is never cut by storage order; or every item within `radius`. Step 2 (when `features` are given
+        and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine similarity and keeps
+        the best k (a large index scores its pool from int8 copies laid out by code, then re-scores the best
+        RESCORE x k exactly). `pool` is the knob that trades recall for speed (docs/usage.md has its curve). Without step 2, the result is the exact
         Hamming top-k (or, with `radius`, every code within it, nearest first, at most k when k is given)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
                                  feature_dim=self.feature_dim)
@@ -234,19 +238,54 @@ class HashIndex:
         if threads is not None:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
-        want = max(10 * k, 1000) if pool is None else pool
-        step1 = want if do_rerank else k
-        if radius is None:
-            rows, dists, counts = self._topk_rows(snap, qw, step1)
-        else:
-            rows, dists, counts = self._radius_rows(snap, qw, radius, step1)
+        target = max(10 * k, 1000) if pool is None else pool
         if not do_rerank:
+            if radius is None:
+                rows, dists, counts = self._topk_rows(snap, qw, k)
+            else:
+                rows, dists, counts = self._radius_rows(snap, qw, radius, k)
             if counts.min() == rows.shape[1] == k:  # no padding to keep
                 return SearchResult(snap.ids[rows], dists, counts)
             ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
             return padded(ids, dists, counts, None, k)
+        if radius is not None:
+            rows, dists, counts = self._radius_rows(snap, qw, radius, target)
+        else:
+            buckets = self._buckets.get(snap)
+            if buckets is not None and buckets.features is not None:
+                rows, dists, counts = self._shell_candidates(snap, buckets, qw, qf, target, k)
+            else:
+                rows, dists, counts = self._shell_rows(snap, qw, target)
         pos, scores = self._rerank(snap, qf, rows, counts, k)
         return SearchResult(*_kernels().take_hits(pos, rows, dists, snap.ids), scores)
+
+    def _shell_rows(self, snap: _Snapshot, qw: np.ndarray, target: int):
+        """Step 1 by scan: every row at distance <= d*, the smallest distance that reaches `target` rows (whole
+        distance shells: a tie at the boundary is never cut by storage order), nearest first."""
+        hist = self.radius_counts_words(snap, qw)
+        shells = np.minimum(np.cumsum(hist, axis=1), snap.n)
+        need = shells[np.arange(len(qw)), np.minimum(np.argmax(shells >= min(target, snap.n), axis=1), self.bits)]
+        rows, dists, counts = self._topk_rows(snap, qw, max(1, int(need.max())))
+        return rows, dists, np.minimum(counts, need)
+
+    def _shell_candidates(self, snap: _Snapshot, buckets, qw: np.ndarray, qf: np.ndarray, target: int, k: int):
+        """Step 1 by buckets (whole distance shells, as `_shell_rows`), scored in bucket order from int8 copies;
+        the best few per query go on to the exact re-score from the stored features."""
+        K = _kernels()
+        qoff, picked, _, nrows = K.shell_buckets(buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1],
+                                                 buckets.offsets, qw.reshape(-1), np.int64(target), self.bits)
+        keep = min(int(nrows.max(initial=1)), RESCORE * k)
+        pos, _ = K.score_shells(qf, buckets.features, buckets.scales, buckets.offsets, qoff, picked, nrows,
+                                np.int64(max(keep, 1)))
+        rows = np.where(pos >= 0, buckets.rows[np.maximum(pos, 0)], -1)
+        found = rows >= 0
+        diff = snap.words[np.maximum(rows, 0)] ^ qw[:, None, :]
+        dists = np.where(found, np.unpackbits(diff.view(np.uint8), axis=-1).sum(-1, dtype=np.int64), -1)
+        return rows, dists, found.sum(1)
+
+    def radius_counts_words(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
+        return _kernels().radius_counts(snap.words[: snap.n].reshape(-1), snap.n, qw.shape[1], qw.reshape(-1),
+                                        self.bits)
 
     @staticmethod
     def _rerank(snap: _Snapshot, qf: np.ndarray, rows: np.ndarray, counts: np.ndarray, k: int):
@@ -292,10 +331,7 @@ class HashIndex:
 
     def radius_counts(self, codes) -> np.ndarray:
         """How many items lie at each Hamming distance 0..bits from each query: int64 (Q, bits + 1)."""
-        qw = self._query_words(codes)
-        snap = self._snap
-        return _kernels().radius_counts(snap.words[: snap.n].reshape(-1), snap.n, qw.shape[1], qw.reshape(-1),
-                                        self.bits)
+        return self.radius_counts_words(self._snap, self._query_words(codes))
 
     def warmup(self) -> float:
         """Compile (or load cached) kernels for this index's array types, off the query path; returns the seconds.
@@ -320,6 +356,12 @@ class HashIndex:
             qf = normalize(np.zeros((2, self.feature_dim), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)
+            offsets = np.array([0, 1], np.int64)
+            for n_q in (1, 2):  # the step 2 of bucketed indexes (see _shell_candidates)
+                qoff, picked, _, nrows = K.shell_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], offsets,
+                                                         qw[:n_q].reshape(-1), np.int64(1), self.bits)
+                K.score_shells(qf[:n_q], np.zeros((1, self.feature_dim), np.int8), np.ones(1, np.float32), offsets,
+                               qoff, picked, nrows, np.int64(1))
         return time.perf_counter() - t0
 
     def stats(self) -> dict:

@@ -512,6 +512,7 @@ def radius_search(db, n, w, qs, radius, limits):
     return offsets, found, ids, dists
 
 
+
 # float16 -> float32 by table: Numba has no float16 arrays, so half features travel as their uint16 bit patterns.
 F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 NO_TABLE = np.empty(0, np.float32)
@@ -603,6 +604,97 @@ def _keep_best(scores, k, out_p, out_s):
     for j in range(min(k, order.shape[0])):
         out_p[j] = order[j]
         out_s[j] = scores[order[j]]
+
+
+@njit(cache=True)
+def _shell_cut(ucodes, nu, w, offsets, q, target, bits, dist):
+    """Distances of one query to the nu distinct codes (into dist) and the shell distance d*: the smallest d with at
+    least `target` rows at distance <= d (bits when the index holds fewer)."""
+    _distances(ucodes, 0, nu, q, w, dist)
+    hist = np.zeros(bits + 1, np.int64)
+    for u in range(nu):
+        hist[dist[u]] += offsets[u + 1] - offsets[u]
+    covered = np.int64(0)
+    for d in range(bits + 1):
+        covered += hist[d]
+        if covered >= target:
+            return d
+    return bits
+
+
+@njit(parallel=True, cache=True)
+def shell_buckets(ucodes, nu, w, offsets, qs, target, bits):
+    """Step 1 by distance: for each query, every bucket at distance <= d* (see `_shell_cut`), nearest first (ties
+    by bucket). A tie at the boundary distance is never cut: the pool is whole distance shells.
+
+    Returns (qoff (nq + 1,), picked buckets, their distances, rows per query): query i's buckets are
+    picked[qoff[i]:qoff[i + 1]]."""
+    nq = qs.shape[0] // w
+    cuts = np.empty(nq, np.int64)
+    nb = np.zeros(nq + 1, np.int64)
+    for i in prange(nq):
+        dist = np.empty(nu, np.int64)
+        cuts[i] = _shell_cut(ucodes, nu, w, offsets, qs[i * w:(i + 1) * w], target, bits, dist)
+        m = 0
+        for u in range(nu):
+            m += dist[u] <= cuts[i]
+        nb[i + 1] = m
+    for i in range(nq):
+        nb[i + 1] += nb[i]
+    picked = np.empty(nb[nq], np.int64)
+    pdist = np.empty(nb[nq], np.int64)
+    nrows = np.zeros(nq, np.int64)
+    for i in prange(nq):
+        dist = np.empty(nu, np.int64)
+        _distances(ucodes, 0, nu, qs[i * w:(i + 1) * w], w, dist)
+        keys = np.empty(nb[i + 1] - nb[i], np.int64)
+        m = 0
+        for u in range(nu):
+            if dist[u] <= cuts[i]:
+                keys[m] = dist[u] * nu + u
+                m += 1
+        keys.sort()
+        for j in range(m):
+            u = keys[j] % nu
+            picked[nb[i] + j] = u
+            pdist[nb[i] + j] = keys[j] // nu
+            nrows[i] += offsets[u + 1] - offsets[u]
+    return nb, picked, pdist, nrows
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def score_shells(qf, feats, scales, offsets, qoff, picked, nrows, keep):
+    """Step 2 over bucket-ordered int8 features: every row of each query's picked buckets is scored (contiguous
+    reads: a bucket's rows lie together), and the `keep` best positions (into the bucket order) are returned with
+    their scores, best first, ties by pool order. (nq, keep) int64 -1 padded, float32 NaN padded."""
+    nq = qf.shape[0]
+    out_p = np.full((nq, keep), -1, np.int64)
+    out_s = np.full((nq, keep), np.nan, np.float32)
+    for i in range(nq):
+        lo, hi = qoff[i], qoff[i + 1]
+        starts = np.empty(hi - lo + 1, np.int64)
+        starts[0] = 0
+        for b in range(lo, hi):
+            u = picked[b]
+            starts[b - lo + 1] = starts[b - lo] + offsets[u + 1] - offsets[u]
+        scores = np.empty(nrows[i], np.float32)
+        where = np.empty(nrows[i], np.int64)
+        q = qf[i]
+        for b in prange(lo, hi):
+            u = picked[b]
+            s0 = starts[b - lo]
+            for r in range(offsets[u], offsets[u + 1]):
+                acc = np.float32(0.0)
+                for t in range(q.shape[0]):
+                    acc += q[t] * np.float32(feats[r, t])
+                scores[s0 + r - offsets[u]] = acc * scales[r]
+                where[s0 + r - offsets[u]] = r
+        best_p = np.full(keep, -1, np.int64)
+        _keep_best(scores, keep, best_p, out_s[i])
+        for j in range(keep):
+            if best_p[j] >= 0:
+                out_p[i, j] = where[best_p[j]]
+    return out_p, out_s
 
 
 @njit(cache=True)

@@ -47,11 +47,13 @@ def test_two_step_search(rng, dtype):
     res = index.search(q, k=5, features=qf, pool=300)
     assert (res.ids[:, 0] == ids[:4]).all()  # the item itself: distance 0 and cosine ~1
     assert (np.diff(res.scores, axis=1) <= 1e-6).all()
-    order, _ = brute(codes, q, 300)
+    order, dist = brute(codes, q, len(codes))
     fn = index.get(ids).features  # stored (quantized) features: the ranking must follow them exactly
     qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
     for i in range(4):
-        ref = order[i][np.argsort(-(fn[order[i]] @ qn[i]), kind="stable")][:5]
+        shells = order[i][dist[i] <= dist[i, 299]]  # the pool: whole distance shells covering 300 items, no tie cut
+        assert len(shells) > 300
+        ref = shells[np.argsort(-(fn[shells] @ qn[i]), kind="stable")][:5]
         np.testing.assert_array_equal(res.ids[i], ids[ref])
     plain = index.search(q, k=5, features=qf, rerank=False)
     assert plain.scores is None

@@ -101,7 +101,7 @@ def check_topk_buckets(db, qs, bits, k):
     from latenthash import buckets as B
 
     class Snapshot:  # what buckets read of an index snapshot
-        n, words = len(db), to_words(db, bits)
+        n, words, features = len(db), to_words(db, bits), None
 
     dw, qw = to_words(db, bits), to_words(qs, bits)
     dist = brute_distances(qw, dw)
@@ -214,3 +214,41 @@ def test_unit_rows(rng):
         y = x.copy()
         y[5, 7] = bad
         assert not K.unit_rows(y)[1]
+
+
+@pytest.mark.parametrize("target", [1, 50, 700, 5000])
+def test_shell_buckets_and_score_shells_against_numpy(rng, target):
+    """Step 1 by shells: every row at distance <= the smallest d covering `target` rows, never a cut tie; step 2's
+    int8 pass scores exactly those rows and keeps the best by score (checked against numpy on the same int8 rows)."""
+    from latenthash import buckets as B
+
+    bits, dim = 48, 24
+    centers = rng.random((30, bits)) < 0.5
+    db = pack_codes(centers[rng.integers(0, 30, 4000)] ^ (rng.random((4000, bits)) < 0.002), bits)  # collapsed
+    feats = rng.standard_normal((4000, dim)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+
+    class Snapshot:
+        n, words, features, scales = len(db), to_words(db, bits), feats, None
+
+    b = B.build(Snapshot())
+    qs = pack_codes(centers[:3] ^ (rng.random((3, bits)) < 0.05), bits)
+    qw = to_words(qs, bits)
+    qf = feats[:3] + 0.1 * rng.standard_normal((3, dim)).astype(np.float32)
+    qf /= np.linalg.norm(qf, axis=1, keepdims=True)
+    qoff, picked, pdist, nrows = K.shell_buckets(b.codes.reshape(-1), len(b.codes), 1, b.offsets, qw.reshape(-1),
+                                                 np.int64(target), bits)
+    dist = brute_distances(qw, to_words(db, bits))
+    pos, scores = K.score_shells(qf, b.features, b.scales, b.offsets, qoff, picked, nrows, np.int64(7))
+    for i in range(3):
+        cut = np.sort(dist[i])[min(target, len(db)) - 1]
+        shell = np.flatnonzero(dist[i] <= cut)
+        mine = np.concatenate([b.rows[b.offsets[u]:b.offsets[u + 1]] for u in picked[qoff[i]:qoff[i + 1]]])
+        np.testing.assert_array_equal(np.sort(mine), shell)  # exactly the shells, nothing cut
+        assert nrows[i] == len(shell) and (np.diff(pdist[qoff[i]:qoff[i + 1]]) >= 0).all()
+        where = np.argsort(b.rows)[shell]  # the rows' positions in bucket order
+        ref_s = (b.features[where].astype(np.float32) @ qf[i]) * b.scales[where]
+        m = min(7, len(shell))
+        best = where[np.argsort(-ref_s, kind="stable")[:m]]
+        np.testing.assert_allclose(scores[i, :m], np.sort(ref_s)[::-1][:m], rtol=1e-5)
+        assert set(pos[i, :m].tolist()) == set(best.tolist()) and (pos[i, m:] == -1).all()
