@@ -30,7 +30,7 @@ from latenthash.backend import (Items, SearchResult, check_features, check_ids, 
 from latenthash.buckets import BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
-from latenthash.storage import DirLock
+from latenthash.storage import DirLock, fsync_dir
 
 FORMAT = "latenthash-index"
 VERSION = 1
@@ -417,11 +417,11 @@ class HashIndex:
                   "feature_dtype": self.feature_dtype, "count": n, "code_layout": "uint64-le-words",
                   "files": files, "model": self.model_info, "saved_at": time.time()}
         head = _write_file(gen_dir / "header.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
-        _fsync_dir(gen_dir)
+        fsync_dir(gen_dir)
         tmp = root / "CURRENT.tmp"
         _write_file(tmp, lambda f: f.write(f"{gen_dir.name}\nheader-sha256 {head['sha256']}\n".encode()))
         os.replace(tmp, root / "CURRENT")
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in root.glob("gen-*"):
             if old.name != gen_dir.name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -540,14 +540,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_current(root: Path) -> tuple[str, str | None] | None:

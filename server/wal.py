@@ -34,6 +34,7 @@ from typing import Iterator
 import numpy as np
 
 from latenthash.errors import storage_error
+from latenthash.storage import fsync_dir
 
 log = logging.getLogger("latenthash.server")
 FILE_MAGIC = b"LHWAL2\r\n"
@@ -217,7 +218,7 @@ class WriteAheadLog:
                 os.ftruncate(self._fd, self._end)
                 os.fsync(self._fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def records(self) -> Iterator[Record]:
         """The intact records found when the log was opened, in order."""
@@ -296,11 +297,3 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
