@@ -47,14 +47,11 @@ class SearchResult:
 
 def padded(ids: np.ndarray, distances: np.ndarray, counts: np.ndarray, scores: np.ndarray | None,
            k: int) -> SearchResult:
-    """A result of exactly k columns (cut or padded with -1 / -1 / NaN): every backend's and the client's results
-    have the same shape for the same call, whatever the index holds."""
-    q, width = ids.shape
+    """A result of at most k columns padded to exactly k (-1 / -1 / NaN): every backend's results have the same
+    shape for the same call, whatever the index holds."""
+    width = ids.shape[1]
     if width == k:
         return SearchResult(ids, distances, counts, scores)
-    if width > k:
-        return SearchResult(ids[:, :k], distances[:, :k], np.minimum(counts, k),
-                            None if scores is None else scores[:, :k])
     grow = ((0, 0), (0, k - width))
     return SearchResult(np.pad(ids, grow, constant_values=-1), np.pad(distances, grow, constant_values=-1), counts,
                         None if scores is None else np.pad(scores, grow, constant_values=np.nan))
@@ -181,12 +178,10 @@ def parse_metadata_json(text: str, i: int = 0):
         raise InvalidInput(f"metadata {i} holds {name}, which is not standard JSON")
 
     try:
-        return json.loads(text, parse_constant=refuse)
-    except RecursionError:  # pragma: no cover - _check_json_text bounds the depth first
-        raise InvalidInput(f"metadata {i} nests deeper than {MAX_METADATA_DEPTH} levels") from None
+        return json.loads(text, parse_constant=refuse)  # the depth is bounded above, so no RecursionError
+    except InvalidInput:
+        raise
     except ValueError as exc:
-        if isinstance(exc, InvalidInput):
-            raise
         raise InvalidInput(f"metadata {i} is not valid JSON: {exc}") from None
 
 

@@ -149,35 +149,35 @@ def build_index(
         part = ds.train if split == "train" else ds.test
         images, labels = part.images[:limit], part.labels[:limit]
         shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim}
-        if index_directory(out) is not None and not add and (index_directory(out) / "CURRENT").exists():
-            raise LatentHashError(f"an index already exists at {out}: pass --add to append, or another --out")
         root = index_directory(out)
-        lock = DirLock(root)  # held until the index is saved: no server or other indexer writes meanwhile
-        if root is not None and not add:  # built in memory and saved once complete: an interrupted run leaves nothing
-            index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
-                              path=root)
-        else:
-            index = open_index(out, create=not add, **shape)
-        index.model_info = encoder.info.to_dict()
-        start = int(index.ids.max()) + 1 if add and len(index) else 0
-        if ds.multilabel:
-            metadata = [{"labels": [ds.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
-        else:
-            metadata = [{"label": int(c), "class": ds.class_names[c]} for c in labels]
-        if part.paths:
-            for m, p in zip(metadata, part.paths):
-                m["path"] = p
-        ids = np.arange(start, start + len(images))
-        if ray:
-            from latenthash.ray_ingest import add_images_ray
+        if root is not None and not add and (root / "CURRENT").exists():
+            raise LatentHashError(f"an index already exists at {out}: pass --add to append, or another --out")
+        with DirLock(root):  # held until the index is saved: no server or other indexer writes meanwhile
+            if root is not None and not add:  # built in memory, saved once complete: an interrupted run leaves none
+                index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
+                                  path=root)
+            else:
+                index = open_index(out, create=not add, **shape)
+            index.model_info = encoder.info.to_dict()
+            start = int(index.ids.max()) + 1 if add and len(index) else 0
+            if ds.multilabel:
+                metadata = [{"labels": [ds.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
+            else:
+                metadata = [{"label": int(c), "class": ds.class_names[c]} for c in labels]
+            if part.paths:
+                for m, p in zip(metadata, part.paths):
+                    m["path"] = p
+            ids = np.arange(start, start + len(images))
+            if ray:
+                from latenthash.ray_ingest import add_images_ray
 
-            files = {"paths": list(part.paths[:limit])} if part.paths else {"images": images}  # workers decode files
-            add_images_ray(index, model, ids=ids, metadata=metadata, runtime=runtime, **files,
-                           address=None if ray == "local" else ray, workers=ray_workers, gpus_per_worker=ray_gpus)
-        else:
-            add_images(index, encoder, images, ids=ids, metadata=metadata)
-        index.save()
-        lock.release()
+                # workers decode files themselves
+                files = {"paths": list(part.paths[:limit])} if part.paths else {"images": images}
+                add_images_ray(index, model, ids=ids, metadata=metadata, runtime=runtime, **files,
+                               address=None if ray == "local" else ray, workers=ray_workers, gpus_per_worker=ray_gpus)
+            else:
+                add_images(index, encoder, images, ids=ids, metadata=metadata)
+            index.save()
         typer.echo(json.dumps(index.stats(), indent=1))
     except (LatentHashError, OSError) as exc:
         _fail(exc)

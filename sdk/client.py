@@ -32,7 +32,6 @@ STATUS_TO_ERROR = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.ModelMismatch,
     grpc.StatusCode.DATA_LOSS: errors.IndexCorrupt,
     grpc.StatusCode.UNIMPLEMENTED: errors.MissingDependency,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.LatentHashError,
 }
 
 

@@ -131,7 +131,7 @@ def from_status(code: str, details: str, trailers, default: type[LatentHashError
 def storage_error(exc: OSError, what: str) -> LatentHashError:
     """An OSError of the disk as the error family's StorageFull (no space) or StorageUnavailable (anything else)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None):  # None: a short write (numpy says so)
-        return StorageFull(f"{what}: {exc.strerror or exc} (errno {exc.errno}); nothing of this request was stored: free "
-                           f"disk space and retry")
+        return StorageFull(f"{what}: {exc.strerror or exc} (errno {exc.errno}); nothing of this request was "
+                           f"stored: free disk space and retry")
     return StorageUnavailable(f"{what}: {exc.strerror or exc} (errno {exc.errno}); nothing of this request was "
                               f"stored: check that the directory is writable and retry")

@@ -225,8 +225,9 @@ class HashIndex:
         boundary is never cut by storage order; or every item within `radius`. Step 2 (when `features` are given
         and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine similarity and keeps
         the best k (a large index scores its pool from int8 copies laid out by code, then re-scores the best
-        RESCORE x k exactly). `pool` is the knob that trades recall for speed (docs/usage.md has its curve). Without step 2, the result is the exact
-        Hamming top-k (or, with `radius`, every code within it, nearest first, at most k when k is given)."""
+        RESCORE x k exactly). `pool` is the knob that trades recall for speed (docs/usage.md has its curve).
+        Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
+        first, at most k)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
                                  feature_dim=self.feature_dim)
         qw = to_words(packed, self.bits)
@@ -262,9 +263,8 @@ class HashIndex:
     def _shell_rows(self, snap: _Snapshot, qw: np.ndarray, target: int):
         """Step 1 by scan: every row at distance <= d*, the smallest distance that reaches `target` rows (whole
         distance shells: a tie at the boundary is never cut by storage order), nearest first."""
-        hist = self.radius_counts_words(snap, qw)
-        shells = np.minimum(np.cumsum(hist, axis=1), snap.n)
-        need = shells[np.arange(len(qw)), np.minimum(np.argmax(shells >= min(target, snap.n), axis=1), self.bits)]
+        covered = np.cumsum(self._radius_counts(snap, qw), axis=1)  # rows within distance d, d = 0..bits
+        need = covered[np.arange(len(qw)), np.argmax(covered >= min(target, snap.n), axis=1)]
         rows, dists, counts = self._topk_rows(snap, qw, max(1, int(need.max())))
         return rows, dists, np.minimum(counts, need)
 
@@ -283,7 +283,8 @@ class HashIndex:
         dists = np.where(found, np.unpackbits(diff.view(np.uint8), axis=-1).sum(-1, dtype=np.int64), -1)
         return rows, dists, found.sum(1)
 
-    def radius_counts_words(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
+    def _radius_counts(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
+        """Rows of the snapshot at each distance 0..bits from each query word row: int64 (Q, bits + 1)."""
         return _kernels().radius_counts(snap.words[: snap.n].reshape(-1), snap.n, qw.shape[1], qw.reshape(-1),
                                         self.bits)
 
@@ -331,7 +332,7 @@ class HashIndex:
 
     def radius_counts(self, codes) -> np.ndarray:
         """How many items lie at each Hamming distance 0..bits from each query: int64 (Q, bits + 1)."""
-        return self.radius_counts_words(self._snap, self._query_words(codes))
+        return self._radius_counts(self._snap, self._query_words(codes))
 
     def warmup(self) -> float:
         """Compile (or load cached) kernels for this index's array types, off the query path; returns the seconds.

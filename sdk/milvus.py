@@ -31,11 +31,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from latenthash.backend import Items, SearchResult
+from latenthash.backend import Items, SearchResult, check_features, check_ids, check_items, check_query, from_hits
 from latenthash.codes import check_bits
-from latenthash.limits import MAX_K
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
-from latenthash.backend import check_features, check_ids, check_items, check_query, from_hits
+from latenthash.limits import MAX_K
 
 MAX_TOPK = 16384  # Milvus's limit on hits per query
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")

@@ -29,7 +29,7 @@ from latenthash.v1 import search_pb2_grpc as pb_grpc
 log = logging.getLogger("latenthash.server")
 STREAM_WINDOW = 1024  # unanswered requests a SearchStream buffers before it stops reading
 _END = object()
-CHECKPOINT_WAL_BYTES = 64 << 20  # replaying this much takes about a second
+CHECKPOINT_WAL_BYTES = 64 << 20  # log replayed after a crash at most (start-up time), between checkpoints
 
 
 def status_of(exc: LatentHashError) -> grpc.StatusCode:

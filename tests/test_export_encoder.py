@@ -112,7 +112,8 @@ def hostile_images() -> dict[str, bytes]:
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tiff, "TIFF")
     tiff_bytes = bytearray(tiff.getvalue())
     tiff_bytes[tiff_bytes.index(b"\x02\x01\x03\x00") + 8] = 99  # BitsPerSample: an unsupported mode
-    return {"bomb": png_declaring(100_000, 100_000, zlib_garbage()), "over the pixel limit": png_declaring(13_000, 13_000),
+    return {"bomb": png_declaring(100_000, 100_000, zlib_garbage()),
+            "over the pixel limit": png_declaring(13_000, 13_000),
             "broken IDAT": bytes(good), "truncated": bytes(buf.getvalue()[:30]), "tiff mode": bytes(tiff_bytes)}
 
 
