@@ -87,6 +87,22 @@ def test_torn_tail_does_not_hide_later_writes(root):
         s.kill()
 
 
+def test_torn_tail_is_cut_by_the_log_itself(root):
+    """The same at the log's level, where no checkpoint on start empties the file first (a full disk keeps the
+    log): appends after a torn tail follow the last whole frame, and nothing is reported damaged."""
+    wal = WriteAheadLog(root / "wal.log")
+    wal.append_delete(np.array([1]))
+    wal.close()
+    with open(root / "wal.log", "ab") as f:
+        f.write(frame(encode_delete(np.arange(40, dtype=np.int64)))[:23])
+    wal = WriteAheadLog(root / "wal.log")
+    wal.append_delete(np.array([2]))
+    wal.close()
+    again = WriteAheadLog(root / "wal.log")
+    assert [r.ids.tolist() for r in again.records()] == [[1], [2]] and again.found.damaged == []
+    again.close()
+
+
 def test_start_checkpoints_the_log_so_crashes_do_not_pile_up(root):
     """Case 4: after a crash the restarted server replays, saves the index and empties its log."""
     s = Proc(root)
