@@ -272,7 +272,8 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) 
            "exhaustive_precision": prec_lin, "distinct_codes": int(len(np.unique(db.codes, axis=0))), "rows": []}
     print(f"exhaustive cosine (numpy float32 matmul, {len(db)} x {enc.feature_dim}): {t_lin * 1e3:.3f} ms/query, "
           f"class precision@{k} {prec_lin:.4f}")
-    print(f"| pool (knob) | ms/query | speed-up | recall@{k} vs exhaustive | class precision@{k} |\n|" + "---|" * 5)
+    print(f"| pool (knob) | pool size (median) | ms/query | speed-up | recall@{k} vs exhaustive | "
+          f"class precision@{k} |\n|" + "---|" * 6)
     for pool in pools:
         times, recall, prec = [], [], []
         for i in range(n_queries):
@@ -282,11 +283,13 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) 
             recall.append(len(np.intersect1d(res.ids[0], truth[i])) / k)
             prec.append(float((labels[res.ids[0]] == qlabels[i]).mean()))
         t = statistics.median(times)
+        covered = np.cumsum(index.radius_counts(q.codes), axis=1)  # step 1's pool: whole shells covering `pool`
+        sizes = covered[np.arange(n_queries), np.argmax(covered >= pool, axis=1)]
         row = {"pool": pool, "ms": t * 1e3, "speedup": t_lin / t, "recall": float(np.mean(recall)),
-               "precision": float(np.mean(prec))}
+               "precision": float(np.mean(prec)), "pool_size_median": float(np.median(sizes))}
         out["rows"].append(row)
-        print(f"| {pool}{' (default)' if pool == max(10 * k, 1000) else ''} | {t * 1e3:.3f} | {t_lin / t:.1f}x | "
-              f"{row['recall']:.4f} | {row['precision']:.4f} |", flush=True)
+        print(f"| {pool}{' (default)' if pool == max(10 * k, 1000) else ''} | {row['pool_size_median']:.0f} | "
+              f"{t * 1e3:.3f} | {t_lin / t:.1f}x | {row['recall']:.4f} | {row['precision']:.4f} |", flush=True)
     plot_fidelity(out, Path(__file__).parent / "plots" / f"twostep_recall_{len(db)}.png")
     return out
 
