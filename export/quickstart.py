@@ -91,7 +91,8 @@ def run(out: str | Path = "runs/quickstart", *, dataset: str | None = None, bits
         server.stop(5)
 
     _step("6/6 results")
-    index = HashIndex.open(index_dir)
+    index = HashIndex.open(index_dir, warmup=False)
+    index.warmup()  # as the server does before it serves: kernels compiled, codes grouped into buckets
     speed.update(_search_speed(index, encoder, ds))
     grid = _sample_grid(out / "samples.png", ds, index, encoder)
     summary = {"dataset": name, "bits": bits, **{k: quality[k] for k in ("map_all", "map_at_1000", "precision_r2",
