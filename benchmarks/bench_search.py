@@ -13,6 +13,7 @@ Two OpenMP runtimes on 2 vCPUs collapse when anything else runs, so the load ave
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ from numba import njit, prange
 
 from latenthash import HashIndex, kernels
 from latenthash.codes import to_words
+from latenthash.limits import default_pool
 
 OUT = Path(__file__).parent / "results"
 
@@ -240,10 +242,48 @@ def bench_twostep(run_dir: str, n: int, n_queries: int, dtypes: list[str]) -> di
     return out
 
 
-def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) -> dict:
-    """The two-step search on the real database (the training images, encoded by the run's exported model.onnx)
-    against exhaustive cosine search over the same stored features: recall@k beside every time, over the pool
-    knob, single queries, medians; class precision@k beside. Draws recall against time as a PNG."""
+VARIANTS = [(m, dx, dy) for m in (False, True) for dx, dy in
+            ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (2, 0))]  # mirror, shift right, down
+
+
+def variant(images: np.ndarray, mirror: bool, dx: int, dy: int) -> np.ndarray:
+    """Images (N, H, W, C) mirrored left-right and shifted by (dx, dy) pixels, the uncovered border zero."""
+    out = np.roll(images[:, :, ::-1] if mirror else images, (dy, dx), axis=(1, 2))
+    if dy > 0:
+        out[:, :dy] = 0
+    elif dy < 0:
+        out[:, dy:] = 0
+    if dx > 0:
+        out[:, :, :dx] = 0
+    elif dx < 0:
+        out[:, :, dx:] = 0
+    return out
+
+
+def copies_database(run_dir: str, enc, images: np.ndarray, labels: np.ndarray, copies: int):
+    """The real database grown with `copies` mirrored/shifted copies of every image (near-duplicates, as a photo
+    collection holds), encoded once by the run's model and cached in the run directory."""
+    model = hashlib.sha256((Path(run_dir) / "model.onnx").read_bytes()).hexdigest()[:12]
+    cache = Path(run_dir) / f"copies{copies}_{model}.npz"  # tied to the model that encoded it
+    if cache.exists():
+        z = np.load(cache)
+        return z["codes"], z["features"], z["labels"]
+    codes, feats = [], []
+    for mirror, dx, dy in VARIANTS[:copies + 1]:
+        e = enc.encode(variant(images, mirror, dx, dy))
+        codes.append(e.codes)
+        feats.append(e.features)
+        print(f"encoded copy mirror={mirror} shift=({dx},{dy})", flush=True)
+    out = np.concatenate(codes), np.concatenate(feats), np.tile(labels, copies + 1)
+    np.savez(cache, codes=out[0], features=out[1], labels=out[2])
+    return out
+
+
+def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10, copies: int = 0) -> dict:
+    """The two-step search on the real database (the training images, encoded by the run's exported model.onnx,
+    optionally with `copies` mirrored/shifted copies of each) against exhaustive cosine search over the same
+    stored features: recall@k beside every time, over the pool knob, single queries, medians; class precision@k
+    beside. Draws recall against time as a PNG."""
     from latenthash.encoder import Encoder
     from latenthash.export.data import load_dataset
     from latenthash.export.train import load_model
@@ -251,13 +291,20 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) 
     _, ckpt = load_model(run_dir)
     ds = load_dataset(ckpt["dataset"])
     enc = Encoder.open(Path(run_dir) / "model.onnx")
-    db, q = enc.encode(ds.train.images), enc.encode(ds.test.images[:n_queries])
+    q = enc.encode(ds.test.images[:n_queries])
+    if copies:
+        codes, features, labels = copies_database(run_dir, enc, ds.train.images, ds.train.labels, copies)
+    else:
+        db = enc.encode(ds.train.images)
+        codes, features, labels = db.codes, db.features, ds.train.labels
+    n = len(codes)
     index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)  # the default storage (float16)
-    index.add(np.arange(len(db)), db.codes, db.features)
+    index.add(np.arange(n), codes, features)
+    del features
     index.warmup()
-    stored = index.get(np.arange(len(db))).features  # what the index ranks by, as float32, L2-normalized
+    stored = index.get(np.arange(n)).features  # what the index ranks by, as float32, L2-normalized
     qn = q.features / np.linalg.norm(q.features, axis=1, keepdims=True)
-    labels, qlabels = ds.train.labels, ds.test.labels[:n_queries]
+    qlabels = ds.test.labels[:n_queries]
 
     def exhaustive(i):
         s = stored @ qn[i]
@@ -268,9 +315,9 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) 
     kernels.set_threads(2)
     t_lin = statistics.median(timed(lambda i=i: exhaustive(i), 1)[0] for i in range(n_queries))
     prec_lin = float(np.mean([(labels[truth[i]] == qlabels[i]).mean() for i in range(n_queries)]))
-    out = {"n": len(db), "bits": enc.bits, "k": k, "queries": n_queries, "exhaustive_ms": t_lin * 1e3,
-           "exhaustive_precision": prec_lin, "distinct_codes": int(len(np.unique(db.codes, axis=0))), "rows": []}
-    print(f"exhaustive cosine (numpy float32 matmul, {len(db)} x {enc.feature_dim}): {t_lin * 1e3:.3f} ms/query, "
+    out = {"n": n, "copies": copies, "bits": enc.bits, "k": k, "queries": n_queries, "exhaustive_ms": t_lin * 1e3,
+           "exhaustive_precision": prec_lin, "distinct_codes": int(len(np.unique(codes, axis=0))), "rows": []}
+    print(f"exhaustive cosine (numpy float32 matmul, {n} x {enc.feature_dim}): {t_lin * 1e3:.3f} ms/query, "
           f"class precision@{k} {prec_lin:.4f}")
     print(f"| pool (knob) | pool size (median) | ms/query | speed-up | recall@{k} vs exhaustive | "
           f"class precision@{k} |\n|" + "---|" * 6)
@@ -288,9 +335,9 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10) 
         row = {"pool": pool, "ms": t * 1e3, "speedup": t_lin / t, "recall": float(np.mean(recall)),
                "precision": float(np.mean(prec)), "pool_size_median": float(np.median(sizes))}
         out["rows"].append(row)
-        print(f"| {pool}{' (default)' if pool == max(10 * k, 1000) else ''} | {row['pool_size_median']:.0f} | "
+        print(f"| {pool}{' (default)' if pool == default_pool(k) else ''} | {row['pool_size_median']:.0f} | "
               f"{t * 1e3:.3f} | {t_lin / t:.1f}x | {row['recall']:.4f} | {row['precision']:.4f} |", flush=True)
-    plot_fidelity(out, Path(__file__).parent / "plots" / f"twostep_recall_{len(db)}.png")
+    plot_fidelity(out, Path(__file__).parent / "plots" / f"twostep_recall_{n}.png")
     return out
 
 
@@ -364,8 +411,10 @@ def main() -> None:
     ap.add_argument("--run", help="training run directory (twostep)")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--pools", type=int, nargs="+", default=[1000, 2000, 4000, 6000, 10000, 20000],
+    ap.add_argument("--pools", type=int, nargs="+", default=[1000, 3000, 10000, 30000, 100000],
                     help="fidelity: values of the pool knob")
+    ap.add_argument("--copies", type=int, default=0, choices=range(len(VARIANTS)), metavar="0-15",
+                    help="fidelity: grow the database with this many mirrored/shifted copies of each image")
     ap.add_argument("--feature-dtypes", nargs="+", default=["float32", "float16", "int8"],
                     help="twostep: feature storage types to compare")
     args = ap.parse_args()
@@ -381,11 +430,13 @@ def main() -> None:
     elif args.part == "fidelity":
         if not args.run:
             ap.error("fidelity needs --run RUN_DIR (a trained and exported model)")
-        result = bench_fidelity(args.run, args.queries, args.pools)
+        result = bench_fidelity(args.run, args.queries, args.pools, copies=args.copies)
     else:
         result = bench_index(args.n)
     print(load_note().replace("before", "after"))
     tag = "_quick" if args.quick else "_" + "_".join(map(str, args.bits)) if args.bits else ""
+    if args.part == "fidelity" and args.copies:
+        tag += f"_copies{args.copies}"
     if args.part == "twostep" and args.n != 1_000_000:
         tag += f"_{args.n}"
     (OUT / f"search_{args.part}{tag}.json").write_text(json.dumps(result, indent=1))

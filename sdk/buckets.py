@@ -6,8 +6,12 @@ of a search then needs the distances to the distinct codes only and takes whole 
 returns exactly what the full scan returns (ties by database order) for a fraction of the work. Random or very
 diverse codes gain nothing from this, so buckets are kept only when they shrink the scan at least MIN_SHRINK times.
 
-For the re-rank (step 2), buckets also keep the features in bucket order as int8: a pool of whole buckets then
-reads contiguous rows (see `kernels.score_shells`), at a quarter of float32's memory.
+For the re-rank (step 2), buckets also keep a finer binary code of every row in bucket order: a sketch of SKETCH_BITS
+random-projection sign bits of its feature minus the snapshot's mean feature, whose Hamming distance tracks the angle
+between features (SimHash; binary quantization with oversampling and rescoring, as Qdrant does it). A pool of whole
+buckets then reads contiguous rows at a few popcounts each (see `kernels.sign_shells`), and only its nearest rows by
+sketch are re-scored from the stored features. The sign bits of the centred features themselves (no projection)
+were tried first: three-quarters of the features are zero after the ReLU, and those bits carried too little.
 
 Buckets describe one snapshot. They are built off the query path, in a background thread started by the first
 search that finds them stale (and by `HashIndex.warmup`); until they are ready, searches scan, so an index under
@@ -22,8 +26,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from latenthash.codes import to_words
+
 MIN_ROWS = 16_384  # below this a scan takes ~20 us (at 32k-60k learned codes buckets were 3-4x faster than it)
 MIN_SHRINK = 8  # distinct codes must be at most n / MIN_SHRINK
+SKETCH_BITS = 512  # per row: 64 bytes; 256 bits of a 256-d feature lost a tenth of recall@10 at 1M (RESULTS.md)
 
 
 @dataclass(frozen=True)
@@ -32,8 +39,17 @@ class Buckets:
     codes: np.ndarray | None  # (U, W) uint64 distinct codes; None: too diverse to be worth it
     offsets: np.ndarray | None  # (U + 1,) int64: bucket u holds rows[offsets[u]:offsets[u + 1]]
     rows: np.ndarray | None  # (n,) int64, ascending within each bucket
-    features: np.ndarray | None = None  # (n, D) int8 features in bucket order (row rows[j] at j), for step 2
-    scales: np.ndarray | None = None  # (n,) float32 per-row scale of `features`
+    signs: np.ndarray | None = None  # (n, SKETCH_BITS / 64) uint64 sketches, bucket order
+    centre: np.ndarray | None = None  # (D,) float32 mean stored feature
+    projection: np.ndarray | None = None  # (D, SKETCH_BITS) float32
+
+    def query_signs(self, qf: np.ndarray) -> np.ndarray:
+        """The sketches of L2-normalized query features (nq, D), comparable with `signs`."""
+        return _sketch(qf, self.centre, self.projection)
+
+
+def _sketch(f: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    return to_words(np.packbits((f - centre) @ projection > 0, axis=1), projection.shape[1])
 
 
 def build(snapshot) -> Buckets:
@@ -52,27 +68,27 @@ def build(snapshot) -> Buckets:
     ref = weakref.ref(snapshot)
     if len(starts) * MIN_SHRINK > n:
         return Buckets(ref, None, None, None)
-    feats, scales = _int8_rows(snapshot, order) if snapshot.features is not None else (None, None)
+    sketch = _sketch_rows(snapshot, order) if snapshot.features is not None else (None, None, None)
     return Buckets(ref, np.ascontiguousarray(ordered[starts]), np.append(starts, n).astype(np.int64),
-                   order.astype(np.int64), feats, scales)
+                   order.astype(np.int64), *sketch)
 
 
-def _int8_rows(snapshot, order: np.ndarray, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """The snapshot's features in bucket order as int8 with a float32 scale per row: a pool of whole buckets then
-    reads contiguous memory, a quarter of float32's (step 2 re-scores its best candidates from the stored features,
-    so the int8 rounding never reaches a returned score)."""
+def _sketch_rows(snapshot, order: np.ndarray, chunk: int = 65536):
+    """Every stored feature's sketch, in bucket order, with the centre and projection that made them (a fixed seed:
+    the same features always give the same sketches)."""
     n, dim = len(order), snapshot.features.shape[1]
-    out = np.empty((n, dim), np.int8)
-    scales = np.empty(n, np.float32)
+
+    def rows(lo: int) -> np.ndarray:
+        f = snapshot.features[order[lo:lo + chunk]].astype(np.float32)
+        return f * snapshot.scales[order[lo:lo + chunk], None] if snapshot.scales is not None else f
+
+    centre = sum(rows(lo).sum(axis=0, dtype=np.float64) for lo in range(0, n, chunk)) / max(n, 1)
+    centre = centre.astype(np.float32)
+    projection = np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32)
+    signs = np.empty((n, SKETCH_BITS // 64), np.uint64)
     for lo in range(0, n, chunk):
-        rows = order[lo:lo + chunk]
-        f = snapshot.features[rows].astype(np.float32)
-        if snapshot.scales is not None:
-            f *= snapshot.scales[rows, None]
-        s = np.maximum(np.abs(f).max(axis=1), 1e-12) / 127.0
-        out[lo:lo + chunk] = np.round(f / s[:, None])
-        scales[lo:lo + chunk] = s
-    return out, scales
+        signs[lo:lo + chunk] = _sketch(rows(lo), centre, projection)
+    return signs, centre, projection
 
 
 class BucketCache:

@@ -27,15 +27,16 @@ import numpy as np
 
 from latenthash.backend import (Items, SearchResult, check_features, check_ids, check_items, check_query, normalize,
                                 padded)
-from latenthash.buckets import BucketCache
+from latenthash.buckets import SKETCH_BITS, BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
+from latenthash.limits import default_pool
 from latenthash.storage import DirLock, fsync_dir
 
 FORMAT = "latenthash-index"
 VERSION = 1
 FEATURE_DTYPES = ("float32", "float16", "int8")
-RESCORE = 4  # candidates per hit that step 2 re-scores exactly after the int8 pass over a pool of buckets
+OVERSAMPLE = 100  # candidates per hit (at least 1,000) that step 2 re-scores exactly after its sketch pass
 
 
 @dataclass(frozen=True)
@@ -221,11 +222,11 @@ class HashIndex:
         """Two-step search for one query code or a batch.
 
         Step 1 takes the Hamming candidate pool by distance: every item at distance <= d*, the smallest distance at
-        which at least `pool` items are covered (default max(10 k, 1000)): whole distance shells, so a tie at the
+        which at least `pool` items are covered (default `limits.default_pool`): whole distance shells, so a tie at the
         boundary is never cut by storage order; or every item within `radius`. Step 2 (when `features` are given
         and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine similarity and keeps
-        the best k (a large index scores its pool from int8 copies laid out by code, then re-scores the best
-        RESCORE x k exactly). `pool` is the knob that trades recall for speed (docs/usage.md has its curve).
+        the best k (a large index first ranks its pool by feature sketches laid out by code, and re-scores exactly
+        the nearest max(OVERSAMPLE x k, 1,000, pool / 10)). `pool` is the knob that trades recall for speed (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
@@ -239,7 +240,7 @@ class HashIndex:
         if threads is not None:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
-        target = max(10 * k, 1000) if pool is None else pool
+        target = default_pool(k) if pool is None else pool
         if not do_rerank:
             if radius is None:
                 rows, dists, counts = self._topk_rows(snap, qw, k)
@@ -253,8 +254,8 @@ class HashIndex:
             rows, dists, counts = self._radius_rows(snap, qw, radius, target)
         else:
             buckets = self._buckets.get(snap)
-            if buckets is not None and buckets.features is not None:
-                rows, dists, counts = self._shell_candidates(snap, buckets, qw, qf, target, k)
+            if buckets is not None and buckets.signs is not None:
+                rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
                 rows, dists, counts = self._shell_rows(snap, qw, target)
         pos, scores = self._rerank(snap, qf, rows, counts, k)
@@ -268,20 +269,17 @@ class HashIndex:
         rows, dists, counts = self._topk_rows(snap, qw, max(1, int(need.max())))
         return rows, dists, np.minimum(counts, need)
 
-    def _shell_candidates(self, snap: _Snapshot, buckets, qw: np.ndarray, qf: np.ndarray, target: int, k: int):
-        """Step 1 by buckets (whole distance shells, as `_shell_rows`), scored in bucket order from int8 copies;
-        the best few per query go on to the exact re-score from the stored features."""
+    def _shell_candidates(self, buckets, qw: np.ndarray, qf: np.ndarray, target: int, k: int):
+        """Step 1 by buckets (whole distance shells, as `_shell_rows`); of that pool, the rows nearest the query by
+        feature sketch go on to the exact re-score (see buckets.py): max(OVERSAMPLE k, 1,000, target / 10)."""
         K = _kernels()
-        qoff, picked, _, nrows = K.shell_buckets(buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1],
-                                                 buckets.offsets, qw.reshape(-1), np.int64(target), self.bits)
-        keep = min(int(nrows.max(initial=1)), RESCORE * k)
-        pos, _ = K.score_shells(qf, buckets.features, buckets.scales, buckets.offsets, qoff, picked, nrows,
-                                np.int64(max(keep, 1)))
+        qoff, picked, pdist, nrows = K.shell_buckets(buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1],
+                                                     buckets.offsets, qw.reshape(-1), np.int64(target), self.bits)
+        keep = max(1, min(int(nrows.max(initial=1)), max(OVERSAMPLE * k, 1000, target // 10)))
+        pos, dists = K.sign_shells(buckets.query_signs(qf), buckets.signs, buckets.offsets, qoff, picked, pdist,
+                                   nrows, np.int64(keep))
         rows = np.where(pos >= 0, buckets.rows[np.maximum(pos, 0)], -1)
-        found = rows >= 0
-        diff = snap.words[np.maximum(rows, 0)] ^ qw[:, None, :]
-        dists = np.where(found, np.unpackbits(diff.view(np.uint8), axis=-1).sum(-1, dtype=np.int64), -1)
-        return rows, dists, found.sum(1)
+        return rows, dists, (pos >= 0).sum(1)
 
     def _radius_counts(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
         """Rows of the snapshot at each distance 0..bits from each query word row: int64 (Q, bits + 1)."""
@@ -359,10 +357,10 @@ class HashIndex:
             K.take_hits(pos, rows, rows, dummy.ids)
             offsets = np.array([0, 1], np.int64)
             for n_q in (1, 2):  # the step 2 of bucketed indexes (see _shell_candidates)
-                qoff, picked, _, nrows = K.shell_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], offsets,
-                                                         qw[:n_q].reshape(-1), np.int64(1), self.bits)
-                K.score_shells(qf[:n_q], np.zeros((1, self.feature_dim), np.int8), np.ones(1, np.float32), offsets,
-                               qoff, picked, nrows, np.int64(1))
+                qoff, picked, pdist, nrows = K.shell_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1],
+                                                             offsets, qw[:n_q].reshape(-1), np.int64(1), self.bits)
+                signs = np.zeros((1, SKETCH_BITS // 64), np.uint64)
+                K.sign_shells(signs[[0] * n_q], signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
         return time.perf_counter() - t0
 
     def stats(self) -> dict:

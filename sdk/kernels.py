@@ -662,14 +662,18 @@ def shell_buckets(ucodes, nu, w, offsets, qs, target, bits):
     return nb, picked, pdist, nrows
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def score_shells(qf, feats, scales, offsets, qoff, picked, nrows, keep):
-    """Step 2 over bucket-ordered int8 features: every row of each query's picked buckets is scored (contiguous
-    reads: a bucket's rows lie together), and the `keep` best positions (into the bucket order) are returned with
-    their scores, best first, ties by pool order. (nq, keep) int64 -1 padded, float32 NaN padded."""
-    nq = qf.shape[0]
-    out_p = np.full((nq, keep), -1, np.int64)
-    out_s = np.full((nq, keep), np.nan, np.float32)
+@njit(parallel=True, cache=True)
+def sign_shells(qsigns, signs, offsets, qoff, picked, pdist, nrows, m):
+    """Step 2's first pass over a pool of whole buckets: the Hamming distance between each pool row's feature
+    sketch and the query's (see buckets.py; a few popcounts a row, contiguous reads: a bucket's rows lie together),
+    and the m rows nearest by it, ties by pool order (nearest code first, then bucket, then database order).
+
+    qsigns (nq, S) and signs (n, S) uint64 sketches, signs in bucket order; qoff/picked/pdist/nrows as `shell_buckets`
+    returns them. Returns positions into the bucket order (nq, m) and their code distances, both -1 padded, in pool
+    order."""
+    nq, sw = qsigns.shape
+    out_p = np.full((nq, m), -1, np.int64)
+    out_d = np.full((nq, m), -1, np.int64)
     for i in range(nq):
         lo, hi = qoff[i], qoff[i + 1]
         starts = np.empty(hi - lo + 1, np.int64)
@@ -677,24 +681,36 @@ def score_shells(qf, feats, scales, offsets, qoff, picked, nrows, keep):
         for b in range(lo, hi):
             u = picked[b]
             starts[b - lo + 1] = starts[b - lo] + offsets[u + 1] - offsets[u]
-        scores = np.empty(nrows[i], np.float32)
-        where = np.empty(nrows[i], np.int64)
-        q = qf[i]
+        sd = np.empty(nrows[i], np.int32)
+        q = qsigns[i]
         for b in prange(lo, hi):
             u = picked[b]
-            s0 = starts[b - lo]
+            s0 = starts[b - lo] - offsets[u]
             for r in range(offsets[u], offsets[u + 1]):
-                acc = np.float32(0.0)
-                for t in range(q.shape[0]):
-                    acc += q[t] * np.float32(feats[r, t])
-                scores[s0 + r - offsets[u]] = acc * scales[r]
-                where[s0 + r - offsets[u]] = r
-        best_p = np.full(keep, -1, np.int64)
-        _keep_best(scores, keep, best_p, out_s[i])
-        for j in range(keep):
-            if best_p[j] >= 0:
-                out_p[i, j] = where[best_p[j]]
-    return out_p, out_s
+                d = 0
+                for t in range(sw):
+                    d += popcount64(signs[r, t] ^ q[t])
+                sd[s0 + r] = d
+        hist = np.zeros(sw * 64 + 2, np.int64)
+        for j in range(nrows[i]):
+            hist[sd[j]] += 1
+        cut, below = 0, 0  # rows nearer than `cut` all go; of those at `cut`, the first (m - below) in pool order
+        while below + hist[cut] < m and cut < sw * 64:
+            below += hist[cut]
+            cut += 1
+        room = m - below
+        c = 0
+        for b in range(lo, hi):
+            u = picked[b]
+            s0 = starts[b - lo]
+            for j in range(s0, starts[b - lo + 1]):
+                if sd[j] < cut or (sd[j] == cut and room > 0):
+                    if sd[j] == cut:
+                        room -= 1
+                    out_p[i, c] = offsets[u] + j - s0
+                    out_d[i, c] = pdist[b]
+                    c += 1
+    return out_p, out_d
 
 
 @njit(cache=True)

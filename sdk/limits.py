@@ -1,4 +1,4 @@
-"""Every limit latenthash enforces, written once: the SDK, the server and the docs (docs/reliability.md) read them
+"""Every limit latenthash enforces, and the search defaults, written once: the SDK, the server and the docs (docs/reliability.md) read them
 from here. A request past a limit is refused with `InvalidInput` (gRPC INVALID_ARGUMENT) naming the limit, before
 anything is written.
 """
@@ -13,3 +13,9 @@ MAX_METADATA_DEPTH = 64  # nesting of arrays and objects in one item's metadata
 MAX_UPSERT_ITEMS = 100_000  # items in one Upsert stream
 MAX_BATCH_QUERIES = 10_000  # requests in one SearchBatch, codes in one SearchCodes
 MAX_MESSAGE_MB = 64  # one gRPC message, either way (server and client default)
+
+
+def default_pool(k: int) -> int:
+    """Step 1's pool target when a search names none: max(100 k, 10,000) (recall against time at 60k and ~1M
+    items: benchmarks/RESULTS.md)."""
+    return min(max(100 * k, 10_000), MAX_POOL)

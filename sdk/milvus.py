@@ -34,7 +34,7 @@ import numpy as np
 from latenthash.backend import Items, SearchResult, check_features, check_ids, check_items, check_query, from_hits
 from latenthash.codes import check_bits
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
-from latenthash.limits import MAX_K
+from latenthash.limits import MAX_K, default_pool
 
 MAX_TOPK = 16384  # Milvus's limit on hits per query
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
@@ -275,7 +275,7 @@ class MilvusIndex:
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
                                  feature_dim=self.feature_dim, max_k=min(MAX_K, MAX_TOPK), max_pool=MAX_TOPK)
         do_rerank = qf is not None
-        step1 = (min(max(10 * k, 1000), MAX_TOPK) if pool is None else pool) if do_rerank else k
+        step1 = (min(default_pool(k), MAX_TOPK) if pool is None else pool) if do_rerank else k
         hits = self._hamming(packed, step1, radius)
         if not do_rerank:
             return from_hits(hits, k, False)

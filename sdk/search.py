@@ -16,6 +16,7 @@ from latenthash.backend import IndexBackend, Items, SearchResult, check_k
 from latenthash.codes import pack_codes
 from latenthash.encoder import EncodeResult, Encoder
 from latenthash.errors import InvalidInput, ModelMismatch
+from latenthash.limits import MAX_K, default_pool
 
 
 class Searcher:
@@ -63,7 +64,7 @@ class Searcher:
 
     def _search_label(self, codes, k, features, pool, radius, rerank, label: str) -> SearchResult:
         """Filter the step-1 pool by label, then keep the best k (re-ranked order when re-ranking)."""
-        width = max(10 * k, 1000) if pool is None else pool
+        width = max(k, min(default_pool(k) if pool is None else pool, MAX_K))  # the pool, as hits to filter
         full = self.index.search(codes, width, features=features, pool=width, radius=radius, rerank=rerank)
         rows = len(full.ids)
         ids = np.full((rows, k), -1, np.int64)

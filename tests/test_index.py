@@ -295,6 +295,34 @@ def test_code_buckets_give_the_scan_results_and_follow_changes(rng):
     np.testing.assert_array_equal(res.distances, dist)
 
 
+def test_bucketed_rerank_matches_the_scanned_one(rng):
+    """Step 2 of a bucketed index (sketch pass, then exact re-score) against the scanned index's exact re-rank of
+    the same whole-shell pool: identical while the pool fits the re-scored count, nearly so beyond it."""
+    from latenthash import buckets
+
+    bits, dim, n = 48, 32, buckets.MIN_ROWS + 5000
+    words = pack_codes(rng.random((60, bits)) < 0.5, bits)
+    label = rng.integers(0, 60, n)
+    centres = rng.standard_normal((60, dim)).astype(np.float32)
+    feats = centres[label] + 0.7 * rng.standard_normal((n, dim)).astype(np.float32)  # features follow the codes
+    index = HashIndex(bits=bits, feature_dim=dim, feature_dtype="float32")
+    index.add(np.arange(n), words[label], feats)
+    q = rng.integers(0, 60, 20)
+    qf = centres[q] + 0.7 * rng.standard_normal((20, dim)).astype(np.float32)
+    scanned = {pool: index.search(words[q], k=10, features=qf, pool=pool) for pool in (300, 5000)}
+    index.warmup()
+    assert index._buckets.get(index._snap) is not None
+    small = index.search(words[q], k=10, features=qf, pool=300)  # whole shells of a few buckets: under 1,000 rows
+    covered = index.radius_counts(words[q]).cumsum(1)
+    assert (covered[np.arange(20), np.argmax(covered >= 300, axis=1)] <= 1000).all()
+    np.testing.assert_array_equal(small.ids, scanned[300].ids)
+    np.testing.assert_allclose(small.scores, scanned[300].scores, rtol=1e-6)
+    big = index.search(words[q], k=10, features=qf, pool=5000)  # over 5,000 rows, 1,000 re-scored
+    recall = np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(big.ids, scanned[5000].ids)])
+    assert recall >= 0.95
+    assert (big.scores[:, :-1] >= big.scores[:, 1:]).all()
+
+
 def test_embedded_api_edge_cases_are_clear(rng):
     """What raised raw exceptions or returned odd shapes before: zero-row queries, string features, metadata that
     is a string, NaN, too deep or too large; results are always (queries, k), whatever the index holds."""

@@ -217,21 +217,26 @@ def test_unit_rows(rng):
 
 
 @pytest.mark.parametrize("target", [1, 50, 700, 5000])
-def test_shell_buckets_and_score_shells_against_numpy(rng, target):
+@pytest.mark.parametrize("keep", [1, 7, 300])
+def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
     """Step 1 by shells: every row at distance <= the smallest d covering `target` rows, never a cut tie; step 2's
-    int8 pass scores exactly those rows and keeps the best by score (checked against numpy on the same int8 rows)."""
+    sketch pass keeps exactly the `keep` pool rows nearest by sketch, ties by pool order (nearest code, then
+    bucket, then database order), with their code distances (checked against numpy)."""
     from latenthash import buckets as B
 
-    bits, dim = 48, 24
+    bits, dim = 48, 70
     centers = rng.random((30, bits)) < 0.5
     db = pack_codes(centers[rng.integers(0, 30, 4000)] ^ (rng.random((4000, bits)) < 0.002), bits)  # collapsed
     feats = rng.standard_normal((4000, dim)).astype(np.float32)
+    feats[1::2] = feats[::2]  # duplicate features: ties in sign distance
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
 
     class Snapshot:
         n, words, features, scales = len(db), to_words(db, bits), feats, None
 
     b = B.build(Snapshot())
+    np.testing.assert_allclose(b.centre, feats.mean(axis=0), atol=1e-6)
+    sketch = (feats - b.centre) @ b.projection > 0  # each row's sketch: projected sign bits, as numpy makes them
     qs = pack_codes(centers[:3] ^ (rng.random((3, bits)) < 0.05), bits)
     qw = to_words(qs, bits)
     qf = feats[:3] + 0.1 * rng.standard_normal((3, dim)).astype(np.float32)
@@ -239,16 +244,18 @@ def test_shell_buckets_and_score_shells_against_numpy(rng, target):
     qoff, picked, pdist, nrows = K.shell_buckets(b.codes.reshape(-1), len(b.codes), 1, b.offsets, qw.reshape(-1),
                                                  np.int64(target), bits)
     dist = brute_distances(qw, to_words(db, bits))
-    pos, scores = K.score_shells(qf, b.features, b.scales, b.offsets, qoff, picked, nrows, np.int64(7))
+    pos, pos_d = K.sign_shells(b.query_signs(qf), b.signs, b.offsets, qoff, picked, pdist, nrows, np.int64(keep))
     for i in range(3):
         cut = np.sort(dist[i])[min(target, len(db)) - 1]
         shell = np.flatnonzero(dist[i] <= cut)
         mine = np.concatenate([b.rows[b.offsets[u]:b.offsets[u + 1]] for u in picked[qoff[i]:qoff[i + 1]]])
         np.testing.assert_array_equal(np.sort(mine), shell)  # exactly the shells, nothing cut
         assert nrows[i] == len(shell) and (np.diff(pdist[qoff[i]:qoff[i + 1]]) >= 0).all()
-        where = np.argsort(b.rows)[shell]  # the rows' positions in bucket order
-        ref_s = (b.features[where].astype(np.float32) @ qf[i]) * b.scales[where]
-        m = min(7, len(shell))
-        best = where[np.argsort(-ref_s, kind="stable")[:m]]
-        np.testing.assert_allclose(scores[i, :m], np.sort(ref_s)[::-1][:m], rtol=1e-5)
-        assert set(pos[i, :m].tolist()) == set(best.tolist()) and (pos[i, m:] == -1).all()
+        assert (np.diff(dist[i][mine]) >= 0).all()  # `mine` is the pool order: nearest code first
+        sd = (sketch[mine] != ((qf[i] - b.centre) @ b.projection > 0)).sum(axis=1)  # each pool row's sketch distance
+        m = min(keep, len(shell))
+        chosen = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
+        where = np.argsort(b.rows)[mine[chosen]]  # their positions in bucket order
+        np.testing.assert_array_equal(pos[i, :m], where)
+        np.testing.assert_array_equal(pos_d[i, :m], dist[i][mine[chosen]])
+        assert (pos[i, m:] == -1).all() and (pos_d[i, m:] == -1).all()
