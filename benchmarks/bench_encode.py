@@ -1,9 +1,13 @@
 """Encoder speed: PyTorch eager against ONNX Runtime (CPU) on the same model and the same real images, in one run.
 
     python benchmarks/bench_encode.py --run RUN_DIR [--model model.onnx] [--threads 2]
+    python benchmarks/bench_encode.py --run RUN_DIR --precisions   # FP32 / FP16 / INT8 files side by side
     python benchmarks/bench_encode.py --install-size      # size of the base (torch-free) install in a fresh venv
 
-Batches 1, 8 and 64; medians of interleaved repetitions; images/s and per-batch latency.
+Batches 1, 8 and 64; medians of interleaved repetitions; images/s and per-batch latency. --precisions exports the
+run at each precision (the export's own checks: code-bit agreement with FP32 on the 10k test images, mAP@all of
+each file's codes) and times each file at batches 1 and 64 on every ONNX Runtime provider present (CPU here; CUDA
+and TensorRT where installed).
 """
 
 from __future__ import annotations
@@ -73,6 +77,47 @@ def bench_speed(run_dir: str, model: str | None, threads: int, reps: int) -> lis
     return rows
 
 
+def bench_precisions(run_dir: str, threads: int, reps: int) -> dict:
+    from latenthash.encoder import Encoder
+    from latenthash.export.data import load_dataset
+    from latenthash.export.onnx import export_onnx
+    from latenthash.export.train import load_model
+    from latenthash.runtimes.onnxruntime import default_providers
+
+    _, ckpt = load_model(run_dir)
+    out = Path(tempfile.mkdtemp()) / "model.onnx"
+    report = export_onnx(run_dir, out, precisions=("fp16", "int8"))["precisions"]
+    images = load_dataset(ckpt["dataset"]).test.images
+    providers = [p if isinstance(p, str) else p[0] for p in default_providers()]
+    rows = []
+    for provider in providers:
+        encoders = {name: Encoder.open(r["path"], runtime="onnxruntime", threads=threads, providers=[provider])
+                    for name, r in report.items() if r.get("kept", True)}
+        for batch in (1, 64):
+            x = images[:batch]
+            times: dict[str, list[float]] = {name: [] for name in encoders}
+            for enc in encoders.values():
+                for _ in range(5):
+                    enc.runtime.run(x)
+            for _ in range(reps):
+                for name, enc in encoders.items():
+                    t0 = time.perf_counter()
+                    enc.runtime.run(x)
+                    times[name].append(time.perf_counter() - t0)
+            for name, ts in times.items():
+                ms = statistics.median(ts) * 1e3
+                r = report[name]
+                row = {"provider": provider, "precision": name, "batch": batch, "ms": ms, "img_s": batch / ms * 1e3,
+                       "vs_fp32": statistics.median(times["fp32"]) * 1e3 / ms, "mb": r["bytes"] / 1e6,
+                       "size_vs_fp32": r["bytes"] / report["fp32"]["bytes"], "bit_agreement": r.get("bit_agreement", 1.0),
+                       "map_all": r["map_all"], "precision_r2": r["precision_r2"]}
+                rows.append(row)
+                print(f"| {provider} | {name} | {batch} | {ms:.3f} | {row['img_s']:,.0f} | {row['vs_fp32']:.2f}x | "
+                      f"{row['mb']:.2f} ({row['size_vs_fp32']:.0%}) | {row['bit_agreement']:.4f} | "
+                      f"{row['map_all']:.4f} | {row['precision_r2']:.4f} |", flush=True)
+    return {"export": report, "rows": rows}
+
+
 def install_size() -> dict:
     """pip install the base package (no extras) into a fresh venv and measure site-packages."""
     venv = Path(tempfile.mkdtemp()) / "venv"
@@ -99,6 +144,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--install-size", action="store_true")
+    ap.add_argument("--precisions", action="store_true", help="FP32, FP16 and INT8 files side by side")
     args = ap.parse_args()
     OUT.mkdir(exist_ok=True)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
@@ -108,6 +154,12 @@ def main() -> None:
         return
     if not args.run:
         ap.error("--run RUN_DIR is needed for the speed comparison")
+    if args.precisions:
+        print("| provider | precision | batch | ms | img/s | vs FP32 | file MB | code-bit agreement | mAP@all | "
+              "P(r<=2) |\n|" + "---|" * 10)
+        result = bench_precisions(args.run, args.threads, args.reps)
+        (OUT / "encode_precisions.json").write_text(json.dumps(result, indent=1))
+        return
     print("| batch | PyTorch eager ms | img/s | ONNX Runtime ms | img/s | ORT vs eager |\n|---|---|---|---|---|---|")
     rows = bench_speed(args.run, args.model, args.threads, args.reps)
     (OUT / "encode.json").write_text(json.dumps(rows, indent=1))

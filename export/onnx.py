@@ -8,6 +8,12 @@ dataset and the latenthash version, so a runtime needs nothing but the file.
 Every export checks itself, in order: `onnx.checker` on the saved file, then ONNX Runtime against PyTorch on a
 real batch (max |diff| of probs and of features <= `atol`, code-bit agreement >= 99.9%). A failed check removes the
 file and raises `ExportCheckFailed` with the report.
+
+`precisions` adds FP16 and INT8 copies beside the FP32 file (`model.fp16.onnx`, `model.int8.onnx`; see
+sdk/precision.py). Each is checked against the FP32 file on the run's held-out (test) images: code-bit agreement,
+and the retrieval figures of its own codes (mAP@all, precision within radius 2; test images as queries, training
+images as the database), all written into the report. A copy that misses PRECISION_BARS is removed, and the report
+says why.
 """
 
 from __future__ import annotations
@@ -25,10 +31,15 @@ import torch
 from latenthash import __version__
 from latenthash.errors import ExportCheckFailed, require
 from latenthash.export.model import ExportWrapper, HashNet
+from latenthash.precision import DEFAULT_CALIBRATION, check_precision, fp16_copy, int8_copy
 
 INPUT = "images"
 OUTPUTS = ("probs", "features", "logits")
 MIN_BIT_AGREEMENT = 0.999
+PRECISION_BARS = {  # a reduced-precision copy is kept only within these of the FP32 model
+    "fp16": {"min_bit_agreement": 0.995, "max_map_drop": 0.002},
+    "int8": {"min_bit_agreement": 0.995, "max_map_drop": 0.005},
+}
 
 
 @dataclass
@@ -71,14 +82,19 @@ def model_metadata(model: HashNet, checkpoint: dict) -> dict[str, str]:
         "multilabel": json.dumps(bool(checkpoint.get("multilabel", False))),
         "dataset": str(checkpoint.get("dataset", "")),
         "backbone": c.backbone,
+        "precision": "fp32",
     }
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: np.ndarray | None = None,
-                opset: int = 18, atol: float = 1e-4, check: bool = True) -> dict:
-    """Export a training run to `out` (ONNX) and check it; returns the export report (also saved as JSON beside
-    the model). `images`: a real uint8 NHWC batch for the parity check (default: 256 test images of the run's
-    dataset)."""
+                opset: int = 18, atol: float = 1e-4, check: bool = True, precisions: tuple[str, ...] = (),
+                calibration: int = DEFAULT_CALIBRATION, check_queries: int | None = None,
+                check_database: int | None = None) -> dict:
+    """Export a training run to `out` (ONNX, FP32) and check it; returns the export report (also saved as JSON
+    beside the model). `images`: a real uint8 NHWC batch for the parity check (default: 256 test images of the
+    run's dataset). `precisions` ("fp16", "int8") adds checked copies beside `out`; INT8 calibrates on
+    `calibration` training images; `check_queries`/`check_database` cap the held-out check (default: whole
+    splits)."""
     onnx = require("onnx", extra="train", purpose="ONNX export")
     from latenthash.export.train import load_model
 
@@ -110,8 +126,66 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
         except ExportCheckFailed:
             out.unlink(missing_ok=True)
             raise
+    extra = [check_precision(p) for p in precisions if p != "fp32"]
+    if extra:
+        report["precisions"] = derive_precisions(out, ckpt, extra, calibration=calibration,
+                                                 check_queries=check_queries, check_database=check_database)
     out.with_suffix(".export.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def precision_path(fp32: Path, precision: str) -> Path:
+    return fp32 if precision == "fp32" else fp32.with_name(f"{fp32.stem}.{precision}{fp32.suffix}")
+
+
+def derive_precisions(fp32: Path, ckpt: dict, precisions: list[str], *, calibration: int,
+                      check_queries: int | None, check_database: int | None) -> dict:
+    """Write each reduced-precision copy of `fp32`, check it against `fp32` on held-out images, keep it only
+    within PRECISION_BARS; returns {precision: report}."""
+    from latenthash.export.data import load_dataset
+
+    ds = load_dataset(ckpt["dataset"])
+    queries, db = ds.test.subset(check_queries), ds.train.subset(check_database)
+    reference = _retrieval(fp32, queries, db)
+    out: dict = {"fp32": {"path": str(fp32), "bytes": fp32.stat().st_size, **reference.pop("figures")}}
+    for precision in precisions:
+        path = precision_path(fp32, precision)
+        if precision == "fp16":
+            fp16_copy(fp32, path)
+        else:
+            cal = ds.train.subset(calibration, seed=1)
+            int8_copy(fp32, path, cal.images, calibration_source=f"{ds.name} training split, {len(cal)} images")
+        got = _retrieval(path, queries, db)
+        rep = {"path": str(path), "bytes": path.stat().st_size, **got["figures"],
+               "bit_agreement": float(((got["probs"] >= 0.5) == (reference["probs"] >= 0.5)).mean()),
+               "held_out_images": len(queries), "database_images": len(db), **PRECISION_BARS[precision]}
+        rep["map_drop"] = out["fp32"]["map_all"] - rep["map_all"]
+        failed = []
+        if rep["bit_agreement"] < rep["min_bit_agreement"]:
+            failed.append(f"code-bit agreement with FP32 {rep['bit_agreement']:.4f} < {rep['min_bit_agreement']}")
+        if rep["map_drop"] > rep["max_map_drop"]:
+            failed.append(f"mAP@all {rep['map_all']:.4f} is {rep['map_drop']:.4f} below FP32's "
+                          f"(at most {rep['max_map_drop']})")
+        rep["kept"] = not failed
+        if failed:
+            path.unlink(missing_ok=True)
+            rep["why_removed"] = "; ".join(failed)
+        out[precision] = rep
+    return out
+
+
+def _retrieval(path: Path, queries, db) -> dict:
+    """The file's codes of held-out queries (probs) and its retrieval figures against the database."""
+    from latenthash.codes import threshold
+    from latenthash.metrics import hamming_retrieval
+    from latenthash.runtimes import create_runtime
+
+    runtime = create_runtime("onnxruntime", path, providers=["CPUExecutionProvider"])
+    q_probs = np.concatenate([runtime.run(queries.images[i:i + 512])[0] for i in range(0, len(queries), 512)])
+    d_probs = np.concatenate([runtime.run(db.images[i:i + 512])[0] for i in range(0, len(db), 512)])
+    rep = hamming_retrieval(threshold(q_probs), threshold(d_probs), queries.labels, db.labels,
+                            bits=q_probs.shape[1])
+    return {"probs": q_probs, "figures": {"map_all": rep.map_all, "precision_r2": rep.precision_r2}}
 
 
 def check_export(path: Path, wrapper: ExportWrapper, images: np.ndarray, *, atol: float) -> list[dict]:

@@ -9,7 +9,8 @@ from typing import Optional
 
 import typer
 
-from latenthash.errors import LatentHashError
+from latenthash.errors import ExportCheckFailed, LatentHashError
+from latenthash.precision import DEFAULT_CALIBRATION
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="latenthash: train, export, index, search and serve latent-hash image search.")
@@ -103,14 +104,24 @@ def export_model(
     out: Path = typer.Option(..., help="the ONNX file to write"),
     opset: int = typer.Option(18),
     atol: float = typer.Option(1e-4, help="max |diff| of probs and features, ONNX Runtime vs PyTorch"),
+    precision: list[str] = typer.Option(["fp32"], help="fp32, fp16, int8 (repeat for several); reduced-precision "
+                                        "copies go beside OUT as NAME.fp16.onnx / NAME.int8.onnx"),
+    calibration: int = typer.Option(DEFAULT_CALIBRATION, help="training images that calibrate INT8"),
+    check_queries: Optional[int] = typer.Option(None, help="held-out images for the precision checks (all)"),
+    check_database: Optional[int] = typer.Option(None, help="database images for the precision checks (all)"),
 ) -> None:
-    """Export a self-describing ONNX model (uint8 NHWC in; probs, features, logits out) and check its parity."""
+    """Export a self-describing ONNX model (uint8 NHWC in; probs, features, logits out) and check its parity;
+    with --precision fp16/int8, also checked reduced-precision copies (kept only within their thresholds)."""
     try:
         from latenthash.export.onnx import export_onnx
 
-        report = export_onnx(run_dir, out, opset=opset, atol=atol)
-        typer.echo(json.dumps({"path": report["path"], "bytes": report["bytes"], "checks": report["checks"]},
+        report = export_onnx(run_dir, out, opset=opset, atol=atol, precisions=tuple(precision),
+                             calibration=calibration, check_queries=check_queries, check_database=check_database)
+        typer.echo(json.dumps({k: report[k] for k in ("path", "bytes", "checks", "precisions") if k in report},
                               indent=1))
+        removed = {p: r["why_removed"] for p, r in report.get("precisions", {}).items() if not r.get("kept", True)}
+        if removed:
+            _fail(ExportCheckFailed("; ".join(f"{p} copy removed: {why}" for p, why in removed.items())))
     except (LatentHashError, OSError) as exc:
         _fail(exc)
 

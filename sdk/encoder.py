@@ -17,6 +17,7 @@ import numpy as np
 from latenthash.codes import threshold
 from latenthash.errors import InvalidInput, ModelMismatch
 from latenthash.limits import MAX_IMAGE_PIXELS
+from latenthash.precision import precision_of
 
 
 @dataclass
@@ -41,6 +42,7 @@ class ModelInfo:
     class_names: tuple[str, ...]
     dataset: str
     version: str
+    precision: str = "fp32"  # fp32, fp16 or int8 (sdk/precision.py)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: str) -> "ModelInfo":
@@ -50,14 +52,14 @@ class ModelInfo:
             return cls(int(meta["bits"]), int(meta["feature_dim"]), int(meta["input_height"]),
                        int(meta["input_width"]), int(meta["input_channels"]),
                        tuple(json.loads(meta.get("class_names", "[]"))), meta.get("dataset", ""),
-                       meta.get("latenthash_version", ""))
+                       meta.get("latenthash_version", ""), precision_of(meta))
         except (KeyError, ValueError) as exc:
             raise ModelMismatch(f"{path} lacks latenthash metadata ({exc}): export it with `latenthash export`") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "feature_dim": self.feature_dim, "input_shape": [self.height, self.width,
                 self.channels], "class_names": list(self.class_names), "dataset": self.dataset,
-                "latenthash_version": self.version}
+                "latenthash_version": self.version, "precision": self.precision}
 
 
 class Encoder:

@@ -1,9 +1,11 @@
 """TensorRT: engines built from the exported ONNX file with the official `tensorrt` Python API.
 
 - Explicit batch, one optimization profile for the dynamic batch (min 1 / opt 32 / max 256 by default).
-- FP16 through `BuilderFlag.FP16` where the installed TensorRT has it (TensorRT 10.x, as JetPack 6 ships it); where
-  it does not (TensorRT 11 removed the precision flags), a strongly typed network is built from an FP16 copy of
-  the ONNX model (float initializers and compute in FP16, inputs and outputs unchanged).
+- A file exported with `--precision fp16` or `int8` (sdk/precision.py) carries its precision in the graph (FP16
+  tensors, Q/DQ nodes): it is built as a strongly typed network, as TensorRT 10 and 11 both take it.
+- An FP32 file asked for FP16: `BuilderFlag.FP16` where the installed TensorRT has it (TensorRT 10.x, as JetPack 6
+  ships it); where it does not (TensorRT 11 removed the precision flags), a strongly typed network is built from an
+  FP16 copy of the ONNX model (float initializers and compute in FP16, inputs and outputs unchanged).
 - Serialized engines are cached under a key of (ONNX sha256, TensorRT version, GPU compute capability, precision).
 - Inference uses tensor addresses and `execute_async_v3` on a CUDA stream; memory comes from cuda-python.
 
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from latenthash.errors import LatentHashError, MissingDependency, ModelMismatch, require
+from latenthash.precision import fp16_copy, precision_of
 
 PROFILE = (1, 32, 256)
 
@@ -54,22 +57,20 @@ def engine_key(onnx_path: Path, trt_version: str, capability: str, precision: st
     return f"{digest}-trt{trt_version}-sm{capability}-{precision}"
 
 
-def fp16_onnx(onnx_path: Path, out: Path) -> Path:
-    """An FP16 copy of the model for strongly typed builds (inputs uint8 and outputs float32 kept)."""
-    require("onnx", extra="tensorrt", purpose="the FP16 ONNX conversion for TensorRT 11")
-    float16 = require("onnxconverter_common.float16", extra="tensorrt", purpose="the FP16 ONNX conversion")
-    import onnx
-
-    model = float16.convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
-    onnx.save(model, str(out))
-    return out
+def file_precision(onnx_path: Path) -> str:
+    """The precision an exported file declares in its metadata (fp32 for older files)."""
+    onnx = require("onnx", extra="tensorrt", purpose="reading the model's precision")
+    return precision_of({p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props})
 
 
 def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", profile: tuple[int, int, int] = PROFILE,
                  cache_dir: str | os.PathLike | None = None, workspace_bytes: int = 1 << 30) -> bytes:
-    """Build (or load from the cache) a serialized engine for `onnx_path`."""
+    """Build (or load from the cache) a serialized engine for `onnx_path`; a reduced-precision file is built in
+    its own precision, whatever `precision` asks."""
     trt = require("tensorrt", extra="tensorrt", purpose="the TensorRT runtime")
     onnx_path = Path(onnx_path)
+    declared = file_precision(onnx_path)
+    precision = precision if declared == "fp32" else declared
     cache = Path(cache_dir or Path.home() / ".cache" / "latenthash" / "trt")
     cache.mkdir(parents=True, exist_ok=True)
     key = engine_key(onnx_path, trt.__version__, compute_capability(), precision)
@@ -81,8 +82,9 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", profi
     has_fp16_flag = hasattr(trt.BuilderFlag, "FP16")
     source = onnx_path
     flags = 0
-    if precision == "fp16" and not has_fp16_flag:
-        source = fp16_onnx(onnx_path, cache / f"{key}.fp16.onnx")
+    if declared != "fp32" or (precision == "fp16" and not has_fp16_flag):
+        if declared == "fp32":
+            source = fp16_copy(onnx_path, cache / f"{key}.fp16.onnx", extra="tensorrt")
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -91,7 +93,7 @@ def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", profi
         raise ModelMismatch(f"TensorRT cannot parse {source}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if precision == "fp16" and has_fp16_flag:
+    if precision == "fp16" and has_fp16_flag and declared == "fp32":
         config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
     inp = network.get_input(0)
@@ -120,7 +122,8 @@ class TensorRTRuntime:
         if int(_check(self._cudart.cudaGetDeviceCount())) < 1:
             raise MissingDependency("the TensorRT runtime needs an NVIDIA GPU; none is visible")
         self.max_batch = profile[2]
-        self.precision = precision
+        declared = file_precision(Path(model_path))
+        self.precision = precision if declared == "fp32" else declared
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
             build_engine(model_path, precision=precision, profile=profile, cache_dir=cache_dir))
         self.context = self.engine.create_execution_context()
