@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from latenthash.codes import threshold
+from latenthash.encoder import Encoder
 from latenthash.export.data import Dataset, load_dataset
 from latenthash.metrics import RetrievalReport, cosine_linear_search, hamming_retrieval
 
@@ -55,8 +56,11 @@ def report_dict(rep: RetrievalReport) -> dict:
 
 def evaluate_run(run_dir: str | Path, *, dataset: Dataset | None = None, dataset_name: str | None = None,
                  data_dir: str | None = None, max_queries: int | None = None, max_database: int | None = None,
-                 baselines: bool = True, plots: bool = True, progress: bool = True) -> dict:
-    """Evaluate a training run; returns the report dict (also what `latenthash eval --json` writes)."""
+                 baselines: bool = True, plots: bool = True, progress: bool = True,
+                 model_path: str | Path | None = None) -> dict:
+    """Evaluate a training run; returns the report dict (also what `latenthash eval --json` writes). With
+    `model_path`, the codes and features come from that exported file (any precision, on ONNX Runtime) instead of
+    the PyTorch checkpoint, and classification accuracy is not measured."""
     from latenthash.export.train import load_model, predict
 
     model, ckpt = load_model(run_dir)
@@ -64,14 +68,21 @@ def evaluate_run(run_dir: str | Path, *, dataset: Dataset | None = None, dataset
     db, queries = ds.train.subset(max_database), ds.test.subset(max_queries)
     bits = model.config.bits
     t0 = time.perf_counter()
-    db_probs, db_feats, _ = predict(model, db.images, progress=progress)
-    q_probs, q_feats, q_logits = predict(model, queries.images, progress=progress)
+    if model_path is None:
+        db_probs, db_feats, _ = predict(model, db.images, progress=progress)
+        q_probs, q_feats, q_logits = predict(model, queries.images, progress=progress)
+    else:
+        enc = Encoder.open(model_path, runtime="onnxruntime", providers=["CPUExecutionProvider"])
+        (db_probs, db_feats), (q_probs, q_feats) = (encode_probs(enc, x.images) for x in (db, queries))
+        q_logits = None
     encode_s = time.perf_counter() - t0
     ours = hamming_retrieval(threshold(q_probs), threshold(db_probs), queries.labels, db.labels, bits=bits)
     report = {"bits": bits, "dataset": ds.name, "queries": len(queries), "database": len(db),
               "backbone": model.config.backbone, "encode_seconds": encode_s, **report_dict(ours)}
     report["map_at_1000"] = report.pop(f"map_at_{ours.k}")
-    if ds.multilabel:
+    if model_path is not None:
+        report |= {"model": str(model_path), "precision": enc.info.precision}
+    if ds.multilabel or q_logits is None:
         report["accuracy"] = None
     else:
         report["accuracy"] = float((q_logits.argmax(1) == queries.labels).mean())
@@ -86,6 +97,12 @@ def evaluate_run(run_dir: str | Path, *, dataset: Dataset | None = None, dataset
         report["plots"] = write_plots(Path(run_dir), ours, report)
     report["history"] = ckpt["train_config"].get("history", [])
     return report
+
+
+def encode_probs(enc: Encoder, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """H's activations and the features of `images` through an exported model."""
+    out = enc.encode(images, return_probs=True)
+    return out.probs, out.features
 
 
 def baseline_table(ds: Dataset, db, queries, bit_lengths: list[int]) -> dict:

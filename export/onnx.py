@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from latenthash import __version__
-from latenthash.errors import ExportCheckFailed, require
+from latenthash.codes import threshold
+from latenthash.errors import ExportCheckFailed, InvalidInput, require
 from latenthash.export.model import ExportWrapper, HashNet
-from latenthash.precision import DEFAULT_CALIBRATION, check_precision, fp16_copy, int8_copy
+from latenthash.precision import DEFAULT_CALIBRATION, MIN_CALIBRATION, check_precision, fp16_copy, int8_copy
 
 INPUT = "images"
 OUTPUTS = ("probs", "features", "logits")
@@ -98,6 +99,10 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
     onnx = require("onnx", extra="train", purpose="ONNX export")
     from latenthash.export.train import load_model
 
+    extra = [check_precision(p) for p in precisions if p != "fp32"]
+    if "int8" in extra and calibration < MIN_CALIBRATION:
+        raise InvalidInput(f"INT8 calibration needs at least {MIN_CALIBRATION} images, got --calibration "
+                           f"{calibration}: the default is {DEFAULT_CALIBRATION} training images")
     model, ckpt = load_model(run_dir)
     wrapper = ExportWrapper(model).eval()
     if images is None:
@@ -126,7 +131,6 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
         except ExportCheckFailed:
             out.unlink(missing_ok=True)
             raise
-    extra = [check_precision(p) for p in precisions if p != "fp32"]
     if extra:
         report["precisions"] = derive_precisions(out, ckpt, extra, calibration=calibration,
                                                  check_queries=check_queries, check_database=check_database)
@@ -150,12 +154,18 @@ def derive_precisions(fp32: Path, ckpt: dict, precisions: list[str], *, calibrat
     out: dict = {"fp32": {"path": str(fp32), "bytes": fp32.stat().st_size, **reference.pop("figures")}}
     for precision in precisions:
         path = precision_path(fp32, precision)
-        if precision == "fp16":
-            fp16_copy(fp32, path)
-        else:
-            cal = ds.train.subset(calibration, seed=1)
-            int8_copy(fp32, path, cal.images, calibration_source=f"{ds.name} training split, {len(cal)} images")
-        got = _retrieval(path, queries, db)
+        try:
+            if precision == "fp16":
+                fp16_copy(fp32, path)
+            else:
+                cal = ds.train.subset(calibration, seed=1)
+                int8_copy(fp32, path, cal.images, calibration_source=f"{ds.name} training split, {len(cal)} images")
+            got = _retrieval(path, queries, db)
+        except Exception as exc:  # a copy that cannot be made or run is never left behind
+            path.unlink(missing_ok=True)
+            if isinstance(exc, InvalidInput):
+                raise
+            raise ExportCheckFailed(f"the {precision} copy of {fp32} failed: {exc}") from exc
         rep = {"path": str(path), "bytes": path.stat().st_size, **got["figures"],
                "bit_agreement": float(((got["probs"] >= 0.5) == (reference["probs"] >= 0.5)).mean()),
                "held_out_images": len(queries), "database_images": len(db), **PRECISION_BARS[precision]}
@@ -176,13 +186,12 @@ def derive_precisions(fp32: Path, ckpt: dict, precisions: list[str], *, calibrat
 
 def _retrieval(path: Path, queries, db) -> dict:
     """The file's codes of held-out queries (probs) and its retrieval figures against the database."""
-    from latenthash.codes import threshold
+    from latenthash.encoder import Encoder
+    from latenthash.export.evaluate import encode_probs
     from latenthash.metrics import hamming_retrieval
-    from latenthash.runtimes import create_runtime
 
-    runtime = create_runtime("onnxruntime", path, providers=["CPUExecutionProvider"])
-    q_probs = np.concatenate([runtime.run(queries.images[i:i + 512])[0] for i in range(0, len(queries), 512)])
-    d_probs = np.concatenate([runtime.run(db.images[i:i + 512])[0] for i in range(0, len(db), 512)])
+    enc = Encoder.open(path, runtime="onnxruntime", providers=["CPUExecutionProvider"])
+    q_probs, d_probs = encode_probs(enc, queries.images)[0], encode_probs(enc, db.images)[0]
     rep = hamming_retrieval(threshold(q_probs), threshold(d_probs), queries.labels, db.labels,
                             bits=q_probs.shape[1])
     return {"probs": q_probs, "figures": {"map_all": rep.map_all, "precision_r2": rep.precision_r2}}

@@ -83,13 +83,15 @@ def evaluate(
     max_queries: Optional[int] = typer.Option(None, help="evaluate a seeded subset of the queries"),
     max_database: Optional[int] = typer.Option(None, help="use a seeded subset of the database"),
     baselines: bool = typer.Option(True, help="also run LSH and PCA-ITQ at the same code length"),
+    model: Optional[Path] = typer.Option(None, help="evaluate this exported ONNX file (fp32, fp16 or int8) "
+                                         "instead of the PyTorch checkpoint"),
 ) -> None:
     """Retrieval quality of a run: mAP, precision within radius 2, P@k, PR curve, baselines, plots."""
     try:
         from latenthash.export.evaluate import evaluate_run, save_report
 
         report = evaluate_run(run_dir, dataset_name=dataset, data_dir=data_dir, max_queries=max_queries,
-                              max_database=max_database, baselines=baselines)
+                              max_database=max_database, baselines=baselines, model_path=model)
         if json_out:
             save_report(report, json_out)
         keys = ("bits", "map_all", "map_at_1000", "precision_r2", "accuracy")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,10 +57,14 @@ def check_calibration(images: np.ndarray) -> np.ndarray:
 
 
 def fp16_copy(src: str | os.PathLike, out: str | os.PathLike, *, extra: str = "train") -> Path:
-    """An FP16 copy of `src` (initializers and compute in FP16; uint8 input and float32 outputs kept)."""
+    """An FP16 copy of `src` (initializers and compute in FP16; uint8 input and float32 outputs kept), made by
+    ONNX Runtime's own converter (onnxconverter-common's mistypes this graph's input cast)."""
     onnx = require("onnx", extra=extra, purpose="the FP16 ONNX conversion")
-    float16 = require("onnxconverter_common.float16", extra=extra, purpose="the FP16 ONNX conversion")
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():  # tiny constants (normalization epsilons) are clamped to FP16's range
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     return _save_with_metadata(model, src, out, {"precision": "fp16"})
 
 

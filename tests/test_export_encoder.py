@@ -195,3 +195,99 @@ def test_tensorrt_fp16_parity(onnx_model, small_fashion):
     trt_out = Encoder.open(onnx_model, runtime="tensorrt").encode(images, return_probs=True)
     agreement = ((ort_out.probs >= 0.5) == (trt_out.probs >= 0.5)).mean()
     assert agreement >= 0.99
+
+
+@pytest.fixture(scope="module")
+def precision_models(trained_run, tmp_path_factory):
+    """FP32, FP16 and INT8 files of the trained run, checked on 300 held-out images against 3,000 database ones."""
+    out = tmp_path_factory.mktemp("precisions") / "model.onnx"
+    report = export_onnx(trained_run, out, images=None, precisions=("fp16", "int8"), calibration=256,
+                         check_queries=300, check_database=3000)
+    return out, report
+
+
+def test_precision_copies_are_self_describing_and_checked(precision_models, small_fashion):
+    out, report = precision_models
+    checks = report["precisions"]
+    assert json.loads(out.with_suffix(".export.json").read_text())["precisions"] == checks
+    images = small_fashion.test.images[:300]
+    reference = Encoder.open(out, runtime="onnxruntime").encode(images)
+    for precision, name in (("fp16", "model.fp16.onnx"), ("int8", "model.int8.onnx")):
+        path = out.with_name(name)
+        rep = checks[precision]
+        assert rep["kept"] and rep["path"] == str(path) and rep["held_out_images"] == 300
+        assert rep["bit_agreement"] >= 0.995 and rep["map_drop"] <= rep["max_map_drop"]
+        model = onnx.load(str(path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["precision"] == precision and meta["bits"] == "24"  # the FP32 metadata travels along
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        enc = Encoder.open(path, runtime="onnxruntime")
+        assert enc.info.precision == precision and enc.info.to_dict()["precision"] == precision
+        got = enc.encode(images)
+        assert got.features.dtype == np.float32
+        agreement = (np.unpackbits(got.codes, axis=1)[:, :24] == np.unpackbits(reference.codes, axis=1)[:, :24])
+        assert agreement.mean() >= 0.99
+    int8 = onnx.load(checks["int8"]["path"])
+    ops = {n.op_type for n in int8.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ: the precision is in the graph
+    zero_points = {i.name: onnx.numpy_helper.to_array(i) for i in int8.graph.initializer if "zero_point" in i.name}
+    assert zero_points and not any(z.any() for z in zero_points.values())  # symmetric, as TensorRT needs
+    assert {z.dtype for name, z in zero_points.items() if "bias" not in name} == {np.dtype(np.int8)}  # int32 biases
+    meta = {p.key: p.value for p in int8.metadata_props}
+    assert meta["calibration_images"] == "256" and "training split" in meta["calibration_source"]
+    assert checks["int8"]["bytes"] < 0.5 * checks["fp32"]["bytes"]
+    assert Encoder.open(out).info.precision == "fp32"
+
+
+def test_eval_measures_an_exported_file(precision_models, trained_run):
+    from latenthash.export.evaluate import evaluate_run
+
+    out, report = precision_models
+    figures = {p: evaluate_run(trained_run, max_queries=300, max_database=3000, baselines=False, plots=False,
+                               progress=False, model_path=report["precisions"][p]["path"]) for p in ("fp32", "int8")}
+    assert figures["int8"]["precision"] == "int8" and figures["int8"]["accuracy"] is None
+    assert abs(figures["fp32"]["map_all"] - report["precisions"]["fp32"]["map_all"]) < 0.02  # other subsets
+    assert abs(figures["int8"]["map_all"] - figures["fp32"]["map_all"]) < 0.01
+
+
+def test_broken_calibration_is_refused_and_leaves_no_file(onnx_model, tmp_path):
+    from latenthash.precision import int8_copy
+
+    out = tmp_path / "m.int8.onnx"
+    with pytest.raises(InvalidInput, match="at least 64"):
+        int8_copy(onnx_model, out, np.zeros((8, 28, 28, 1), np.uint8))
+    with pytest.raises(InvalidInput, match="all alike"):
+        int8_copy(onnx_model, out, np.full((100, 28, 28, 1), 255, np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_tiny_calibration_before_writing(trained_run, tmp_path):
+    with pytest.raises(InvalidInput, match="--calibration 8"):
+        export_onnx(trained_run, tmp_path / "m.onnx", precisions=("int8",), calibration=8)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(InvalidInput, match="unknown precision 'int4'"):
+        export_onnx(trained_run, tmp_path / "m.onnx", precisions=("int4",))
+
+
+def test_copy_missing_its_threshold_is_removed(trained_run, tmp_path, monkeypatch):
+    from latenthash.export import onnx as export
+
+    monkeypatch.setitem(export.PRECISION_BARS, "fp16", {"min_bit_agreement": 1.01, "max_map_drop": 0.002})
+    report = export_onnx(trained_run, tmp_path / "m.onnx", precisions=("fp16",), check_queries=100,
+                         check_database=500)
+    rep = report["precisions"]["fp16"]
+    assert not rep["kept"] and "code-bit agreement" in rep["why_removed"]
+    assert not (tmp_path / "m.fp16.onnx").exists() and (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_tensorrt_parity_of_reduced_precision_files(precision_models, small_fashion, precision):
+    out, report = precision_models
+    images = small_fashion.test.images[:256]
+    ort_out = Encoder.open(out, runtime="onnxruntime").encode(images, return_probs=True)
+    trt = Encoder.open(report["precisions"][precision]["path"], runtime="tensorrt")
+    assert trt.runtime.precision == precision
+    agreement = ((ort_out.probs >= 0.5) == (trt.encode(images, return_probs=True).probs >= 0.5)).mean()
+    assert agreement >= 0.99
