@@ -25,5 +25,7 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS:-train,server,milvus,ray,dev}]"
+EXTRAS=${EXTRAS:-train,server,milvus,ray,dev}
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+echo "$EXTRAS" > .venv/latenthash-extras  # the tests fail, not skip, when a package of these is missing
 echo "setup: installed into $(pwd)/.venv (activate with: . .venv/bin/activate)" >&2

@@ -10,7 +10,9 @@ Options go in the query string or as keyword arguments: `index=BIN_FLAT|BIN_IVF_
 
 Schema: `id` INT64 primary key, `code` BINARY_VECTOR (dim = bits, a multiple of 8) indexed with metric HAMMING,
 `feature` FLOAT_VECTOR (L2-normalized, metric IP = cosine) when the index has features, `metadata` JSON (wrapped as
-{"v": value}, since milvus-lite has no nullable fields). Writes are upserts, so re-adding an id replaces it, as in
+{"v": value}, since milvus-lite has no nullable fields). Milvus before 2.4 allows one vector field per collection:
+there `feature` is an ARRAY of FLOAT (chosen when the server refuses the vector schema, read back from an existing
+collection), and step 2 always runs in the SDK (`rerank=fetch`). Writes are upserts, so re-adding an id replaces it, as in
 the embedded index. Reads use Strong consistency: a search sees every acknowledged write.
 
 Two-step search: step 1 is a Milvus Hamming search (top-`pool`, or a range search for `radius`); step 2 re-ranks
@@ -139,19 +141,34 @@ class MilvusIndex:
         schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
                                                description=json.dumps({"latenthash": 1, "bits": bits}))
         schema.add_field("id", pm.DataType.INT64, is_primary=True)
-        schema.add_field("code", pm.DataType.BINARY_VECTOR, dim=bits)
-        if feature_dim:
-            schema.add_field("feature", pm.DataType.FLOAT_VECTOR, dim=int(feature_dim))
+        self.bits, self.feature_dim = bits, int(feature_dim) if feature_dim else None
+        try:
+            self._create_with(pm, vector_features=True)
+        except InvalidInput as exc:
+            if not feature_dim or "multiple vector fields" not in str(exc):
+                raise
+            self._create_with(pm, vector_features=False)  # Milvus < 2.4: one vector field per collection
+
+    def _create_with(self, pm, *, vector_features: bool) -> None:
+        schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
+                                               description=json.dumps({"latenthash": 1, "bits": self.bits}))
+        schema.add_field("id", pm.DataType.INT64, is_primary=True)
+        schema.add_field("code", pm.DataType.BINARY_VECTOR, dim=self.bits)
+        if self.feature_dim and vector_features:
+            schema.add_field("feature", pm.DataType.FLOAT_VECTOR, dim=self.feature_dim)
+        elif self.feature_dim:
+            schema.add_field("feature", pm.DataType.ARRAY, element_type=pm.DataType.FLOAT,
+                             max_capacity=self.feature_dim)
         schema.add_field("metadata", pm.DataType.JSON)
         params = self._client.prepare_index_params()
         build = {"nlist": self.nlist} if self.index_type == "BIN_IVF_FLAT" else {}
         params.add_index("code", index_type=self.index_type, metric_type="HAMMING", params=build)
-        if feature_dim:
+        if self.feature_dim and vector_features:
             params.add_index("feature", index_type="FLAT", metric_type="IP")
         with _errors("create_collection"):
             self._client.create_collection(self.collection, schema=schema, index_params=params,
                                            consistency_level="Strong", timeout=self.timeout)
-        self.bits, self.feature_dim = bits, int(feature_dim) if feature_dim else None
+        self._vector_features = vector_features
 
     def _adopt(self, bits: int | None, feature_dim: int | None) -> None:
         """Read bits and feature_dim from an existing collection; refuse one that is not ours or does not match."""
@@ -162,7 +179,10 @@ class MilvusIndex:
             raise ModelMismatch(f"collection {self.collection!r} is not a latenthash collection "
                                 f"(fields {sorted(fields)}; expected id, code, [feature,] metadata)")
         self.bits = int(fields["code"]["params"]["dim"])
-        self.feature_dim = int(fields["feature"]["params"]["dim"]) if "feature" in fields else None
+        feature = fields.get("feature")
+        self.feature_dim = None if feature is None else int(feature["params"].get("dim")
+                                                               or feature["params"]["max_capacity"])
+        self._vector_features = feature is None or "dim" in feature["params"]  # else an ARRAY (Milvus < 2.4)
         if bits is not None and bits != self.bits:
             raise ModelMismatch(f"collection {self.collection!r} holds {self.bits}-bit codes, not {bits}-bit: "
                                 "use another collection for this model")
@@ -279,7 +299,7 @@ class MilvusIndex:
         hits = self._hamming(packed, step1, radius)
         if not do_rerank:
             return from_hits(hits, k, False)
-        rerank_fn = self._rerank_fetch if self.rerank_mode == "fetch" else self._rerank_milvus
+        rerank_fn = self._rerank_fetch if self.effective_rerank == "fetch" else self._rerank_milvus
         return from_hits(rerank_fn(qf, hits, k), k, True)
 
     def _hamming(self, packed: np.ndarray, limit: int, radius: int | None) -> list[list[tuple[int, int]]]:
@@ -329,6 +349,11 @@ class MilvusIndex:
             out.append([(i, dist[i], s) for i, s in ranked])
         return out
 
+    @property
+    def effective_rerank(self) -> str:
+        """The step 2 that runs: `rerank_mode`, except `fetch` where features are not a vector field."""
+        return self.rerank_mode if self._vector_features else "fetch"
+
     def warmup(self) -> float:
         """Compile the re-rank kernel off the query path (Milvus itself needs no warm-up); returns the seconds."""
         import time
@@ -347,7 +372,7 @@ class MilvusIndex:
         nbytes = n * (self.bits // 8 + 8 + 4 * (self.feature_dim or 0))
         return {"count": n, "bits": self.bits, "feature_dim": self.feature_dim, "feature_dtype": "float32",
                 "index_bytes": int(nbytes), "bytes_per_item": nbytes / n if n else 0.0, "path": self.uri,
-                "backend": "milvus", "index_type": self.index_type, "rerank": self.rerank_mode,
+                "backend": "milvus", "index_type": self.index_type, "rerank": self.effective_rerank,
                 "model": self.model_info}
 
     def close(self) -> None:

@@ -34,6 +34,29 @@ def fashion():
     return load_fashion_mnist()
 
 
+@pytest.fixture(scope="session")
+def milvus_server_uri(tmp_path_factory):
+    """A real Milvus server for the session (LATENTHASH_MILVUS_URI, or one started from the `milvus` package on free
+    ports, its process group ended at teardown); skipped only where that package cannot install."""
+    import os
+    import platform
+    import sys
+
+    if os.environ.get("LATENTHASH_MILVUS_URI"):
+        yield os.environ["LATENTHASH_MILVUS_URI"].rstrip("/")
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from extras import installed_extras
+    from milvus_server import executable, milvus_server
+
+    if executable() is None:
+        if (sys.platform, platform.machine()) == ("linux", "x86_64") and "dev" in installed_extras():
+            pytest.fail("milvus-server is missing although setup installed latenthash[dev]", pytrace=False)
+        pytest.skip("no Milvus server: the `milvus` package installs only on Linux x86-64")
+    with milvus_server(tmp_path_factory.mktemp("milvus-server")) as uri:
+        yield uri
+
+
 def pytest_collection_modifyitems(config, items):
     has_cuda = False
     if importlib.util.find_spec("torch") is not None:

@@ -1,21 +1,23 @@
 """The Milvus backend against the embedded one: the same adds, removes and queries give the same answers.
 
-Runs on milvus-lite (a real Milvus engine in a child process, a fresh file per test). Hamming ties come back from
-Milvus in no set order, so top-k results are compared as equal distance lists and equal id sets wherever no tie
-crosses the top-k boundary. BIN_IVF_FLAT needs a real Milvus server: set LATENTHASH_MILVUS_URI=milvus://host:19530.
+The congruence suite runs on milvus-lite (a real Milvus engine in a child process, a fresh file per test) and on a
+real Milvus server with a BIN_IVF_FLAT index (nprobe = nlist: exact), started once per session from the `milvus`
+package (or LATENTHASH_MILVUS_URI=milvus://host:19530). Hamming ties come back from Milvus in no set order, so top-k
+results are compared as equal distance lists and equal id sets wherever no tie crosses the top-k boundary.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import time
+import uuid
 
 import numpy as np
 import pytest
+from extras import need
 
-pytest.importorskip("pymilvus")
-pytest.importorskip("milvus_lite")
+need("pymilvus", "milvus")
+need("milvus_lite", "milvus")
 
 from latenthash import HashIndex, open_index  # noqa: E402
 from latenthash.errors import InvalidInput, ModelMismatch, NotFound, Unavailable  # noqa: E402
@@ -40,12 +42,35 @@ def data():
     return codes, feats, meta, queries, qfeats
 
 
+@pytest.fixture(params=["milvus-lite", "server-BIN_IVF_FLAT"])
+def new_uri(request, tmp_path):
+    """Makes URIs of fresh collections on milvus-lite, or on the real server (dropped at teardown)."""
+    if request.param == "milvus-lite":
+        yield lambda collection="items", **query: lite_uri(tmp_path, collection, **query)
+        return
+    server = request.getfixturevalue("milvus_server_uri")
+    made = []
+
+    def make(collection="items", **query):
+        made.append(f"t{uuid.uuid4().hex[:12]}_{collection}")
+        query = {"index": "BIN_IVF_FLAT", "nlist": 16, "nprobe": 16} | query
+        return f"{server}/{made[-1]}?" + "&".join(f"{k}={v}" for k, v in query.items())
+
+    yield make
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(server.replace("milvus://", "http://"))
+    for name in made:
+        client.drop_collection(name)
+    client.close()
+
+
 @pytest.fixture
-def pair(tmp_path, data):
+def pair(new_uri, data):
     """The same items in an embedded index and a Milvus index, after the same adds, replaces and removes."""
     codes, feats, meta, _, _ = data
     emb = HashIndex(bits=BITS, feature_dim=DIM, feature_dtype="float32")
-    mil = open_index(lite_uri(tmp_path), bits=BITS, feature_dim=DIM, create=True)
+    mil = open_index(new_uri(), bits=BITS, feature_dim=DIM, create=True)
     ids = np.arange(N) * 3 + 11
     for ix in (emb, mil):
         assert ix.add(ids, codes[:N], feats[:N], meta) == 0
@@ -176,21 +201,68 @@ def test_a_milvus_that_is_down_is_a_clear_error_not_a_hang():
     assert time.perf_counter() - t0 < 15
 
 
-@pytest.mark.skipif("LATENTHASH_MILVUS_URI" not in os.environ, reason="no Milvus server given")
-def test_bin_ivf_flat_on_a_real_server(data):
+def test_bin_ivf_flat_on_a_real_server(milvus_server_uri, data):
+    """BIN_IVF_FLAT: exact with every list probed; fewer lists probed find fewer, never wrong, neighbours."""
     codes, feats, _, queries, _ = data
-    server = os.environ["LATENTHASH_MILVUS_URI"].rstrip("/")
-    uri = f"{server}/latenthash_test_{os.getpid()}?index=BIN_IVF_FLAT&nlist=16"
-    ix = open_index(uri, bits=BITS, feature_dim=DIM, create=True)
+    name = f"ivf_{uuid.uuid4().hex[:12]}"
+    ix = open_index(f"{milvus_server_uri}/{name}?index=BIN_IVF_FLAT&nlist=32", bits=BITS, feature_dim=DIM,
+                    create=True)
     try:
-        ix.add(np.arange(N), codes, feats)
-        ix.nprobe = 16  # all lists: exact
+        ix.add(np.arange(N), codes[:N], feats[:N])
         exact = HashIndex(bits=BITS, feature_dim=DIM)
-        exact.add(np.arange(N), codes, feats)
+        exact.add(np.arange(N), codes[:N], feats[:N])
+        ix.nprobe = 32  # all lists: exact
         assert_congruent_topk(exact.search(queries, 10), ix.search(queries, 10), 10)
+        ix.nprobe = 2
+        few = ix.search(queries, 10)
+        truth = hamming(queries, codes[:N])
+        np.testing.assert_array_equal(few.distances, np.take_along_axis(truth, few.ids, 1))  # true distances
+        assert (few.distances >= exact.search(queries, 10).distances).all()
+        stats = ix.stats()
+        assert stats["index_type"] == "BIN_IVF_FLAT" and stats["count"] == N
+        assert stats["rerank"] == "fetch"  # Milvus 2.3 keeps features as an ARRAY: step 2 in the SDK
+        again = MilvusIndex(f"{milvus_server_uri}/{name}")  # a reopened collection knows its feature storage
+        assert (again.feature_dim, again.effective_rerank) == (DIM, "fetch")
+        again.close()
     finally:
         ix._client.drop_collection(ix.collection)
         ix.close()
+
+
+def test_an_edge_device_syncs_from_the_central_collection(milvus_server_uri, data, tmp_path):
+    """docs/scale.md's edge sync: the device pulls items from the central collection by id into its embedded
+    index, saves, reopens, and answers as the central collection does for those items."""
+    codes, feats, meta, queries, qfeats = data
+    central = open_index(f"{milvus_server_uri}/central_{uuid.uuid4().hex[:12]}", bits=BITS, feature_dim=DIM,
+                         create=True)
+    try:
+        central.add(np.arange(N), codes[:N], feats[:N], meta)
+        wanted = np.arange(0, N, 7)
+        edge = HashIndex(bits=BITS, feature_dim=DIM, feature_dtype="float32")
+        for lo in range(0, len(wanted), 100):  # in pages, as a device on a thin link would
+            items = central.get(wanted[lo:lo + 100])
+            edge.add(items.ids, items.codes, items.features, items.metadata)
+        edge.save(tmp_path / "edge")
+        edge = HashIndex.open(tmp_path / "edge")
+        assert len(edge) == len(wanted)
+        got = edge.get(wanted[[0, 5, -1]])
+        np.testing.assert_array_equal(got.codes, codes[wanted[[0, 5, -1]]])
+        assert got.metadata == [meta[i] for i in wanted[[0, 5, -1]]]
+        sub = open_index(f"{milvus_server_uri}/sub_{uuid.uuid4().hex[:12]}", bits=BITS, feature_dim=DIM,
+                         create=True)  # the central side restricted to the synced ids, for the comparison
+        try:
+            items = central.get(wanted)
+            sub.add(items.ids, items.codes, items.features, items.metadata)
+            e = edge.search(queries, 10, features=qfeats, pool=len(wanted))
+            m = sub.search(queries, 10, features=qfeats, pool=len(wanted))
+            np.testing.assert_array_equal(e.ids, m.ids)
+            np.testing.assert_allclose(e.scores, m.scores, atol=1e-5)
+        finally:
+            sub._client.drop_collection(sub.collection)
+            sub.close()
+    finally:
+        central._client.drop_collection(central.collection)
+        central.close()
 
 
 def test_the_service_on_milvus_answers_like_the_embedded_searcher(tmp_path, onnx_model, small_fashion):

@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from extras import need
 from PIL import Image
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.data")
+ray = need("ray", "ray")
+need("ray.data", "ray")
 
 from latenthash import HashIndex, open_index  # noqa: E402
 from latenthash.encoder import Encoder  # noqa: E402
@@ -52,7 +53,7 @@ def test_ray_encodes_arrays_and_files_like_one_process(onnx_model, small_fashion
 
 def test_cli_index_on_ray_into_milvus(onnx_model, tmp_path):
     """`latenthash index --ray local --out milvus-lite://...`: the whole scale-out path from the command line."""
-    pytest.importorskip("milvus_lite")
+    need("milvus_lite", "milvus")
     uri = f"milvus-lite://{tmp_path}/lite.db/fm"
     proc = subprocess.run([sys.executable, "-m", "latenthash.cli", "index", "--model", str(onnx_model), "--out", uri,
                            "--limit", "500", "--ray", "local"], capture_output=True, text=True, timeout=300)
