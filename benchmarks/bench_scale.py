@@ -3,12 +3,17 @@ latency next to the embedded backend's.
 
     python benchmarks/bench_scale.py ingest --model runs/fm48/model.onnx [--images 20000]
     python benchmarks/bench_scale.py search [--n 200000] [--queries 100]
+    python benchmarks/bench_scale.py server --run runs/fm48 [--copies 15] [--queries 200]
 
 ingest: the first N Fashion-MNIST training images into an embedded index, `add_images` (one ONNX Runtime session
 using every core) against `add_images_ray` (a local Ray, one single-threaded encoder actor per core); Ray's start-up
 is timed apart. search: N random 48-bit codes with 256-d features in milvus-lite (BIN_FLAT) and in HashIndex;
 medians over single queries for the exact Hamming top-100 and the two-step search (pool 1000, k 10) with both Milvus
-re-rank modes. Prints markdown tables and writes results/scale_*.json.
+re-rank modes. server: the ~1M database of bench_search.py's fidelity part (the training images and mirrored /
+shifted copies, encoded by the run's model) on a real Milvus server (benchmarks/milvus_server.py) with BIN_FLAT and
+BIN_IVF_FLAT at several nprobe, against the embedded index: exact Hamming top-100 (recall: the share of returned
+distances equal to the exact ones, since learned codes tie heavily) and the two-step search (recall@10 against
+exhaustive cosine), medians over single queries. Prints markdown tables and writes results/scale_*.json.
 """
 
 from __future__ import annotations
@@ -121,6 +126,91 @@ def search(args) -> None:
     (OUT / "scale_search.json").write_text(json.dumps({"n": n, "load_s": load_s, "rows": rows}, indent=1))
 
 
+def server(args) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_search import copies_database
+    from milvus_server import milvus_server
+
+    from latenthash import HashIndex, open_index
+    from latenthash.milvus import MilvusIndex
+    from latenthash.encoder import Encoder
+    from latenthash.export.data import load_dataset
+    from latenthash.export.train import load_model
+
+    _, ckpt = load_model(args.run)
+    ds = load_dataset(ckpt["dataset"])
+    enc = Encoder.open(Path(args.run) / "model.onnx")
+    codes, feats, _ = copies_database(args.run, enc, ds.train.images, ds.train.labels, args.copies)
+    codes, feats = codes[:args.n], feats[:args.n]
+    n, bits, dim = len(codes), enc.bits, enc.feature_dim
+    q = enc.encode(ds.test.images[:args.queries])
+    emb = HashIndex(bits=bits, feature_dim=dim)
+    emb.add(np.arange(n), codes, feats)
+    emb.warmup()
+    stored = emb.get(np.arange(n)).features
+    qn = q.features / np.linalg.norm(q.features, axis=1, keepdims=True)
+    truth10 = [np.argsort(-(stored @ qn[i]))[:10] for i in range(len(qn))]
+    exact100 = emb.search(q.codes, 100).distances
+    del stored
+
+    def measure(ix, label: str) -> list[dict]:
+        out = []
+        for what, call in (("exact Hamming top-100", lambda i: ix.search(q.codes[i], 100)),
+                           ("two-step k 10 (default pool)", lambda i: ix.search(q.codes[i], 10,
+                                                                                  features=q.features[i]))):
+            times, recall = [], []
+            call(0)
+            for i in range(len(q.codes)):
+                t0 = time.perf_counter()
+                res = call(i)
+                times.append(time.perf_counter() - t0)
+                if what.startswith("exact"):
+                    recall.append(float((np.sort(res.distances[0]) == exact100[i]).mean()))
+                else:
+                    recall.append(len(np.intersect1d(res.ids[0], truth10[i])) / 10)
+            row = {"backend": label, "query": what, "ms": statistics.median(times) * 1e3,
+                   "recall": float(np.mean(recall))}
+            print(f"| {label} | {what} | {row['ms']:.2f} | {row['recall']:.4f} |", flush=True)
+            out.append(row)
+        return out
+
+    print(f"{n:,} items ({bits}-bit learned codes, {dim}-d features), {len(q.codes)} single queries, medians; "
+          f"Milvus reads at {args.consistency} consistency\n")
+    print("| backend | query | ms/query | recall vs exact |\n|---|---|---|---|")
+    rows = measure(emb, "embedded HashIndex")
+    with tempfile.TemporaryDirectory() as tmp, milvus_server(tmp) as uri:
+        t0 = time.perf_counter()
+        mil = open_index(f"{uri}/bench?index=BIN_FLAT&consistency={args.consistency}", bits=bits, feature_dim=dim,
+                         create=True)
+        for lo in range(0, n, 10000):
+            mil.add(np.arange(lo, min(n, lo + 10000)), codes[lo:lo + 10000], feats[lo:lo + 10000])
+        mil.save()
+        load_s = time.perf_counter() - t0
+        print(f"| (Milvus server load of {n:,} rows: {load_s:.0f} s) | | | |", flush=True)
+        rows += measure(mil, "Milvus server BIN_FLAT")
+        for nlist in args.nlist:
+            t0 = time.perf_counter()
+            client = mil._client
+            client.release_collection("bench")
+            client.drop_index("bench", "code")
+            params = client.prepare_index_params()
+            params.add_index("code", index_type="BIN_IVF_FLAT", metric_type="HAMMING", params={"nlist": nlist})
+            client.create_index("bench", params)
+            client.load_collection("bench")
+            build_s = time.perf_counter() - t0
+            ivf = MilvusIndex(f"{uri}/bench", index="BIN_IVF_FLAT", consistency=args.consistency)
+            for nprobe in args.nprobe:
+                ivf.nprobe = nprobe
+                rows += [r | {"nlist": nlist, "nprobe": nprobe, "build_s": build_s}
+                         for r in measure(ivf, f"Milvus server BIN_IVF_FLAT nlist {nlist} nprobe {nprobe}")]
+            ivf.close()
+        mil.close()
+    OUT.mkdir(exist_ok=True)
+    (OUT / "scale_server.json").write_text(json.dumps({"n": n, "load_s": load_s, "rows": rows}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -131,8 +221,16 @@ def main() -> None:
     b = sub.add_parser("search")
     b.add_argument("--n", type=int, default=200_000)
     b.add_argument("--queries", type=int, default=100)
+    c = sub.add_parser("server")
+    c.add_argument("--run", required=True, help="a trained and exported run (runs/fm48)")
+    c.add_argument("--copies", type=int, default=15)
+    c.add_argument("--n", type=int, default=1_000_000, help="at most this many items of the database")
+    c.add_argument("--queries", type=int, default=200)
+    c.add_argument("--nlist", type=int, nargs="+", default=[1024])
+    c.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
+    c.add_argument("--consistency", default="Session", help="of the Milvus reads (Strong waits for the time tick)")
     args = ap.parse_args()
-    {"ingest": ingest, "search": search}[args.what](args)
+    {"ingest": ingest, "search": search, "server": server}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,17 @@ URIs (through `latenthash.open_index`, `latenthash index --out` and `latenthash 
     milvus-lite:///abs/path/file.db/coll    a local milvus-lite file (tests, laptops; BIN_FLAT only)
 
 Options go in the query string or as keyword arguments: `index=BIN_FLAT|BIN_IVF_FLAT`, `nlist` (at build),
-`nprobe` (per search), `rerank=fetch|milvus`, `token`, `timeout` (seconds).
+`nprobe` (per search), `rerank=fetch|milvus`, `token`, `timeout` (seconds), `consistency` (of reads:
+Strong, the default, sees every acknowledged write from any client; on a Milvus server it waits for the time tick,
+about 200 ms a read in benchmarks/RESULTS.md; Session sees this client's own writes at once, enough where one
+latenthash server is the only writer).
 
 Schema: `id` INT64 primary key, `code` BINARY_VECTOR (dim = bits, a multiple of 8) indexed with metric HAMMING,
 `feature` FLOAT_VECTOR (L2-normalized, metric IP = cosine) when the index has features, `metadata` JSON (wrapped as
 {"v": value}, since milvus-lite has no nullable fields). Milvus before 2.4 allows one vector field per collection:
 there `feature` is an ARRAY of FLOAT (chosen when the server refuses the vector schema, read back from an existing
 collection), and step 2 always runs in the SDK (`rerank=fetch`). Writes are upserts, so re-adding an id replaces it, as in
-the embedded index. Reads use Strong consistency: a search sees every acknowledged write.
+the embedded index. Reads use Strong consistency by default: a search sees every acknowledged write.
 
 Two-step search: step 1 is a Milvus Hamming search (top-`pool`, or a range search for `radius`); step 2 re-ranks
 the pool by cosine, either `milvus` (a Milvus search of the feature field filtered to the pool's ids: the default,
@@ -41,6 +44,7 @@ from latenthash.limits import MAX_K, default_pool
 MAX_TOPK = 16384  # Milvus's limit on hits per query
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
 RERANK_MODES = ("milvus", "fetch")
+CONSISTENCY = ("Strong", "Session", "Bounded", "Eventually")
 _FIELDS = {"id", "code", "feature", "metadata"}
 
 
@@ -93,7 +97,8 @@ class MilvusIndex:
 
     def __init__(self, uri: str, *, bits: int | None = None, feature_dim: int | None = None, create: bool = False,
                  index: str | None = None, nlist: int | None = None, nprobe: int | None = None,
-                 rerank: str | None = None, token: str | None = None, timeout: float | None = None):
+                 rerank: str | None = None, token: str | None = None, timeout: float | None = None,
+                 consistency: str | None = None):
         spec = parse_uri(uri)
         opts = spec["options"]
         self.uri = uri.split("?", 1)[0]
@@ -103,6 +108,9 @@ class MilvusIndex:
         self.nprobe = int(nprobe or opts.get("nprobe", 16))
         self.rerank_mode = rerank or opts.get("rerank", "milvus")
         self.timeout = float(timeout or opts.get("timeout", 10.0))
+        self.consistency = (consistency or opts.get("consistency", "Strong")).capitalize()
+        if self.consistency not in CONSISTENCY:
+            raise InvalidInput(f"consistency must be one of {CONSISTENCY}, got {self.consistency!r}")
         if self.index_type not in INDEX_TYPES:
             raise InvalidInput(f"index must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.rerank_mode not in RERANK_MODES:
@@ -197,7 +205,7 @@ class MilvusIndex:
             chunk = ids[lo:lo + 8192].tolist()
             with _errors("query"):
                 rows = self._client.query(self.collection, filter=f"id in {chunk}", output_fields=["id"],
-                                          timeout=self.timeout)
+                                          timeout=self.timeout, consistency_level=self.consistency)
             out += [int(r["id"]) for r in rows]
         return out
 
@@ -238,7 +246,8 @@ class MilvusIndex:
     # ------------------------------------------------------------------------------------------------ reads
     def __len__(self) -> int:
         with _errors("count"):
-            rows = self._client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout)
+            rows = self._client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout,
+                                      consistency_level=self.consistency)
         return int(rows[0]["count(*)"])
 
     def __contains__(self, id_: int) -> bool:
@@ -260,7 +269,8 @@ class MilvusIndex:
         for lo in range(0, len(ids), 8192):
             with _errors("get"):
                 rows = self._client.get(self.collection, ids=list(ids[lo:lo + 8192]), output_fields=fields,
-                                        timeout=self.timeout)
+                                        timeout=self.timeout,
+                                        consistency_level=self.consistency)
             found.update((int(r["id"]), r) for r in rows)
         return found
 
@@ -311,7 +321,8 @@ class MilvusIndex:
             params["params"].update(radius=radius + 1, range_filter=0)
         with _errors("search"):
             res = self._client.search(self.collection, data=[row.tobytes() for row in packed], anns_field="code",
-                                      limit=limit, search_params=params, timeout=self.timeout)
+                                      limit=limit, search_params=params, timeout=self.timeout,
+                                      consistency_level=self.consistency)
         return [sorted(((int(h["id"]), int(round(h["distance"]))) for h in row), key=lambda t: (t[1], t[0]))
                 for row in res]
 
@@ -344,7 +355,8 @@ class MilvusIndex:
             with _errors("search"):
                 res = self._client.search(self.collection, data=[qf[q].tolist()], anns_field="feature", limit=k,
                                           filter=f"id in {list(dist)}", search_params={"metric_type": "IP"},
-                                          timeout=self.timeout)
+                                          timeout=self.timeout,
+                                          consistency_level=self.consistency)
             ranked = sorted(((int(h["id"]), float(h["distance"])) for h in res[0]), key=lambda t: (-t[1], t[0]))
             out.append([(i, dist[i], s) for i, s in ranked])
         return out
