@@ -1,5 +1,6 @@
 import gzip
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,12 +17,16 @@ def write_idx(path, array, magic, compress=False):
 
 
 def make_idx_dir(tmp_path, n_train=20, n_test=5, compress=False):
+    """IDX files of random pixels and labels; returns the directory and {split: (images, labels)} written."""
     rng = np.random.default_rng(0)
     sfx = ".gz" if compress else ""
+    written = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28)), 2051, compress)
-        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{sfx}", rng.integers(0, 10, n), 2049, compress)
-    return tmp_path
+        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{sfx}", images, 2051, compress)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{sfx}", labels, 2049, compress)
+        written[prefix] = (images, labels)
+    return tmp_path, written
 
 
 def test_fashion_mnist_found_in_debian_location(fashion):
@@ -33,8 +38,13 @@ def test_fashion_mnist_found_in_debian_location(fashion):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_mnist_idx_raw_and_gzip(tmp_path, compress):
-    ds = load_dataset("mnist", make_idx_dir(tmp_path, compress=compress))
+    root, written = make_idx_dir(tmp_path, compress=compress)
+    ds = load_dataset("mnist", root)
     assert len(ds.train) == 20 and len(ds.test) == 5 and ds.image_shape == (28, 28, 1)
+    for split, prefix in ((ds.train, "train"), (ds.test, "t10k")):  # every pixel and label, in file order
+        images, labels = written[prefix]
+        np.testing.assert_array_equal(split.images[..., 0], images)
+        np.testing.assert_array_equal(split.labels, labels)
 
 
 def test_idx_errors_name_the_file(tmp_path):
@@ -62,11 +72,19 @@ def test_idx_errors_name_the_file(tmp_path):
 
 def test_cifar10_pickles(tmp_path):
     rng = np.random.default_rng(0)
+    written = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(rng.integers(0, 10, 4))}
         (tmp_path / name).write_bytes(pickle.dumps(batch))
+        written[name] = batch
     ds = load_dataset("cifar10", tmp_path)
     assert ds.train.images.shape == (20, 32, 32, 3) and ds.test.images.shape == (4, 32, 32, 3)
+    # CIFAR rows are 1024 red, then 1024 green, then 1024 blue values, each plane row-major
+    test = written["test_batch"]
+    np.testing.assert_array_equal(ds.test.images[1, 2, 5], test[b"data"][1, [2 * 32 + 5, 1024 + 69, 2048 + 69]])
+    np.testing.assert_array_equal(ds.test.images, test[b"data"].reshape(4, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(ds.test.labels, test[b"labels"])
+    np.testing.assert_array_equal(ds.train.labels[4:8], written["data_batch_2"][b"labels"])  # batches in order
     (tmp_path / "test_batch").write_bytes(b"garbage")
     with pytest.raises(DataError, match="test_batch"):
         load_dataset("cifar10", tmp_path)
@@ -82,6 +100,11 @@ def test_image_folder_and_list(tmp_path):
     ds = load_dataset("folder", root, image_size=16)
     assert ds.class_names == ("cat", "dog") and len(ds.train) + len(ds.test) == 10
     assert ds.train.images.shape[1:] == (16, 16, 3)
+    for split in (ds.train, ds.test):  # each image carries the label of its folder, and is that file's pixels
+        for path, label, image in zip(split.paths, split.labels, split.images):
+            assert ds.class_names[label] == Path(path).parent.name
+            expected = np.asarray(Image.open(path).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
+            np.testing.assert_allclose(image.astype(int), expected.astype(int), atol=1)
     lines = [f"{cls}/{i}.png {cls} {'pet' if i % 2 else 'wild'}" for cls in ("cat", "dog") for i in range(5)]
     (root / "all.txt").write_text("\n".join(lines))
     ml = load_dataset("list", root / "all.txt", image_size=8)

@@ -184,6 +184,32 @@ def test_cosine_rerank(rng, dtype):
                                    atol={"float32": 1e-6, "float16": 2e-3, "int8": 2e-2}[dtype])
 
 
+@pytest.mark.parametrize("nq", [1, 3])  # one query splits its pool over the threads; a batch does not
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_cosine_rerank_ties_and_large_pools(rng, nq, dtype):
+    """Exact ties (duplicated features) across the k-th place, pools far above 4 k (the partition branch) and a
+    single query's pool split over threads: hits must equal numpy's stable order, ties by pool position. Small
+    integer features make every dot product exact, so numpy and the kernel agree bit for bit."""
+    n, dim, pool, k = 3000, 16, 2000, 37
+    base = rng.integers(-3, 4, (150, dim))
+    feats = base[rng.integers(0, 150, n)]  # ~20 copies of each row: many exact ties
+    qf = rng.integers(-3, 4, (nq, dim)).astype(np.float32)
+    stored, scales = feats.astype(dtype), None
+    if dtype == "int8":
+        scales = np.ones(n, np.float32)
+    rows = np.stack([rng.permutation(n)[:pool] for _ in range(nq)]).astype(np.int64)
+    f, s, lut = K.rerank_args(stored, scales)
+    for kk in (k, pool):  # a cut through ties (partition branch), and the whole pool ranked (every score counts)
+        pos, scores = K.cosine_rerank(qf, f, s, lut, rows, np.full(nq, pool, np.int64), np.int64(kk))
+        for i in range(nq):
+            ref_scores = (feats[rows[i]] @ qf[i]).astype(np.float32)
+            order = np.argsort(-ref_scores, kind="stable")
+            if kk < pool:
+                assert ref_scores[order[kk - 1]] == ref_scores[order[kk]]  # a tie at the cut
+            np.testing.assert_array_equal(pos[i], order[:kk])
+            np.testing.assert_array_equal(scores[i], ref_scores[order[:kk]])
+
+
 def test_take_hits(rng):
     nq, width, k, n = 5, 40, 7, 300
     ids = rng.permutation(10 * n)[:n].astype(np.int64)

@@ -58,6 +58,23 @@ def test_map_agrees_with_scikit_learn_on_tie_free_scores(rng):
     assert m == pytest.approx(ref, abs=1e-12)
 
 
+def test_linear_search_matches_brute_force(rng):
+    """Exhaustive cosine retrieval against its definition: rank by cosine, AP per query, precision at k."""
+    f = rng.standard_normal((300, 8)).astype(np.float32) * rng.uniform(0.1, 10, (300, 1)).astype(np.float32)
+    qf = rng.standard_normal((20, 8)).astype(np.float32)
+    dl, ql = rng.integers(0, 3, 300), rng.integers(0, 3, 20)
+    m_all, _, prec = cosine_linear_search(qf, f, ql, dl, chunk=6, ks=(1, 10))
+    cos = (qf / np.linalg.norm(qf, axis=1, keepdims=True)) @ (f / np.linalg.norm(f, axis=1, keepdims=True)).T
+    aps, p10 = [], []
+    for i in range(20):
+        rel = dl[np.argsort(-cos[i], kind="stable")] == ql[i]
+        hits = np.cumsum(rel)
+        aps.append((hits[rel] / (np.flatnonzero(rel) + 1)).mean())
+        p10.append(rel[:10].mean())
+    assert m_all == pytest.approx(np.mean(aps), abs=1e-9)
+    assert prec[1] == pytest.approx(np.mean(p10), abs=1e-9)
+
+
 def test_linear_search_chunks_agree(rng):
     f = rng.standard_normal((400, 8)).astype(np.float32)
     qf = rng.standard_normal((50, 8)).astype(np.float32)
