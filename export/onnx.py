@@ -18,8 +18,10 @@ says why.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -112,7 +114,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
     t0 = time.perf_counter()
     example = torch.from_numpy(np.ascontiguousarray(images[:2]))
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # the exporter prints its progress
         warnings.simplefilter("ignore")
         program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=[INPUT], output_names=list(OUTPUTS),
                                     dynamic_shapes={"images": {0: batch}}, opset_version=opset, optimize=True)

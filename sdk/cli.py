@@ -15,6 +15,21 @@ from latenthash.precision import DEFAULT_CALIBRATION
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="latenthash: train, export, index, search and serve latent-hash image search.")
 
+
+def _version(value: bool) -> None:
+    if value:
+        from latenthash import __version__
+
+        typer.echo(f"latenthash {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the version and exit")) -> None:
+    """latenthash: train, export, index, search and serve latent-hash image search."""
+
+
 DATASETS = "fashion-mnist, mnist, cifar10, folder, list, digits"
 
 
@@ -145,8 +160,14 @@ def build_index(
                                                  "ray://head:10001 joins a cluster"),
     ray_workers: Optional[int] = typer.Option(None, help="encoder actors on Ray (default: one per CPU)"),
     ray_gpus: float = typer.Option(0.0, help="GPUs per Ray encoder actor"),
+    images: Optional[Path] = typer.Option(None, "--images", help="index your own image files instead of a dataset: "
+                                          "a folder (recursive; jpg, jpeg, png, webp, bmp, gif, tiff) or a text "
+                                          "file of paths; metadata {\"path\": ...}; rerun with --add to resume"),
 ) -> None:
-    """Encode a dataset split and store codes, features and labels (ids = positions in the split)."""
+    """Encode a dataset split (ids = positions in the split) or your own image files, and store codes, features
+    and metadata."""
+    if images is not None:
+        return _index_files(model, out, images, add=add, feature_dtype=feature_dtype, runtime=runtime)
     try:
         import numpy as np
 
@@ -192,6 +213,100 @@ def build_index(
                 add_images(index, encoder, images, ids=ids, metadata=metadata)
             index.save()
         typer.echo(json.dumps(index.stats(), indent=1))
+    except (LatentHashError, OSError) as exc:
+        _fail(exc)
+
+
+def _index_files(model: Path, out: str, source: Path, *, add: bool, feature_dtype: str, runtime: str) -> None:
+    """`index --images`: stream files into the index, saving every 20,000 images; unreadable files are named."""
+    try:
+        from latenthash.backend import index_directory, open_index
+        from latenthash.encoder import Encoder
+        from latenthash.index import HashIndex
+        from latenthash.ingest import add_image_files, list_image_files
+        from latenthash.storage import DirLock
+
+        encoder = Encoder.open(model, runtime=runtime)
+        paths, others = list_image_files(source)
+        root = index_directory(out)
+        if root is not None and not add and (root / "CURRENT").exists():
+            raise LatentHashError(f"an index already exists at {out}: pass --add to append (or to resume an "
+                                  "interrupted run: files already indexed are skipped), or another --out")
+        with DirLock(root):
+            if root is not None and not (root / "CURRENT").exists():
+                index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
+                                  path=root)
+            else:
+                index = open_index(out, create=True, bits=encoder.bits, feature_dim=encoder.feature_dim)
+            index.model_info = encoder.info.to_dict()
+            ids = index.ids
+            present = {m.get("path") for m in index.metadata(ids) if isinstance(m, dict)} if len(ids) else set()
+            done = add_image_files(index, encoder, paths, start_id=int(ids.max()) + 1 if len(ids) else 0,
+                                   skip=present, checkpoint=index.save)
+            done.bad = others + done.bad
+            if done.added:
+                index.save()
+        for path, why in done.bad[:5]:
+            typer.secho(f"skipped {path}: {why}", fg=typer.colors.YELLOW, err=True)
+        if len(done.bad) > 5:
+            typer.secho(f"... and {len(done.bad) - 5} more unreadable files", fg=typer.colors.YELLOW, err=True)
+        typer.echo(json.dumps({"indexed": done.added, "already_indexed": done.already, "unreadable": len(done.bad),
+                               "files": len(paths) + len(others), "count": len(index), "index": out}, indent=1))
+        if done.added == 0 and done.already == 0:
+            raise LatentHashError(f"no readable image among the {len(paths)} files of {source}")
+    except (LatentHashError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def search(
+    queries: list[Path] = typer.Argument(..., help="query image files"),
+    index: Optional[str] = typer.Option(None, help="index directory or milvus:// URI (searched in process)"),
+    model: Optional[Path] = typer.Option(None, help="exported ONNX model (with --index)"),
+    server: Optional[str] = typer.Option(None, help="host:port of a running `latenthash serve` instead"),
+    token: Optional[str] = typer.Option(None, envvar="LATENTHASH_TOKEN", help="bearer token for --server"),
+    k: int = typer.Option(10, help="hits per query"),
+    pool: Optional[int] = typer.Option(None, help="step-1 pool (recall against speed; default max(100 k, 10000))"),
+    as_json: bool = typer.Option(False, "--json", help="print the hits as JSON"),
+    sheet: Optional[Path] = typer.Option(None, help="write a contact sheet (each query beside its hits) here"),
+) -> None:
+    """Search an index with image files: a table of hits (or --json), and optionally a contact sheet."""
+    try:
+        if (index is None) == (server is None):
+            raise LatentHashError("search needs --index (with --model) or --server host:port")
+        blobs = [q.read_bytes() for q in queries]
+        if server is not None:
+            from latenthash.client import Client
+
+            with Client(server, token=token) as client:
+                result = client.search(images=blobs, k=k, pool=pool)
+        else:
+            if model is None:
+                raise LatentHashError("--index needs --model (the model that built the index)")
+            from latenthash.backend import open_index
+            from latenthash.encoder import Encoder
+            from latenthash.search import Searcher
+
+            searcher = Searcher(open_index(index), Encoder.open(model))
+            result = searcher.search(images=blobs, k=k, pool=pool)
+        hits = [[{"id": int(result.ids[q, j]), "distance": int(result.distances[q, j]),
+                  "score": None if result.scores is None else float(result.scores[q, j]),
+                  "metadata": result.metadata[q][j] if result.metadata else None}
+                 for j in range(int(result.counts[q]))] for q in range(len(queries))]
+        if as_json:
+            typer.echo(json.dumps([{"query": str(q), "hits": h} for q, h in zip(queries, hits)], indent=1))
+        else:
+            for q, h in zip(queries, hits):
+                typer.echo(f"{q}")
+                for rank, hit in enumerate(h, 1):
+                    score = "" if hit["score"] is None else f"{hit['score']:.4f}"
+                    typer.echo(f"  {rank:>3}  id {hit['id']:<10} distance {hit['distance']:<3} score {score:<7} "
+                               f"{json.dumps(hit['metadata'])}")
+        if sheet is not None:
+            from latenthash.sheet import contact_sheet
+
+            contact_sheet(queries, hits, sheet)
+            typer.echo(f"contact sheet: {sheet}", err=True)
     except (LatentHashError, OSError) as exc:
         _fail(exc)
 
