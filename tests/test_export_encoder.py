@@ -17,6 +17,12 @@ from latenthash.export.train import load_model, predict
 from latenthash.runtimes import create_runtime
 
 
+def has_tensorrt_gpu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+
+
 def test_onnx_is_self_describing_and_passed_its_checks(onnx_model):
     model = onnx.load(str(onnx_model))
     meta = {p.key: p.value for p in model.metadata_props}
@@ -58,7 +64,8 @@ def test_export_of_missing_run(tmp_path):
 
 def test_encoder_accepts_arrays_pil_and_bytes(onnx_model, small_fashion):
     enc = Encoder.open(onnx_model)
-    assert enc.bits == 24 and enc.feature_dim == 64 and enc.runtime.name == "onnxruntime"  # no TensorRT here
+    assert enc.bits == 24 and enc.feature_dim == 64
+    assert enc.runtime.name == ("tensorrt" if has_tensorrt_gpu() else "onnxruntime")  # "auto" picks the fastest
     imgs = small_fashion.test.images[:3]
     ref = enc.encode(imgs)
     assert ref.codes.shape == (3, 3) and ref.codes.dtype == np.uint8

@@ -118,21 +118,49 @@ def test_async_client(served, small_fashion):
     enc = embedded.encode(small_fashion.test.images[:6])
 
     async def run():
-        ac = AsyncClient(f"127.0.0.1:{port}")
-        try:
+        async with AsyncClient(f"127.0.0.1:{port}") as ac:
             res = await ac.search(images=small_fashion.test.images[:3], k=5)
             by_codes = await ac.search(codes=enc.codes, features=enc.features, k=4)  # SearchCodes
             stats = await ac.stats()
             with pytest.raises(NotFound):
                 await ac.get([123456789])
-            return res, by_codes, stats
-        finally:
-            await ac.close()
+            encoded = await ac.encode(small_fashion.test.images[:6])
+            written = await ac.upsert([777001, 777002], codes=enc.codes[:2], features=enc.features[:2],
+                                      metadata=[{"a": 1}, None])
+            got = await ac.get([777001, 777002])
+            deleted = await ac.delete([777001, 777002, 123456789])
+            after = await ac.stats()
+        return res, by_codes, stats, encoded, written, got, deleted, after
 
-    res, by_codes, stats = asyncio.run(run())
+    res, by_codes, stats, encoded, written, got, deleted, after = asyncio.run(run())
     assert_same(embedded.search(images=small_fashion.test.images[:3], k=5), res)
     assert_same(embedded.search(codes=enc.codes, features=enc.features, k=4), by_codes)
-    assert stats["count"] == N_DB
+    assert stats["count"] == N_DB == after["count"]
+    np.testing.assert_array_equal(encoded.codes, enc.codes)
+    np.testing.assert_allclose(encoded.features, enc.features, atol=1e-6)
+    assert written == (2, 0) and deleted == (2, 1)
+    np.testing.assert_array_equal(got.codes, enc.codes[:2])
+    assert got.metadata == [{"a": 1}, None]
+
+
+def test_a_server_without_a_model_serves_codes_and_refuses_images_clearly(index_dir, tmp_path, small_fashion,
+                                                                          onnx_model):
+    import shutil
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), port=0))
+    enc = Encoder.open(onnx_model).encode(small_fashion.test.images[:2])
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as client:
+            assert client.search(codes=enc.codes, features=enc.features, k=3).counts.tolist() == [3, 3]
+            for call in (lambda: client.search(images=small_fashion.test.images[:1], k=3),
+                         lambda: client.upsert([5], images=small_fashion.test.images[:1]),
+                         lambda: client.encode(small_fashion.test.images[:1])):
+                with pytest.raises(InvalidInput, match="model"):
+                    call()
+            assert client.stats()["count"] == N_DB  # nothing was written
+    finally:
+        server.stop(1)
 
 
 def stub_call(client, method, request):
@@ -312,10 +340,13 @@ def test_dynamic_batching_merges_concurrent_image_queries(served, small_fashion)
     batcher = server.service.batcher
     before_batches, before_items = batcher.batches, batcher.items
     with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: client.search(images=small_fashion.test.images[i:i + 1], k=3), range(64)))
+        got = list(pool.map(lambda i: client.search(images=small_fashion.test.images[i:i + 1], k=3), range(64)))
     calls = batcher.batches - before_batches
     assert batcher.items - before_items == 64
-    assert calls < 64  # some calls shared an encoder run
+    assert 64 / batcher.max_batch <= calls < 64  # some calls shared an encoder run, no run exceeded its limit
+    embedded = server.searcher  # the same index and model, called directly (no batching)
+    for i, remote in enumerate(got):  # each caller got the answer to its own image, not a neighbour's
+        assert_same(embedded.search(images=small_fashion.test.images[i:i + 1], k=3), remote)
 
 
 def test_concurrent_queries_share_one_search_and_keep_their_own_errors(served, small_fashion):
@@ -435,31 +466,45 @@ time.sleep(600)
 
 
 def test_graceful_shutdown_finishes_in_flight_calls(index_dir, onnx_model, tmp_path, small_fashion):
+    """An Upsert stream (items by code + feature) is in flight when the server stops: new calls are refused with
+    UNAVAILABLE at once, the in-flight one completes and is acknowledged, and what it wrote is on disk after."""
     import shutil
     import threading
 
     shutil.copytree(index_dir, tmp_path / "ix")
     server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0))
-    client = Client(f"127.0.0.1:{port}")
-    results, errors = [], []
+    enc = Encoder.open(onnx_model).encode(small_fashion.test.images[:2])
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    started, release, results = threading.Event(), threading.Event(), []
 
-    def upsert():
-        try:
-            results.append(client.upsert(np.arange(8000, 8300),
-                                         images=list(np.repeat(small_fashion.test.images[:30], 10, axis=0))))
-        except Exception as exc:
-            errors.append(exc)
+    def items():
+        for j in range(2):
+            if j == 1:
+                started.set()
+                release.wait(20)
+            yield pb.UpsertItem(id=9000 + j, code=enc.codes[j].tobytes(), feature=enc.features[j].tolist(),
+                                metadata_json=json.dumps({"j": j}))
 
-    t = threading.Thread(target=upsert)
-    t.start()
-    time.sleep(0.05)
-    server.stop(grace=30)
-    t.join()
-    if results:  # acknowledged -> persisted by the stop
-        assert len(HashIndex.open(tmp_path / "ix")) == N_DB + 300
-    else:  # refused before it started: a clear UNAVAILABLE, nothing applied
-        assert isinstance(errors[0], Unavailable)
-        assert len(HashIndex.open(tmp_path / "ix")) == N_DB
+    upsert = threading.Thread(target=lambda: results.append(
+        pb_grpc.HashSearchStub(channel).Upsert(items(), timeout=30)))
+    upsert.start()
+    assert started.wait(20)
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 30})
+    stopper.start()
+    time.sleep(0.5)  # the stop has begun: new calls are refused
+    with pytest.raises(Unavailable):
+        Client(f"127.0.0.1:{port}", timeout=5).stats()
+    release.set()
+    upsert.join(30)
+    stopper.join(60)
+    assert results and (results[0].upserted, results[0].replaced) == (2, 0)  # acknowledged...
+    stored = HashIndex.open(tmp_path / "ix")  # ...and persisted by the stop
+    assert len(stored) == N_DB + 2
+    got = stored.get([9000, 9001])
+    np.testing.assert_array_equal(got.codes, enc.codes)
+    np.testing.assert_allclose(got.features, enc.features, atol=2e-3)  # float16 storage
+    assert got.metadata == [{"j": 0}, {"j": 1}]
+    channel.close()
 
 
 def test_metrics_endpoint(index_dir, onnx_model, tmp_path):
