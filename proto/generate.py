@@ -3,7 +3,8 @@
     python proto/generate.py            # rewrite sdk/v1/
     python proto/generate.py --check    # exit 1 if sdk/v1/ is stale (the test suite runs this)
 
-Generated with grpcio-tools, with type stubs (.pyi); each file starts with a "generated" header.
+Generated with grpcio-tools, with type stubs (.pyi); each file starts with a "generated" header. The .proto files
+are copied beside them, so the installed package carries its contract.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def generate() -> dict[str, str]:
             proto = f.name.split("_pb2")[0] + ".proto"
             out[f.name] = HEADER.format(proto=proto) + f.read_text()
     out["__init__.py"] = '"""Generated protobuf and gRPC stubs of the latenthash.v1 service (see proto/)."""\n'
+    for p in protos:  # the contract itself ships in the wheel, for clients in other languages
+        out[p.name] = p.read_text()
     return out
 
 

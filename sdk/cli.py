@@ -33,6 +33,13 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
 DATASETS = "fashion-mnist, mnist, cifar10, folder, list, digits"
 
 
+def _need_torch(purpose: str) -> None:
+    """Training-side commands need the `train` extra: one line naming it, never a traceback."""
+    from latenthash.errors import require
+
+    require("torch", extra="train", purpose=purpose)
+
+
 def _fail(exc: LatentHashError) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -66,6 +73,7 @@ def train(
 ) -> None:
     """Train the hash-layer CNN on class labels."""
     try:
+        _need_torch("training")
         from latenthash.export.data import load_dataset
         from latenthash.export.train import TrainConfig, default_model_config
         from latenthash.export.train import train as run_training
@@ -103,6 +111,7 @@ def evaluate(
 ) -> None:
     """Retrieval quality of a run: mAP, precision within radius 2, P@k, PR curve, baselines, plots."""
     try:
+        _need_torch("evaluation")
         from latenthash.export.evaluate import evaluate_run, save_report
 
         report = evaluate_run(run_dir, dataset_name=dataset, data_dir=data_dir, max_queries=max_queries,
@@ -130,6 +139,7 @@ def export_model(
     """Export a self-describing ONNX model (uint8 NHWC in; probs, features, logits out) and check its parity;
     with --precision fp16/int8, also checked reduced-precision copies (kept only within their thresholds)."""
     try:
+        _need_torch("export")
         from latenthash.export.onnx import export_onnx
 
         report = export_onnx(run_dir, out, opset=opset, atol=atol, precisions=tuple(precision),
@@ -367,6 +377,7 @@ def quickstart(
 ) -> None:
     """The main job: train, export, index, serve, query through the client, report quality and speed."""
     try:
+        _need_torch("the main job")
         from latenthash.export.quickstart import run
 
         run(out, dataset=dataset, bits=bits, epochs=epochs)

@@ -95,17 +95,17 @@ class StorageUnavailable(Unavailable):
     """The index directory cannot be written (read-only, permissions, I/O error): nothing of the write was stored."""
 
 
-def require(module: str, *, extra: str, purpose: str):
+def require(module: str, *, extra: str | None, purpose: str):
     """Import an optional heavy module, or raise `MissingDependency` that says how to install it."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependency(
-            f"{purpose} needs the '{module}' package, which is not installed: "
-            f"pip install 'latenthash[{extra}]' (for torch, first: pip install torch==2.13.0)"
-        ) from exc
+        how = "pip install latenthash" if not extra else f"pip install 'latenthash[{extra}]'"
+        torch = " (for torch, first: pip install torch==2.13.0)" if extra == "train" else ""
+        raise MissingDependency(f"{purpose} needs the '{module}' package, which is not installed: {how}{torch}") \
+            from exc
 
 
 def to_trailers(exc: LatentHashError) -> tuple[tuple[str, str], ...]:

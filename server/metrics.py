@@ -9,6 +9,9 @@ class Metrics:
         self.port = None
         if not self.enabled:
             return
+        from latenthash.errors import require
+
+        require("prometheus_client", extra="server", purpose="the metrics endpoint (--metrics-port)")
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
         self.registry = CollectorRegistry()

@@ -14,7 +14,7 @@ PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecution
 
 def default_providers(cache_dir: str | os.PathLike | None = None) -> list:
     """The installed providers in order of speed; TensorRT runs FP16 with an engine cache directory."""
-    ort = require("onnxruntime", extra="base", purpose="the ONNX Runtime encoder")
+    ort = require("onnxruntime", extra=None, purpose="the ONNX Runtime encoder")
     available = set(ort.get_available_providers())
     providers: list = []
     for name in PREFERRED:
@@ -37,7 +37,7 @@ class OnnxRuntime:
 
     def __init__(self, model_path: str | os.PathLike, *, providers: list | None = None, threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None):
-        ort = require("onnxruntime", extra="base", purpose="the ONNX Runtime encoder")
+        ort = require("onnxruntime", extra=None, purpose="the ONNX Runtime encoder")
         opts = ort.SessionOptions()
         # small CPUs: all cores on one op at a time, no inter-op pool competing with them
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
