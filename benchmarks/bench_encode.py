@@ -15,16 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import interleaved, save
 
-OUT = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -50,23 +48,14 @@ def bench_speed(run_dir: str, model: str | None, threads: int, reps: int) -> lis
         x = images[:batch]
         xt = torch.from_numpy(np.ascontiguousarray(x))
 
-        def eager():
+        def eager(xt=xt):
             with torch.inference_mode():
                 wrapper(xt)
 
-        def ort():
+        def ort(x=x):
             enc.runtime.run(x)
 
-        times = {"pytorch": [], "onnxruntime": []}
-        for fn in (eager, ort):
-            for _ in range(5):
-                fn()
-        for _ in range(reps):
-            for name, fn in (("pytorch", eager), ("onnxruntime", ort)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved({"pytorch": eager, "onnxruntime": ort}, reps, warmup=5)
         row = {"batch": batch, "threads": threads,
                **{f"{k}_ms": v * 1e3 for k, v in med.items()},
                **{f"{k}_img_s": batch / v for k, v in med.items()},
@@ -95,21 +84,15 @@ def bench_precisions(run_dir: str, threads: int, reps: int) -> dict:
                     for name, r in report.items() if r.get("kept", True)}
         for batch in (1, 64):
             x = images[:batch]
-            times: dict[str, list[float]] = {name: [] for name in encoders}
-            for enc in encoders.values():
-                for _ in range(5):
-                    enc.runtime.run(x)
-            for _ in range(reps):
-                for name, enc in encoders.items():
-                    t0 = time.perf_counter()
-                    enc.runtime.run(x)
-                    times[name].append(time.perf_counter() - t0)
-            for name, ts in times.items():
-                ms = statistics.median(ts) * 1e3
+            med = interleaved({name: (lambda e=enc, x=x: e.runtime.run(x)) for name, enc in encoders.items()}, reps,
+                              warmup=5)
+            for name, sec in med.items():
+                ms = sec * 1e3
                 r = report[name]
                 row = {"provider": provider, "precision": name, "batch": batch, "ms": ms, "img_s": batch / ms * 1e3,
-                       "vs_fp32": statistics.median(times["fp32"]) * 1e3 / ms, "mb": r["bytes"] / 1e6,
-                       "size_vs_fp32": r["bytes"] / report["fp32"]["bytes"], "bit_agreement": r.get("bit_agreement", 1.0),
+                       "vs_fp32": med["fp32"] * 1e3 / ms, "mb": r["bytes"] / 1e6,
+                       "size_vs_fp32": r["bytes"] / report["fp32"]["bytes"],
+                       "bit_agreement": r.get("bit_agreement", 1.0),
                        "map_all": r["map_all"], "precision_r2": r["precision_r2"]}
                 rows.append(row)
                 print(f"| {provider} | {name} | {batch} | {ms:.3f} | {row['img_s']:,.0f} | {row['vs_fp32']:.2f}x | "
@@ -146,11 +129,10 @@ def main() -> None:
     ap.add_argument("--install-size", action="store_true")
     ap.add_argument("--precisions", action="store_true", help="FP32, FP16 and INT8 files side by side")
     args = ap.parse_args()
-    OUT.mkdir(exist_ok=True)
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     if args.install_size:
         result = install_size()
-        (OUT / "encode_install_size.json").write_text(json.dumps(result, indent=1))
+        save("encode_install_size", result)
         return
     if not args.run:
         ap.error("--run RUN_DIR is needed for the speed comparison")
@@ -158,11 +140,11 @@ def main() -> None:
         print("| provider | precision | batch | ms | img/s | vs FP32 | file MB | code-bit agreement | mAP@all | "
               "P(r<=2) |\n|" + "---|" * 10)
         result = bench_precisions(args.run, args.threads, args.reps)
-        (OUT / "encode_precisions.json").write_text(json.dumps(result, indent=1))
+        save("encode_precisions", result)
         return
     print("| batch | PyTorch eager ms | img/s | ONNX Runtime ms | img/s | ORT vs eager |\n|---|---|---|---|---|---|")
     rows = bench_speed(args.run, args.model, args.threads, args.reps)
-    (OUT / "encode.json").write_text(json.dumps(rows, indent=1))
+    save("encode", rows)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-OUT = Path(__file__).parent / "results"
+from common import save
 
 
 def build_index(path: Path, model: str, n: int, run: str | None) -> None:
@@ -166,7 +165,8 @@ def main() -> None:
     ap.add_argument("--run", help="training run of the model: index learned codes (default: uniform random codes)")
     ap.add_argument("--forms", nargs="+", default=["unary", "stream", "batch", "columnar"],
                     choices=["unary", "stream", "batch", "columnar"])
-    ap.add_argument("--batch-size", type=int, nargs="+", default=[64], help="queries per SearchBatch / SearchCodes call")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[64],
+                    help="queries per SearchBatch / SearchCodes call")
     ap.add_argument("--levels", type=int, nargs="+", help="concurrency levels (default: per form)")
     ap.add_argument("--kinds", nargs="+", default=["code", "image"], choices=["code", "image"])
     ap.add_argument("--batching", nargs="+", default=["on", "off"], choices=["on", "off"],
@@ -186,7 +186,8 @@ def main() -> None:
     code_reqs = [pb.SearchRequest(query=pb.Query(code=c.tobytes()), k=10) for c in codes]
     image_reqs = [pb.SearchRequest(query=pb.Query(tensor=pb.ImageTensor(
         data=im.tobytes(), height=im.shape[0], width=im.shape[1], channels=im.shape[2])), k=10) for im in images]
-    results = {"n": args.n, "codes": "learned" if args.run else "random", "embedded": embedded(str(index_dir), args.model, codes, images), "grpc": {}}
+    results = {"n": args.n, "codes": "learned" if args.run else "random",
+               "embedded": embedded(str(index_dir), args.model, codes, images), "grpc": {}}
     print("embedded:", json.dumps(results["embedded"]))
     print("| query | form | batching | concurrency | QPS | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|")
     ctx = mp.get_context("spawn")
@@ -226,8 +227,7 @@ def main() -> None:
             proc.terminate()
             proc.join()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    OUT.mkdir(exist_ok=True)
-    (OUT / ("grpc_learned.json" if args.run else "grpc.json")).write_text(json.dumps(results, indent=1))
+    save("grpc_learned" if args.run else "grpc", results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ exhaustive cosine), medians over single queries. Prints markdown tables and writ
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -27,8 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-OUT = Path(__file__).parent / "results"
+from common import median_ms, save
 
 
 def ingest(args) -> None:
@@ -44,7 +42,7 @@ def ingest(args) -> None:
     ids = np.arange(len(images))
     enc = Encoder.open(args.model)
     rows = {}
-    for rep in range(2):
+    for _rep in range(2):
         index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
         t0 = time.perf_counter()
         add_images(index, enc, images, ids=ids, progress=False)
@@ -53,7 +51,7 @@ def ingest(args) -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t0
     try:
-        for rep in range(2):
+        for _rep in range(2):
             index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
             t0 = time.perf_counter()
             add_images_ray(index, args.model, ids=ids, images=images, batch_size=args.batch_size, progress=False)
@@ -67,19 +65,7 @@ def ingest(args) -> None:
     for name, times in rows.items():
         best = min(times)
         print(f"| {name} | {best:.2f} | {len(images) / best:,.0f} | {base / best:.2f}x |")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "scale_ingest.json").write_text(json.dumps({"images": len(images), "ray_start_s": ray_start,
-                                                       "seconds": rows}, indent=1))
-
-
-def _median_ms(fn, queries) -> float:
-    fn(0)
-    times = []
-    for q in range(len(queries)):
-        t0 = time.perf_counter()
-        fn(q)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    save("scale_ingest", {"images": len(images), "ray_start_s": ray_start, "seconds": rows})
 
 
 def search(args) -> None:
@@ -107,11 +93,11 @@ def search(args) -> None:
             ("exact Hamming top-100", lambda ix: lambda q: ix.search(qc[q], 100)),
             ("two-step, pool 1000, k 10", lambda ix: lambda q: ix.search(qc[q], 10, features=qf[q], pool=1000)),
         ):
-            e = _median_ms(call(emb), qc)
+            e = median_ms(call(emb), len(qc))
             modes = {}
             for mode in ("fetch", "milvus") if "two-step" in name else ("milvus",):
                 mil.rerank_mode = mode
-                modes[mode] = _median_ms(call(mil), qc)
+                modes[mode] = median_ms(call(mil), len(qc))
             rows.append((name, e, modes))
         mil.close()
     print(f"N = {n:,} random {bits}-bit codes with {dim}-d features; {args.queries} single queries, medians; "
@@ -122,8 +108,7 @@ def search(args) -> None:
         best = min(modes.values())
         print(f"| {name} | {e:.3f} | {modes.get('fetch', float('nan')):.2f} | {modes['milvus']:.2f} | "
               f"{best / e:.0f}x |")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "scale_search.json").write_text(json.dumps({"n": n, "load_s": load_s, "rows": rows}, indent=1))
+    save("scale_search", {"n": n, "load_s": load_s, "rows": rows})
 
 
 def server(args) -> None:
@@ -134,10 +119,10 @@ def server(args) -> None:
     from milvus_server import milvus_server
 
     from latenthash import HashIndex, open_index
-    from latenthash.milvus import MilvusIndex
     from latenthash.encoder import Encoder
     from latenthash.export.data import load_dataset
     from latenthash.export.train import load_model
+    from latenthash.milvus import MilvusIndex
 
     _, ckpt = load_model(args.run)
     ds = load_dataset(ckpt["dataset"])
@@ -207,8 +192,7 @@ def server(args) -> None:
                          for r in measure(ivf, f"Milvus server BIN_IVF_FLAT nlist {nlist} nprobe {nprobe}")]
             ivf.close()
         mil.close()
-    OUT.mkdir(exist_ok=True)
-    (OUT / "scale_server.json").write_text(json.dumps({"n": n, "load_s": load_s, "rows": rows}, indent=1))
+    save("scale_server", {"n": n, "load_s": load_s, "rows": rows})
 
 
 def main() -> None:

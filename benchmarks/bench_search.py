@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -25,13 +24,12 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from common import interleaved, load_note, save, timed
 from numba import njit, prange
 
 from latenthash import HashIndex, kernels
 from latenthash.codes import to_words
 from latenthash.limits import default_pool
-
-OUT = Path(__file__).parent / "results"
 
 
 @njit(parallel=True, cache=True)
@@ -59,30 +57,6 @@ def floor_pass_batch(db, qs):
             m = min(m, kernels.popcount64(db[j] ^ qs[i]))
         out[i] = m
     return out
-
-
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds of each callable, repetitions interleaved so drift hits every method alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name] += timed(fn, 1)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def load_note() -> str:
-    return f"load average before: {os.getloadavg()[0]:.2f} (an idle 2-vCPU machine reads < 0.3)"
 
 
 def hamming_data(bits: int, n: int, n_batch: int = 1000):
@@ -231,8 +205,8 @@ def bench_twostep(run_dir: str, n: int, n_queries: int, dtypes: list[str]) -> di
             recall = float(np.mean([len(truth[i] & set(res.ids[i].tolist())) / k for i in range(n_queries)]))
             covered = np.cumsum(index.radius_counts(qcodes), axis=1)  # step 1: whole shells covering `pool`
             size = float(np.median(covered[np.arange(n_queries), np.argmax(covered >= pool, axis=1)]))
-            t = statistics.median(timed(lambda i=i: index.search(qcodes[i], k=k, features=qf[i], pool=pool), 1)[0]
-                                  for i in range(min(100, n_queries)))
+            t = statistics.median(timed(lambda i=i, ix=index, p=pool: ix.search(qcodes[i], k=k, features=qf[i], pool=p),
+                                        1)[0] for i in range(min(100, n_queries)))
             row = {"dtype": dtype, "pool": pool, "pool_size_median": size, "ms": t * 1e3, "speedup": t_lin / t,
                    "recall_at_100": recall}
             out["rows"].append(row)
@@ -331,7 +305,7 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10, 
             prec.append(float((labels[res.ids[0]] == qlabels[i]).mean()))
         t = statistics.median(times)
         covered = np.cumsum(index.radius_counts(q.codes), axis=1)  # step 1's pool: whole shells covering `pool`
-        sizes = covered[np.arange(n_queries), np.argmax(covered >= pool, axis=1)]
+        sizes = covered[np.arange(n_queries), np.argmax(covered >= min(pool, n), axis=1)]
         row = {"pool": pool, "ms": t * 1e3, "speedup": t_lin / t, "recall": float(np.mean(recall)),
                "precision": float(np.mean(prec)), "pool_size_median": float(np.median(sizes))}
         out["rows"].append(row)
@@ -419,7 +393,6 @@ def main() -> None:
                     help="twostep: feature storage types to compare")
     args = ap.parse_args()
     print(load_note(), f"| numba threading layer: {numba.config.THREADING_LAYER}", flush=True)
-    OUT.mkdir(exist_ok=True)
     if args.part == "hamming":
         print(HAMMING_HEADER)
         result = bench_hamming(args.quick, args.bits)
@@ -433,13 +406,13 @@ def main() -> None:
         result = bench_fidelity(args.run, args.queries, args.pools, copies=args.copies)
     else:
         result = bench_index(args.n)
-    print(load_note().replace("before", "after"))
+    print(load_note("after"))
     tag = "_quick" if args.quick else "_" + "_".join(map(str, args.bits)) if args.bits else ""
     if args.part == "fidelity" and args.copies:
         tag += f"_copies{args.copies}"
     if args.part == "twostep" and args.n != 1_000_000:
         tag += f"_{args.n}"
-    (OUT / f"search_{args.part}{tag}.json").write_text(json.dumps(result, indent=1))
+    save(f"search_{args.part}{tag}", result)
 
 
 if __name__ == "__main__":

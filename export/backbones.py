@@ -10,9 +10,9 @@ Each backbone ends in global pooling and returns a flat (N, out_dim) tensor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

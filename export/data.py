@@ -13,9 +13,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, n: int | None, *, seed: int = 0) -> "Split":
+    def subset(self, n: int | None, *, seed: int = 0) -> Split:
         """A seeded random subset of n items (all items, in order, when n is None or >= len)."""
         if n is None or n >= len(self):
             return self

@@ -38,7 +38,7 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         d = dict(d)
         d["image_size"] = tuple(d["image_size"])
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])

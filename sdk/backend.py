@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -86,18 +87,25 @@ class Items:
 
 @runtime_checkable
 class IndexBackend(Protocol):
+    """Everything the Searcher, the server and the CLI use of an index; each backend implements all of it and is run
+    through the same conformance tests (tests/test_backends.py)."""
+
     bits: int
     feature_dim: int | None
+    max_k: int  # the most hits one query may ask for (limits.MAX_K, or less where the engine caps it)
+    model_info: dict  # the encoder that made the codes (Encoder.info.to_dict()), shown by stats()
+    path: Any  # where save() persists to (None: an in-memory index)
 
     def __len__(self) -> int: ...
 
     def __contains__(self, id_: int) -> bool: ...
 
+    @property
+    def ids(self) -> np.ndarray: ...
+
     def metadata(self, ids) -> list[Any]: ...
 
     def metadata_json(self, ids) -> list[str | None]: ...
-
-    path: Any  # where save() persists to (None: an in-memory index)
 
     def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> int: ...
 
@@ -110,10 +118,11 @@ class IndexBackend(Protocol):
 
     def warmup(self) -> float: ...
 
-    def save(self, path: str | os.PathLike | None = None) -> None: ...
+    def save(self, path: str | os.PathLike | None = None) -> Any: ...  # returns where it was saved
 
     def stats(self) -> dict: ...
 
+    def close(self) -> None: ...
 
 
 # ------------------------------------------------------------------------------------------------ validators

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -49,24 +48,24 @@ def _fail(exc: LatentHashError) -> None:
 def train(
     dataset: str = typer.Option("fashion-mnist", help=f"one of: {DATASETS}"),
     out: Path = typer.Option(..., help="run directory (checkpoint, history, plots)"),
-    data_dir: Optional[str] = typer.Option(None, help="dataset files (Fashion-MNIST: found automatically)"),
+    data_dir: str | None = typer.Option(None, help="dataset files (Fashion-MNIST: found automatically)"),
     bits: int = typer.Option(48, help="code length h (8..1024)"),
-    epochs: Optional[int] = typer.Option(None, help="epochs (default: the measured default, 10)"),
+    epochs: int | None = typer.Option(None, help="epochs (default: the measured default, 10)"),
     backbone: str = typer.Option("cnn", help="cnn, resnet18, mobilenet_v3_small, mobilenet_v3_large"),
-    pretrained: Optional[str] = typer.Option(None, help="local ImageNet state-dict file for the backbone"),
+    pretrained: str | None = typer.Option(None, help="local ImageNet state-dict file for the backbone"),
     feature_dim: int = typer.Option(256, help="size of the F4 feature layer"),
     batch_size: int = typer.Option(128),
     lr: float = typer.Option(0.1, help="peak learning rate of the one-cycle schedule"),
     binarize: float = typer.Option(0.1, help="weight of the push-to-0/1 regularizer (0 disables)"),
     balance: float = typer.Option(0.1, help="weight of the 50%-firing-rate regularizer (0 disables)"),
-    compact: Optional[float] = typer.Option(None, help="weight of the within-class code spread regularizer "
+    compact: float | None = typer.Option(None, help="weight of the within-class code spread regularizer "
                                             "(default: the measured default; 0 disables)"),
-    label_smoothing: Optional[float] = typer.Option(None, help="cross-entropy label smoothing (default: the "
+    label_smoothing: float | None = typer.Option(None, help="cross-entropy label smoothing (default: the "
                                                     "measured default)"),
-    clean_epochs: Optional[int] = typer.Option(None, help="the last N epochs train on unaugmented images "
+    clean_epochs: int | None = typer.Option(None, help="the last N epochs train on unaugmented images "
                                                "(default: the measured default)"),
     image_size: int = typer.Option(32, help="resize size for folder/list datasets"),
-    max_train: Optional[int] = typer.Option(None, help="train on a seeded subset of this many images"),
+    max_train: int | None = typer.Option(None, help="train on a seeded subset of this many images"),
     threads: int = typer.Option(0, help="torch threads (0: all cores)"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, help="continue from OUT/checkpoint.pt"),
@@ -100,13 +99,13 @@ def train(
 @app.command("eval")
 def evaluate(
     run_dir: Path = typer.Argument(..., help="a run directory written by `latenthash train`"),
-    dataset: Optional[str] = typer.Option(None, help="default: the dataset the run was trained on"),
-    data_dir: Optional[str] = typer.Option(None),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report here"),
-    max_queries: Optional[int] = typer.Option(None, help="evaluate a seeded subset of the queries"),
-    max_database: Optional[int] = typer.Option(None, help="use a seeded subset of the database"),
+    dataset: str | None = typer.Option(None, help="default: the dataset the run was trained on"),
+    data_dir: str | None = typer.Option(None),
+    json_out: Path | None = typer.Option(None, "--json", help="write the report here"),
+    max_queries: int | None = typer.Option(None, help="evaluate a seeded subset of the queries"),
+    max_database: int | None = typer.Option(None, help="use a seeded subset of the database"),
     baselines: bool = typer.Option(True, help="also run LSH and PCA-ITQ at the same code length"),
-    model: Optional[Path] = typer.Option(None, help="evaluate this exported ONNX file (fp32, fp16 or int8) "
+    model: Path | None = typer.Option(None, help="evaluate this exported ONNX file (fp32, fp16 or int8) "
                                          "instead of the PyTorch checkpoint"),
 ) -> None:
     """Retrieval quality of a run: mAP, precision within radius 2, P@k, PR curve, baselines, plots."""
@@ -133,8 +132,8 @@ def export_model(
     precision: list[str] = typer.Option(["fp32"], help="fp32, fp16, int8 (repeat for several); reduced-precision "
                                         "copies go beside OUT as NAME.fp16.onnx / NAME.int8.onnx"),
     calibration: int = typer.Option(DEFAULT_CALIBRATION, help="training images that calibrate INT8"),
-    check_queries: Optional[int] = typer.Option(None, help="held-out images for the precision checks (all)"),
-    check_database: Optional[int] = typer.Option(None, help="database images for the precision checks (all)"),
+    check_queries: int | None = typer.Option(None, help="held-out images for the precision checks (all)"),
+    check_database: int | None = typer.Option(None, help="database images for the precision checks (all)"),
 ) -> None:
     """Export a self-describing ONNX model (uint8 NHWC in; probs, features, logits out) and check its parity;
     with --precision fp16/int8, also checked reduced-precision copies (kept only within their thresholds)."""
@@ -160,17 +159,17 @@ def build_index(
                             help="index directory, or milvus://host:19530/collection[?index=BIN_IVF_FLAT"
                                  "&nlist=1024] (milvus-lite:///path/file.db/collection for a local file)"),
     dataset: str = typer.Option("fashion-mnist", help=f"one of: {DATASETS}"),
-    data_dir: Optional[str] = typer.Option(None),
+    data_dir: str | None = typer.Option(None),
     split: str = typer.Option("train", help="train (the database, default) or test"),
     add: bool = typer.Option(False, "--add", help="append to an existing index (ids continue after its largest)"),
-    limit: Optional[int] = typer.Option(None, help="index only the first N images"),
+    limit: int | None = typer.Option(None, help="index only the first N images"),
     feature_dtype: str = typer.Option("float16", help="float32, float16 or int8 feature storage (directories)"),
     runtime: str = typer.Option("auto"),
-    ray: Optional[str] = typer.Option(None, help="encode on Ray Data: 'local' starts a local Ray, 'auto' or "
+    ray: str | None = typer.Option(None, help="encode on Ray Data: 'local' starts a local Ray, 'auto' or "
                                                  "ray://head:10001 joins a cluster"),
-    ray_workers: Optional[int] = typer.Option(None, help="encoder actors on Ray (default: one per CPU)"),
+    ray_workers: int | None = typer.Option(None, help="encoder actors on Ray (default: one per CPU)"),
     ray_gpus: float = typer.Option(0.0, help="GPUs per Ray encoder actor"),
-    images: Optional[Path] = typer.Option(None, "--images", help="index your own image files instead of a dataset: "
+    images: Path | None = typer.Option(None, "--images", help="index your own image files instead of a dataset: "
                                           "a folder (recursive; jpg, jpeg, png, webp, bmp, gif, tiff) or a text "
                                           "file of paths; metadata {\"path\": ...}; rerun with --add to resume"),
 ) -> None:
@@ -271,14 +270,14 @@ def _index_files(model: Path, out: str, source: Path, *, add: bool, feature_dtyp
 @app.command()
 def search(
     queries: list[Path] = typer.Argument(..., help="query image files"),
-    index: Optional[str] = typer.Option(None, help="index directory or milvus:// URI (searched in process)"),
-    model: Optional[Path] = typer.Option(None, help="exported ONNX model (with --index)"),
-    server: Optional[str] = typer.Option(None, help="host:port of a running `latenthash serve` instead"),
-    token: Optional[str] = typer.Option(None, envvar="LATENTHASH_TOKEN", help="bearer token for --server"),
+    index: str | None = typer.Option(None, help="index directory or milvus:// URI (searched in process)"),
+    model: Path | None = typer.Option(None, help="exported ONNX model (with --index)"),
+    server: str | None = typer.Option(None, help="host:port of a running `latenthash serve` instead"),
+    token: str | None = typer.Option(None, envvar="LATENTHASH_TOKEN", help="bearer token for --server"),
     k: int = typer.Option(10, help="hits per query"),
-    pool: Optional[int] = typer.Option(None, help="step-1 pool (recall against speed; default max(100 k, 10000))"),
+    pool: int | None = typer.Option(None, help="step-1 pool (recall against speed; default max(100 k, 10000))"),
     as_json: bool = typer.Option(False, "--json", help="print the hits as JSON"),
-    sheet: Optional[Path] = typer.Option(None, help="write a contact sheet (each query beside its hits) here"),
+    sheet: Path | None = typer.Option(None, help="write a contact sheet (each query beside its hits) here"),
 ) -> None:
     """Search an index with image files: a table of hits (or --json), and optionally a contact sheet."""
     try:
@@ -325,13 +324,13 @@ def search(
 def serve(
     index: str = typer.Option(..., help="index directory or milvus://host:19530/collection"),
     create: bool = typer.Option(False, "--create", help="create the index (from the model's shape) when missing"),
-    model: Optional[Path] = typer.Option(None, help="exported ONNX model (needed for image queries)"),
+    model: Path | None = typer.Option(None, help="exported ONNX model (needed for image queries)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces"),
     port: int = typer.Option(50051),
-    token: Optional[str] = typer.Option(None, envvar="LATENTHASH_TOKEN", help="require this bearer token"),
-    tls_cert: Optional[Path] = typer.Option(None),
-    tls_key: Optional[Path] = typer.Option(None),
-    metrics_port: Optional[int] = typer.Option(None, help="serve Prometheus metrics on this HTTP port"),
+    token: str | None = typer.Option(None, envvar="LATENTHASH_TOKEN", help="require this bearer token"),
+    tls_cert: Path | None = typer.Option(None),
+    tls_key: Path | None = typer.Option(None),
+    metrics_port: int | None = typer.Option(None, help="serve Prometheus metrics on this HTTP port"),
     runtime: str = typer.Option("auto"),
     batch_max: int = typer.Option(64, help="largest dynamic encode batch (1 disables batching)"),
     batch_delay_ms: float = typer.Option(2.0, help="longest wait to fill a dynamic batch"),
@@ -371,9 +370,9 @@ def _exit_even_if_stuck() -> None:
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="work directory; finished steps are reused"),
-    dataset: Optional[str] = typer.Option(None, help="default: fashion-mnist where installed, else digits"),
+    dataset: str | None = typer.Option(None, help="default: fashion-mnist where installed, else digits"),
     bits: int = typer.Option(48),
-    epochs: Optional[int] = typer.Option(None, help="default: the training default"),
+    epochs: int | None = typer.Option(None, help="default: the training default"),
 ) -> None:
     """The main job: train, export, index, serve, query through the client, report quality and speed."""
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -122,7 +123,8 @@ def _search_requests(bits_fn, *, images, codes, features, k, pool, radius, reran
         return [pb.SearchRequest(query=pb.Query(code=packed[0].tobytes(), feature=feats[0] if feats is not None
                                                 else []), **opts)]
     return [pb.SearchCodesRequest(codes=packed[lo:lo + SEARCH_CHUNK].tobytes(),
-                                  features=b"" if feats is None else feats[lo:lo + SEARCH_CHUNK].astype("<f4").tobytes(),
+                                  features=(b"" if feats is None
+                                            else feats[lo:lo + SEARCH_CHUNK].astype("<f4").tobytes()),
                                   skip_metadata=not metadata, **opts) for lo in range(0, len(packed), SEARCH_CHUNK)]
 
 
@@ -289,7 +291,7 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -354,7 +356,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc) -> None:

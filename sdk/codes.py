@@ -44,7 +44,8 @@ def pack_codes(codes, bits: int) -> np.ndarray:
     if arr.ndim != 2:
         raise InvalidInput(f"codes must be a 2-D array (N, bits) or (N, bytes); got shape {arr.shape}")
     nb = n_bytes(bits)
-    if arr.shape[1] == bits and (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer)):  # bits != nb for bits >= 8
+    # one column per bit (bits != bytes for bits >= 8)
+    if arr.shape[1] == bits and (arr.dtype == np.bool_ or np.issubdtype(arr.dtype, np.integer)):
         if arr.dtype != np.bool_ and arr.size and (arr.min() < 0 or arr.max() > 1):
             raise InvalidInput(f"unpacked codes must hold only 0 and 1; found values in [{arr.min()}, {arr.max()}]")
         return np.packbits(arr.astype(bool, copy=False), axis=1)

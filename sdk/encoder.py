@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class ModelInfo:
     precision: str = "fp32"  # fp32, fp16 or int8 (sdk/precision.py)
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: str) -> "ModelInfo":
+    def from_metadata(cls, meta: dict[str, str], path: str) -> ModelInfo:
         import json
 
         try:
@@ -54,7 +55,8 @@ class ModelInfo:
                        tuple(json.loads(meta.get("class_names", "[]"))), meta.get("dataset", ""),
                        meta.get("latenthash_version", ""), precision_of(meta))
         except (KeyError, ValueError) as exc:
-            raise ModelMismatch(f"{path} lacks latenthash metadata ({exc}): export it with `latenthash export`") from None
+            raise ModelMismatch(f"{path} lacks latenthash metadata ({exc}): export it with `latenthash export`") \
+                from None
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "feature_dim": self.feature_dim, "input_shape": [self.height, self.width,
@@ -77,7 +79,7 @@ class Encoder:
         self.batch_size = min(batch_size, getattr(runtime, "max_batch", batch_size))
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, runtime: str = "auto", batch_size: int = 64, **options) -> "Encoder":
+    def open(cls, path: str | os.PathLike, *, runtime: str = "auto", batch_size: int = 64, **options) -> Encoder:
         from latenthash.runtimes import create_runtime
         from latenthash.runtimes.onnxruntime import OnnxRuntime
 

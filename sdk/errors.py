@@ -21,7 +21,7 @@ class LatentHashError(Exception):
     grpc_code = "INTERNAL"
     request_index: int | None = None
 
-    def at(self, index: int | None) -> "LatentHashError":
+    def at(self, index: int | None) -> LatentHashError:
         """The same error, naming request `index` of a batch."""
         self.request_index = index
         return self

@@ -19,18 +19,27 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from latenthash.backend import (Items, SearchResult, check_features, check_ids, check_items, check_query, normalize,
-                                padded)
+from latenthash.backend import (
+    Items,
+    SearchResult,
+    check_features,
+    check_ids,
+    check_items,
+    check_query,
+    normalize,
+    padded,
+)
 from latenthash.buckets import SKETCH_BITS, BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
-from latenthash.limits import default_pool
+from latenthash.limits import MAX_K, default_pool
 from latenthash.storage import DirLock, fsync_dir
 
 FORMAT = "latenthash-index"
@@ -80,6 +89,7 @@ class HashIndex:
         self._snap = self._empty_snapshot(0)
         self._buckets = BucketCache()
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
+        self.max_k = MAX_K
 
     # ------------------------------------------------------------------------------------------------ storage
     def _empty_snapshot(self, capacity: int) -> _Snapshot:
@@ -226,7 +236,8 @@ class HashIndex:
         boundary is never cut by storage order; or every item within `radius`. Step 2 (when `features` are given
         and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine similarity and keeps
         the best k (a large index first ranks its pool by feature sketches laid out by code, and re-scores exactly
-        the nearest max(OVERSAMPLE x k, 1,000, pool / 10)). `pool` is the knob that trades recall for speed (docs/usage.md has its curve).
+        the nearest max(OVERSAMPLE x k, 1,000, pool / 10)). `pool` is the knob that trades recall for speed
+        (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
@@ -344,7 +355,8 @@ class HashIndex:
         qw = np.zeros((2, dummy.words.shape[1]), np.uint64)
         self._topk_rows(dummy, qw[:1], 1)
         K = _kernels()
-        K.topk_single(dummy.words[:1].reshape(-1), 1, qw.shape[1], qw[0], 1, self.bits, 2)  # the parallel path of indexes over 64k rows
+        # the parallel path of indexes over 64k rows
+        K.topk_single(dummy.words[:1].reshape(-1), 1, qw.shape[1], qw[0], 1, self.bits, 2)
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
         for blocks in (1, 2):  # one query runs serially, a batch in parallel: compile both
@@ -377,6 +389,10 @@ class HashIndex:
                 "path": str(self.path) if self.path else None, "model": self.model_info}
 
     # ------------------------------------------------------------------------------------------------ persistence
+    def close(self) -> None:
+        """Nothing to release: the arrays are plain or memory-mapped and go with the object (the Protocol's close
+        is for backends that hold connections)."""
+
     def save(self, path: str | os.PathLike | None = None) -> Path:
         """Atomically write the index to a directory (the one it was opened from when no path is given); returns
         the generation folder written. Holds the directory's lock meanwhile (see storage.py); a disk that is full
@@ -428,7 +444,7 @@ class HashIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True,
-             warmup: bool = True) -> "HashIndex":
+             warmup: bool = True) -> HashIndex:
         """Open a saved index: read and check the versioned header, then memory-map the arrays.
 
         `verify` also checks every file's sha256 (about a second per GB); sizes and shapes are always checked.
@@ -460,7 +476,7 @@ class HashIndex:
         return index
 
     @classmethod
-    def _from_header(cls, root: Path, gen_dir: Path, header: dict, *, verify: bool, mmap: bool) -> "HashIndex":
+    def _from_header(cls, root: Path, gen_dir: Path, header: dict, *, verify: bool, mmap: bool) -> HashIndex:
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise IndexCorrupt(f"{gen_dir} is not a latenthash index header")
         if header.get("version") != VERSION:

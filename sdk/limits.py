@@ -1,6 +1,6 @@
-"""Every limit latenthash enforces, and the search defaults, written once: the SDK, the server and the docs (docs/reliability.md) read them
-from here. A request past a limit is refused with `InvalidInput` (gRPC INVALID_ARGUMENT) naming the limit, before
-anything is written.
+"""Every limit latenthash enforces, and the search defaults, written once: the SDK, the server and the docs
+(docs/reliability.md) read them from here. A request past a limit is refused with `InvalidInput` (gRPC
+INVALID_ARGUMENT) naming the limit, before anything is written.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ Schema: `id` INT64 primary key, `code` BINARY_VECTOR (dim = bits, a multiple of 
 `feature` FLOAT_VECTOR (L2-normalized, metric IP = cosine) when the index has features, `metadata` JSON (wrapped as
 {"v": value}, since milvus-lite has no nullable fields). Milvus before 2.4 allows one vector field per collection:
 there `feature` is an ARRAY of FLOAT (chosen when the server refuses the vector schema, read back from an existing
-collection), and step 2 always runs in the SDK (`rerank=fetch`). Writes are upserts, so re-adding an id replaces it, as in
-the embedded index. Reads use Strong consistency by default: a search sees every acknowledged write.
+collection), and step 2 always runs in the SDK (`rerank=fetch`). Writes are upserts, so re-adding an id replaces it,
+as in the embedded index. Reads use Strong consistency by default: a search sees every acknowledged write.
 
 Two-step search: step 1 is a Milvus Hamming search (top-`pool`, or a range search for `radius`); step 2 re-ranks
 the pool by cosine, either `milvus` (a Milvus search of the feature field filtered to the pool's ids: the default,
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -139,6 +140,7 @@ class MilvusIndex:
             self._client.load_collection(self.collection, timeout=self.timeout)
         self.path = self.uri  # where the server's checkpoint goes: save() flushes the collection
         self.model_info: dict = {}  # the encoder that made the codes, for stats(); not stored in Milvus
+        self.max_k = min(MAX_K, MAX_TOPK)
 
     # ------------------------------------------------------------------------------------------------ schema
     def _create(self, bits: int, feature_dim: int | None) -> None:
@@ -303,7 +305,7 @@ class MilvusIndex:
                rerank: bool | None = None) -> SearchResult:
         """Two-step search with the same arguments and result as `HashIndex.search` (see the module docstring)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
-                                 feature_dim=self.feature_dim, max_k=min(MAX_K, MAX_TOPK), max_pool=MAX_TOPK)
+                                 feature_dim=self.feature_dim, max_k=self.max_k, max_pool=MAX_TOPK)
         do_rerank = qf is not None
         step1 = (min(default_pool(k), MAX_TOPK) if pool is None else pool) if do_rerank else k
         hits = self._hamming(packed, step1, radius)

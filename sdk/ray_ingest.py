@@ -11,7 +11,8 @@ one machine) or a cluster (`address="auto"` or "ray://head:10001") unchanged.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

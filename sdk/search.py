@@ -8,15 +8,16 @@ congruence tests check that both return the same hits).
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from latenthash.backend import IndexBackend, Items, SearchResult, check_k
 from latenthash.codes import pack_codes
-from latenthash.encoder import EncodeResult, Encoder
+from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import InvalidInput, ModelMismatch
-from latenthash.limits import MAX_K, default_pool
+from latenthash.limits import default_pool
 
 
 class Searcher:
@@ -47,7 +48,7 @@ class Searcher:
         step-1 pool. Hits carry their metadata unless `metadata=False` (then `result.metadata` is None)."""
         if (images is None) == (codes is None):
             raise InvalidInput("search needs exactly one of images= or codes=")
-        check_k(k)
+        check_k(k, self.index.max_k)
         if images is not None:
             enc = self.encode(images)
             codes, features = enc.codes, (enc.features if self.index.feature_dim else None)
@@ -64,7 +65,7 @@ class Searcher:
 
     def _search_label(self, codes, k, features, pool, radius, rerank, label: str) -> SearchResult:
         """Filter the step-1 pool by label, then keep the best k (re-ranked order when re-ranking)."""
-        width = max(k, min(default_pool(k) if pool is None else pool, MAX_K))  # the pool, as hits to filter
+        width = max(k, min(default_pool(k) if pool is None else pool, self.index.max_k))  # the pool, as hits
         full = self.index.search(codes, width, features=features, pool=width, radius=radius, rerank=rerank)
         rows = len(full.ids)
         ids = np.full((rows, k), -1, np.int64)

@@ -45,7 +45,7 @@ class DirLock:
                     del _held[self.key]
         self.key = None
 
-    def __enter__(self) -> "DirLock":
+    def __enter__(self) -> DirLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,7 +13,6 @@ import signal
 import threading
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 
@@ -21,13 +20,13 @@ from latenthash.backend import index_directory, open_index
 from latenthash.errors import InvalidInput, LatentHashError, NotFound
 from latenthash.limits import MAX_MESSAGE_MB
 from latenthash.search import Searcher
-from latenthash.storage import DirLock
 from latenthash.server.auth import TokenInterceptor, server_credentials
 from latenthash.server.batching import encode_batcher, search_batcher
 from latenthash.server.handlers import add_service
 from latenthash.server.metrics import Metrics
 from latenthash.server.service import HashSearchService
 from latenthash.server.wal import WriteAheadLog
+from latenthash.storage import DirLock
 from latenthash.v1 import search_pb2
 
 log = logging.getLogger("latenthash.server")

@@ -13,13 +13,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from latenthash.backend import IndexBackend, SearchResult
-from latenthash.encoder import EncodeResult, Encoder
+from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import LatentHashError, Unavailable
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from latenthash.backend import check_features, check_items, parse_metadata_json
 from latenthash.errors import InvalidInput, LatentHashError, to_trailers
-from latenthash.limits import MAX_BATCH_QUERIES, MAX_K, MAX_UPSERT_ITEMS
+from latenthash.limits import MAX_BATCH_QUERIES, MAX_UPSERT_ITEMS
 from latenthash.search import Searcher
 from latenthash.server.batching import DynamicBatcher, search_groups
 from latenthash.server.wal import WriteAheadLog
@@ -92,15 +92,16 @@ def _read_stream(request_iterator, inbox: queue.Queue, stop: threading.Event) ->
 
 class HashSearchService(pb_grpc.HashSearchServicer):
     def __init__(self, searcher: Searcher, *, batcher: DynamicBatcher | None, wal: WriteAheadLog | None,
-                 metrics, search_batcher: DynamicBatcher | None = None, max_k: int = MAX_K):
+                 metrics, search_batcher: DynamicBatcher | None = None):
         self.searcher = searcher
         self.batcher = batcher
         self.search_batcher = search_batcher
         self.wal = wal
         self.metrics = metrics
-        self.max_k = max_k
+        self.max_k = searcher.index.max_k  # the backend's own limit (limits.MAX_K or lower)
         self.write_lock = threading.Lock()  # WAL order == apply order
-        metrics.set_items(len(searcher.index))
+        if metrics.enabled:
+            metrics.set_items(len(searcher.index))
 
     # -------------------------------------------------------------------------------------------- helpers
     def _encoder(self):
@@ -116,7 +117,8 @@ class HashSearchService(pb_grpc.HashSearchServicer):
     @staticmethod
     def _tensor(t: pb.ImageTensor) -> np.ndarray:
         if t.channels not in (1, 3) or not t.height or not t.width:
-            raise InvalidInput(f"tensor needs height, width > 0 and channels 1 or 3, got {t.height}x{t.width}x{t.channels}")
+            raise InvalidInput("tensor needs height, width > 0 and channels 1 or 3, "
+                               f"got {t.height}x{t.width}x{t.channels}")
         if len(t.data) != t.height * t.width * t.channels:
             raise InvalidInput(f"tensor data holds {len(t.data)} bytes; {t.height}x{t.width}x{t.channels} needs "
                                f"{t.height * t.width * t.channels}")
@@ -339,7 +341,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                     image_rows.append(n)
                     images.append(item.image if kind == "image" else self._tensor(item.tensor)[0])
             except LatentHashError as exc:
-                raise exc.at(n)
+                raise exc.at(n) from None
         if not ids:
             raise InvalidInput("empty Upsert stream: send at least one item")
         if images:
@@ -353,7 +355,8 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                 self.wal.append_upsert(id_arr, code_arr, feat_arr, meta_texts)
             _, replaced = self.searcher.upsert(id_arr, codes=code_arr, features=feat_arr, metadata=metadata)
             self._maybe_checkpoint()
-        self.metrics.set_items(len(index))
+        if self.metrics.enabled:  # len() of a remote index is a round trip: only when someone reads it
+            self.metrics.set_items(len(index))
         return pb.UpsertResponse(upserted=len(ids), replaced=replaced)
 
     @rpc
@@ -365,7 +368,8 @@ class HashSearchService(pb_grpc.HashSearchServicer):
             if self.wal is not None:
                 self.wal.append_delete(ids)
             deleted, missing = self.searcher.delete(ids)
-        self.metrics.set_items(len(self.searcher.index))
+        if self.metrics.enabled:
+            self.metrics.set_items(len(self.searcher.index))
         return pb.DeleteResponse(deleted=deleted, missing=missing)
 
     @rpc

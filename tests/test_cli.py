@@ -8,7 +8,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest

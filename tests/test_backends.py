@@ -1,0 +1,59 @@
+"""The index seam: every backend implements the whole `IndexBackend` Protocol with the same behaviour at its edges
+(limits, ids, model_info, save, close). Answers to searches are compared backend against backend in
+tests/test_milvus.py (the congruence suite)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from extras import need
+
+from latenthash import HashIndex, open_index
+from latenthash.backend import IndexBackend
+from latenthash.errors import InvalidInput
+from latenthash.limits import MAX_K
+
+BITS, DIM = 64, 8
+
+
+@pytest.fixture(params=["embedded", "embedded-saved", "milvus-lite"])
+def backend(request, tmp_path):
+    if request.param == "milvus-lite":
+        need("milvus_lite", "milvus")
+        index = open_index(f"milvus-lite://{tmp_path}/b.db/items", bits=BITS, feature_dim=DIM, create=True)
+    elif request.param == "embedded-saved":
+        index = open_index(tmp_path / "ix", bits=BITS, feature_dim=DIM, create=True)
+    else:
+        index = HashIndex(bits=BITS, feature_dim=DIM)
+    yield index
+    index.close()
+
+
+def test_every_backend_implements_the_whole_protocol(backend, rng):
+    assert isinstance(backend, IndexBackend)
+    for name in ("bits", "feature_dim", "max_k", "model_info", "path", "ids"):
+        getattr(backend, name)
+    assert (backend.bits, backend.feature_dim) == (BITS, DIM) and 1 <= backend.max_k <= MAX_K
+    codes = np.packbits(rng.integers(0, 2, (5, BITS), dtype=np.uint8), axis=1)
+    feats = rng.standard_normal((5, DIM)).astype(np.float32)
+    backend.add([9, 3, 7, 1, 5], codes, feats, [{"a": i} for i in range(5)])
+    np.testing.assert_array_equal(np.sort(backend.ids), [1, 3, 5, 7, 9])
+    assert len(backend) == 5 and 7 in backend and 8 not in backend
+    assert backend.metadata([3, -1]) == [{"a": 1}, None]
+    assert [json.loads(t) if t else t for t in backend.metadata_json([5, 4])] == [{"a": 4}, None]
+    backend.model_info = {"bits": BITS, "precision": "int8"}
+    stats = backend.stats()
+    assert stats["count"] == 5 and stats["model"]["precision"] == "int8"
+    if backend.path is not None:  # an in-memory index has nowhere to save (save() says so)
+        assert backend.save() is not None
+    assert backend.warmup() >= 0
+
+
+def test_every_backend_enforces_its_own_k_limit(backend, rng):
+    codes = np.packbits(rng.integers(0, 2, (1, BITS), dtype=np.uint8), axis=1)
+    backend.add([1], codes, rng.standard_normal((1, DIM)).astype(np.float32))
+    assert backend.search(codes, backend.max_k).ids.shape == (1, backend.max_k)
+    with pytest.raises(InvalidInput, match=f"1 to {backend.max_k}"):
+        backend.search(codes, backend.max_k + 1)
