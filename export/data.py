@@ -189,10 +189,10 @@ def load_image_file(path: str | os.PathLike, size: tuple[int, int], channels: in
 
 
 def _read_images(paths: list[str], size: tuple[int, int], channels: int) -> np.ndarray:
-    from tqdm import tqdm
+    from latenthash.progress import progress as progress_bar
 
     out = np.empty((len(paths), size[0], size[1], channels), dtype=np.uint8)
-    for i, p in enumerate(tqdm(paths, desc="decode images", unit="img", disable=len(paths) < 2000)):
+    for i, p in enumerate(progress_bar(paths, show=len(paths) >= 2000, desc="decode images", unit="img")):
         out[i] = load_image_file(p, size, channels)
     return out
 

@@ -157,7 +157,7 @@ def load_model(run_dir: str | os.PathLike) -> tuple[HashNet, dict]:
 def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelConfig,
           cfg: TrainConfig | None = None, resume: bool = False, progress: bool = True) -> tuple[HashNet, TrainConfig]:
     """Train (or resume) a run in `out_dir`; writes `checkpoint.pt` after every epoch and `history.json`."""
-    from tqdm import tqdm
+    from latenthash.progress import progress as progress_bar
 
     cfg = cfg or TrainConfig()
     if cfg.clean_epochs < 0:
@@ -207,8 +207,8 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
         order = rng.permutation(len(split))
         t0, total, correct, seen = time.perf_counter(), 0.0, 0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        bar = progress_bar(range(steps_per_epoch), show=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                           leave=False)
         clean = epoch >= cfg.epochs - cfg.clean_epochs
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
@@ -241,11 +241,12 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
 def predict(model: HashNet, images: np.ndarray, *, batch_size: int = 512,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probs float32 (N, bits), features float32 (N, feature_dim), logits float32 (N, classes)) for uint8 NHWC."""
-    from tqdm import tqdm
+    from latenthash.progress import progress as progress_bar
 
     model.eval()
     outs = []
-    for i in tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress, leave=False):
+    for i in progress_bar(range(0, len(images), batch_size), show=progress, desc="encode", unit="batch",
+                          leave=False):
         logits, probs, features = model(to_tensor(images[i:i + batch_size], model.config))
         outs.append((probs.numpy(), features.numpy(), logits.numpy()))
     return tuple(np.concatenate([o[j] for o in outs]) for j in range(3))  # type: ignore[return-value]

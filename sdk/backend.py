@@ -285,6 +285,7 @@ def _open_dir(uri: str, *, bits: int | None = None, feature_dim: int | None = No
     from latenthash.index import HashIndex
 
     path = index_directory(uri)
+    assert path is not None  # BACKENDS sends only directory URIs here
     feature_dtype = options.pop("feature_dtype", "float16")
     if create and not (path / "CURRENT").exists():
         if bits is None:

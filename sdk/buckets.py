@@ -45,6 +45,7 @@ class Buckets:
 
     def query_signs(self, qf: np.ndarray) -> np.ndarray:
         """The sketches of L2-normalized query features (nq, D), comparable with `signs`."""
+        assert self.centre is not None and self.projection is not None, "buckets of an index without features"
         return _sketch(qf, self.centre, self.projection)
 
 

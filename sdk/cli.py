@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -190,7 +191,7 @@ def build_index(
         encoder = Encoder.open(model, runtime=runtime)
         ds = load_dataset(dataset, data_dir)
         part = ds.train if split == "train" else ds.test
-        images, labels = part.images[:limit], part.labels[:limit]
+        arrays, labels = part.images[:limit], part.labels[:limit]
         shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim}
         root = index_directory(out)
         if root is not None and not add and (root / "CURRENT").exists():
@@ -203,6 +204,7 @@ def build_index(
                 index = open_index(out, create=not add, **shape)
             index.model_info = encoder.info.to_dict()
             start = int(index.ids.max()) + 1 if add and len(index) else 0
+            metadata: list[dict[str, Any]]
             if ds.multilabel:
                 metadata = [{"labels": [ds.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
             else:
@@ -210,16 +212,16 @@ def build_index(
             if part.paths:
                 for m, p in zip(metadata, part.paths):
                     m["path"] = p
-            ids = np.arange(start, start + len(images))
+            ids = np.arange(start, start + len(arrays))
             if ray:
                 from latenthash.ray_ingest import add_images_ray
 
                 # workers decode files themselves
-                files = {"paths": list(part.paths[:limit])} if part.paths else {"images": images}
+                files = {"paths": list(part.paths[:limit])} if part.paths else {"images": arrays}
                 add_images_ray(index, model, ids=ids, metadata=metadata, runtime=runtime, **files,
                                address=None if ray == "local" else ray, workers=ray_workers, gpus_per_worker=ray_gpus)
             else:
-                add_images(index, encoder, images, ids=ids, metadata=metadata)
+                add_images(index, encoder, arrays, ids=ids, metadata=metadata)
             index.save()
         typer.echo(json.dumps(index.stats(), indent=1))
     except (LatentHashError, OSError) as exc:

@@ -158,7 +158,7 @@ def _search_result(responses: Sequence, metadata: bool) -> SearchResult:
     """SearchResponses (one per query) or SearchCodesResponses (columnar, several queries each) -> one result."""
     if responses and isinstance(responses[0], pb.SearchCodesResponse):
         counts = np.concatenate([np.asarray(r.counts, np.int64) for r in responses])
-        flat = {"ids": [], "distances": [], "scores": [], "metadata_json": []}
+        flat: dict[str, list] = {"ids": [], "distances": [], "scores": [], "metadata_json": []}
         for r in responses:
             for name, values in flat.items():
                 values.extend(getattr(r, name))

@@ -130,6 +130,7 @@ class Encoder:
         from PIL import Image
 
         h, w, c = self.info.height, self.info.width, self.info.channels
+        img: Image.Image
         if isinstance(item, np.ndarray):
             return self.to_array(item)[0]
         if isinstance(item, (bytes, bytearray, memoryview)):
@@ -150,7 +151,7 @@ class Encoder:
         try:
             img = img.convert("L" if c == 1 else "RGB")
             if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR)
+                img = img.resize((w, h), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
         except Exception as exc:  # noqa: BLE001 - truncated data, bad chunks, unsupported modes, bombs
             raise InvalidInput(f"image {i}: cannot decode {what} ({type(exc).__name__}: {exc})") from None

@@ -1,3 +1,6 @@
+# mypy: disable-error-code="index"
+# (features and scales are Optional arrays whose presence one snapshot field implies for another: mypy cannot
+# follow that invariant)
 """`HashIndex`: the embedded index of codes, features, ids and metadata, searched by the Numba kernels.
 
 Concurrency: the arrays live in a `_Snapshot` that searches read without locks. Adds append into spare capacity past
@@ -22,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -350,8 +353,9 @@ class HashIndex:
         never reads the index's own files; then groups a large index's rows by code (see buckets.py)."""
         t0 = time.perf_counter()
         snap = self._snap
-        dummy = _Snapshot(1, *(None if a is None else _like(a) for a in (snap.words, snap.ids, snap.features,
-                                                                           snap.scales)), [None])
+        dummy = _Snapshot(1, _like(snap.words), _like(snap.ids),
+                          None if snap.features is None else _like(snap.features),
+                          None if snap.scales is None else _like(snap.scales), [None])
         qw = np.zeros((2, dummy.words.shape[1]), np.uint64)
         self._topk_rows(dummy, qw[:1], 1)
         K = _kernels()
@@ -364,7 +368,7 @@ class HashIndex:
                            np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         self._buckets.warm(self._snap)
         if dummy.features is not None:
-            qf = normalize(np.zeros((2, self.feature_dim), np.float32), "features")
+            qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)
             offsets = np.array([0, 1], np.int64)
@@ -493,7 +497,7 @@ class HashIndex:
                     path=root)
         index.model_info = header.get("model", {})
         n = header["count"]
-        mode = "r" if mmap else None
+        mode: Literal["r"] | None = "r" if mmap else None
 
         def load(name: str, dtype, shape) -> np.ndarray:
             if name not in files:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,13 @@ from latenthash.encoder import Encoder
 def add_images(index: IndexBackend, encoder: Encoder, images: np.ndarray, *, ids: np.ndarray,
                metadata: Sequence[Any] | None = None, batch_size: int = 512, progress: bool = True) -> int:
     """Encode uint8 NHWC `images` with `encoder` and add them under `ids`; returns the number added."""
-    from tqdm import tqdm
+    from latenthash.progress import progress as progress_bar
 
     if len(ids) != len(images):
         from latenthash.errors import InvalidInput
 
         raise InvalidInput(f"{len(ids)} ids for {len(images)} images")
-    with tqdm(total=len(images), desc="index", unit="img", disable=None if progress else True) as bar:
+    with progress_bar(total=len(images), show=progress, desc="index", unit="img") as bar:
         for lo in range(0, len(images), batch_size):
             hi = min(len(images), lo + batch_size)
             enc = encoder.encode(images[lo:hi])
@@ -65,20 +66,19 @@ class FileIngest:
 
 
 def add_image_files(index: IndexBackend, encoder: Encoder, paths: Sequence[str], *, start_id: int,
-                    skip: set[str] = frozenset(), batch_size: int = 256, progress: bool = True,
+                    skip: AbstractSet[str] = frozenset(), batch_size: int = 256, progress: bool = True,
                     checkpoint: Callable[[], Any] | None = None, checkpoint_every: int = 20_000) -> FileIngest:
     """Decode, encode and add image files in batches (memory bounded by `batch_size`), ids from `start_id`,
     metadata {"path": path}. Unreadable files are skipped and reported; paths in `skip` (already indexed) too.
     `checkpoint` is called every `checkpoint_every` added images, so an interrupted run keeps its progress."""
-    from tqdm import tqdm
-
     from latenthash.errors import InvalidInput
+    from latenthash.progress import progress as progress_bar
 
     out = FileIngest()
     todo = [p for p in paths if p not in skip]
     out.already = len(paths) - len(todo)
     next_id, since = start_id, 0
-    with tqdm(total=len(todo), desc="index", unit="img", disable=None if progress else True) as bar:
+    with progress_bar(total=len(todo), show=progress, desc="index", unit="img") as bar:
         for lo in range(0, len(todo), batch_size):
             arrays, kept = [], []
             for path in todo[lo:lo + batch_size]:

@@ -818,7 +818,7 @@ def hamming_ranking_stats(qwords, dbwords, qmask, dmask, ks, topk, bits):
 
 def set_threads(n: int) -> None:
     """Numba's thread count for the kernels (at most the number it started with)."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
 
 
 def threads() -> int:

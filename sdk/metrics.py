@@ -89,7 +89,7 @@ def ranked_retrieval(scores: np.ndarray | None, query_labels: np.ndarray, db_lab
     exhaustive cosine "linear search". Pass `order` (Q, N) instead of scores for a ranking computed elsewhere."""
     qmask, dmask = label_masks_pair(query_labels, db_labels)
     if order is None:
-        order = np.argsort(-scores, axis=1, kind="stable")
+        order = np.argsort(-np.asarray(scores), axis=1, kind="stable")
     rel = np.any(qmask[:, None, :] & dmask[order], axis=2)
     ranks = np.arange(1, rel.shape[1] + 1)
     cum = np.cumsum(rel, axis=1)

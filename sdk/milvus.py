@@ -335,7 +335,7 @@ class MilvusIndex:
         pool_ids = sorted({i for row in hits for i, _ in row})
         found = self._fetch(pool_ids, ["feature"])
         where = {i: j for j, i in enumerate(pool_ids)}
-        feats = np.asarray([found[i]["feature"] for i in pool_ids], np.float32).reshape(-1, self.feature_dim)
+        feats = np.asarray([found[i]["feature"] for i in pool_ids], np.float32).reshape(-1, int(self.feature_dim or 0))
         width = max(1, max(len(row) for row in hits))
         rows = np.full((len(hits), width), -1, np.int64)
         for q, row in enumerate(hits):
@@ -348,7 +348,7 @@ class MilvusIndex:
 
     def _rerank_milvus(self, qf: np.ndarray, hits, k: int):
         """Step 2 in Milvus: an IP search of the feature field restricted to each pool's ids."""
-        out = []
+        out: list[list[tuple[int, int, float]]] = []
         for q, row in enumerate(hits):
             if not row:
                 out.append([])

@@ -73,9 +73,10 @@ def int8_copy(src: str | os.PathLike, out: str | os.PathLike, calibration: np.nd
     """An INT8 QDQ copy of `src`, activation ranges calibrated (min/max) on `calibration` (uint8 NHWC)."""
     calibration = check_calibration(calibration)
     q = require("onnxruntime.quantization", extra="train", purpose="INT8 quantization")
+    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    class Reader(q.CalibrationDataReader):
+    class Reader(CalibrationDataReader):
         def __init__(self):
             self.batches = iter(range(0, len(calibration), CALIBRATION_BATCH))
 

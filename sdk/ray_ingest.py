@@ -33,17 +33,19 @@ class EncodeBatches:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pos = batch["data"].astype(np.int64)
+        images: np.ndarray | list[bytes]
         if isinstance(self.source, np.ndarray):
             images = self.source[pos]
         else:
-            images = []
+            blobs: list[bytes] = []
             for p in pos.tolist():
                 try:
                     with open(self.source[p], "rb") as fh:
-                        images.append(fh.read())
+                        blobs.append(fh.read())
                 except OSError as exc:
                     raise DataError(f"cannot read image {self.source[p]!r} on a Ray worker ({exc}); paths must be "
                                     "readable where the workers run (a shared file system)") from None
+            images = blobs
         enc = self.encoder.encode(images)
         return {"pos": pos, "codes": enc.codes, "features": enc.features}
 
@@ -80,11 +82,12 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
     cluster. workers: encoder actors (default: one per `threads_per_worker` CPUs Ray offers). Returns the count."""
     ray = require("ray", extra="ray", purpose="bulk indexing on Ray Data")
     require("ray.data", extra="ray", purpose="bulk indexing on Ray Data")
-    from tqdm import tqdm
+    from latenthash.progress import progress as progress_bar
 
     if (images is None) == (paths is None):
         raise InvalidInput("add_images_ray needs exactly one of images= or paths=")
-    n = len(images) if images is not None else len(paths)
+    paths = None if paths is None else [str(p) for p in paths]
+    n = len(images) if images is not None else len(paths or [])
     ids = np.asarray(ids, np.int64)
     if ids.shape != (n,):
         raise InvalidInput(f"{len(ids)} ids for {n} images")
@@ -104,7 +107,7 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
         ctx.enable_progress_bars = False
         cpus = int(ray.available_resources().get("CPU", 1))
         workers = workers or max(1, cpus // max(1, threads_per_worker))
-        source = ray.put(images if images is not None else list(map(str, paths)))
+        source = ray.put(images if images is not None else paths)
         # Positions go in as in-memory blocks: a read stage would need a CPU of its own, and with every CPU held by
         # an encoder actor it would never be scheduled.
         blocks = np.array_split(np.arange(n, dtype=np.int64), max(workers * 2, -(-n // (8 * batch_size))))
@@ -114,7 +117,7 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
             fn_constructor_kwargs={"model": os.fspath(model), "source": source, "runtime": runtime,
                                    "threads": threads_per_worker})
         done = 0
-        with tqdm(total=n, desc=f"index (ray, {workers} workers)", unit="img", disable=not progress) as bar:
+        with progress_bar(total=n, show=progress, desc=f"index (ray, {workers} workers)", unit="img") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 pos = batch["pos"]
                 index.add(ids[pos], batch["codes"], batch["features"] if index.feature_dim else None,

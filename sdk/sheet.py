@@ -14,6 +14,8 @@ def _thumb(path: str | os.PathLike | None):
     """A THUMB x THUMB thumbnail of an image file, or a grey tile where the file is gone or unreadable."""
     from PIL import Image
 
+    if path is None:
+        return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))
     try:
         img = Image.open(path).convert("RGB")
         img.thumbnail((THUMB, THUMB))

@@ -53,7 +53,7 @@ class DynamicBatcher:
         one's result, or the exception it raised, in order."""
         if self._closed:
             raise Unavailable("the server is shutting down")
-        futures = [Future() for _ in requests]
+        futures: list[Future] = [Future() for _ in requests]
         for request, future in zip(requests, futures):
             self._queue.put((request, future))
         return [f.exception() or f.result() for f in futures]

@@ -7,7 +7,7 @@ class Metrics:
     def __init__(self, port: int | None = None, host: str = "127.0.0.1"):
         self.enabled = port is not None
         self.port = None
-        if not self.enabled:
+        if port is None:
             return
         from latenthash.errors import require
 

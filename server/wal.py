@@ -233,7 +233,7 @@ class WriteAheadLog:
         for i, rec in enumerate(self.found.records):
             try:
                 if rec.op == UPSERT:
-                    meta = [None if t is None else parse_metadata_json(t) for t in rec.metadata]
+                    meta = [None if t is None else parse_metadata_json(t) for t in rec.metadata or []]
                     index.add(rec.ids, rec.codes, rec.features, meta)
                 else:
                     index.remove(rec.ids)
