@@ -119,6 +119,12 @@ def test_serve_answers_then_stops_on_sigterm(onnx_model, tmp_path, small_fashion
             client.upsert(np.arange(20), images=list(small_fashion.train.images[:20]))
             res = client.search(images=[small_fashion.train.images[3]], k=3)
             assert res.ids[0, 0] == 3
+        query = tmp_path / "q.png"
+        Image.fromarray(small_fashion.train.images[3, ..., 0]).save(query)
+        remote = cli("search", query, "--server", f"127.0.0.1:{port}", "--k", 3, "--json", timeout=120)
+        assert remote.returncode == 0, remote.stderr[-2000:]
+        hits = json.loads(remote.stdout)[0]["hits"]
+        assert [h["id"] for h in hits] == res.ids[0].tolist() and hits[0]["distance"] == 0
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
