@@ -58,21 +58,29 @@ def padded(ids: np.ndarray, distances: np.ndarray, counts: np.ndarray, scores: n
                         None if scores is None else np.pad(scores, grow, constant_values=np.nan))
 
 
+def from_flat(counts, ids, distances, scores=None, *, width: int | None = None) -> SearchResult:
+    """Hits of several queries laid end to end (query i's `counts[i]` hits, best first) -> one result padded to
+    `width` columns (default: the most hits any query has, at least one) with -1 / -1 / NaN. The one builder of
+    ragged results: remote responses, label filtering and per-query hit lists all come through here."""
+    counts = np.asarray(counts, np.int64)
+    width = max(int(counts.max(initial=0)), 1) if width is None else width
+    valid = np.arange(width) < counts[:, None]
+    out_ids = np.full((len(counts), width), -1, np.int64)
+    out_d = np.full((len(counts), width), -1, np.int64)
+    out_ids[valid], out_d[valid] = ids, distances
+    out_s = None
+    if scores is not None:
+        out_s = np.full((len(counts), width), np.nan, np.float32)
+        out_s[valid] = scores
+    return SearchResult(out_ids, out_d, counts, out_s)
+
+
 def from_hits(hits: Sequence[Sequence[tuple]], k: int, scored: bool) -> SearchResult:
     """(id, distance[, score]) tuples per query, best first -> a padded (queries, k) result."""
-    q = len(hits)
-    ids = np.full((q, k), -1, np.int64)
-    dists = np.full((q, k), -1, np.int64)
-    scores = np.full((q, k), np.nan, np.float32) if scored else None
-    counts = np.zeros(q, np.int64)
-    for i, row in enumerate(hits):
-        row = row[:k]
-        counts[i] = len(row)
-        for j, hit in enumerate(row):
-            ids[i, j], dists[i, j] = hit[0], hit[1]
-            if scores is not None:
-                scores[i, j] = hit[2]
-    return SearchResult(ids, dists, counts, scores)
+    rows = [row[:k] for row in hits]
+    flat = [hit for row in rows for hit in row]
+    return from_flat([len(row) for row in rows], [h[0] for h in flat], [h[1] for h in flat],
+                     [h[2] for h in flat] if scored else None, width=k)
 
 
 @dataclass

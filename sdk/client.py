@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from latenthash import errors
-from latenthash.backend import Items, SearchResult
+from latenthash.backend import Items, SearchResult, from_flat
 from latenthash.codes import pack_codes
 from latenthash.encoder import EncodeResult
 from latenthash.v1 import search_pb2 as pb
@@ -169,21 +169,12 @@ def _search_result(responses: Sequence, metadata: bool) -> SearchResult:
         flat = {"ids": [h.id for h in hits], "distances": [h.distance for h in hits],
                 "scores": [h.score for h in hits], "metadata_json": [h.metadata_json for h in hits]}
         reranked = any(r.reranked for r in responses)
-    n, width = len(counts), max(int(counts.max(initial=0)), 1)
-    valid = np.arange(width) < counts[:, None]
-    ids = np.full((n, width), -1, np.int64)
-    dists = np.full((n, width), -1, np.int64)
-    ids[valid], dists[valid] = flat["ids"], flat["distances"]
-    scores = None
-    if reranked:
-        scores = np.full((n, width), np.nan, np.float32)
-        scores[valid] = flat["scores"]
-    meta = None
+    result = from_flat(counts, flat["ids"], flat["distances"], flat["scores"] if reranked else None)
     if metadata:
         decoded = [json.loads(t) if t else None for t in flat["metadata_json"]]
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        meta = [decoded[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return SearchResult(ids, dists, counts, scores, meta)
+        result.metadata = [decoded[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return result
 
 
 def _upsert_items(bits_fn, ids, *, images, codes, features, metadata):

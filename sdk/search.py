@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from latenthash.backend import IndexBackend, Items, SearchResult, check_k
+from latenthash.backend import IndexBackend, Items, SearchResult, check_k, from_flat
 from latenthash.codes import pack_codes
 from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import InvalidInput, ModelMismatch
@@ -67,21 +67,15 @@ class Searcher:
         """Filter the step-1 pool by label, then keep the best k (re-ranked order when re-ranking)."""
         width = max(k, min(default_pool(k) if pool is None else pool, self.index.max_k))  # the pool, as hits
         full = self.index.search(codes, width, features=features, pool=width, radius=radius, rerank=rerank)
-        rows = len(full.ids)
-        ids = np.full((rows, k), -1, np.int64)
-        dists = np.full((rows, k), -1, np.int64)
-        scores = np.full((rows, k), np.nan, np.float32) if full.scores is not None else None
-        counts = np.zeros(rows, np.int64)
-        for i in range(rows):
-            n = int(full.counts[i])
-            meta = self.index.metadata(full.ids[i, :n])
+        counts, rows, cols = [], [], []
+        for i in range(len(full.ids)):
+            meta = self.index.metadata(full.ids[i, :int(full.counts[i])])
             keep = [j for j, m in enumerate(meta) if _label_of(m) == label][:k]
-            counts[i] = len(keep)
-            ids[i, :len(keep)] = full.ids[i, keep]
-            dists[i, :len(keep)] = full.distances[i, keep]
-            if scores is not None:
-                scores[i, :len(keep)] = full.scores[i, keep]
-        return SearchResult(ids, dists, counts, scores)
+            counts.append(len(keep))
+            rows += [i] * len(keep)
+            cols += keep
+        return from_flat(counts, full.ids[rows, cols], full.distances[rows, cols],
+                         None if full.scores is None else full.scores[rows, cols], width=k)
 
     def upsert(self, ids, *, images=None, codes=None, features=None,
                metadata: Sequence[Any] | None = None) -> tuple[int, int]:
