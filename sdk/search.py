@@ -16,7 +16,7 @@ import numpy as np
 from latenthash.backend import IndexBackend, Items, SearchResult, check_k, from_flat
 from latenthash.codes import pack_codes
 from latenthash.encoder import Encoder, EncodeResult
-from latenthash.errors import InvalidInput, ModelMismatch
+from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch
 from latenthash.limits import default_pool
 
 
@@ -57,6 +57,42 @@ class Searcher:
         else:
             result = self._search_label(codes, k, features, pool, radius, rerank, str(label))
         return self.with_metadata(result) if metadata else result
+
+    def search_many(self, requests: Sequence[tuple]) -> list:
+        """Many queries at once, as a server receives them: each request is (codes (m, nb), features (m, D) or None,
+        options) with options as `search` takes them (k, pool, radius, rerank, label). One index search per
+        distinct set of options and shapes; a labelled request is searched on its own. Returns each request's
+        `SearchResult` (the rows a search of its own would return; no metadata) or the `LatentHashError` it raised:
+        a bad request is searched alone, so it never fails its neighbours."""
+        groups: dict[tuple, list[int]] = {}
+        out: list[Any] = [None] * len(requests)
+        for i, (codes, features, options) in enumerate(requests):
+            if options.get("label") is not None:
+                try:
+                    out[i] = self.search(codes=codes, features=features, metadata=False, **options)
+                except LatentHashError as exc:
+                    out[i] = exc
+                continue
+            shape = None if features is None else np.shape(features)[1:]  # unlike shapes never share a search
+            plain = tuple(sorted((k, v) for k, v in options.items() if k != "label"))
+            groups.setdefault((shape, np.shape(codes)[1:], plain), []).append(i)
+        for (shape, _, options), members in groups.items():
+            codes = np.concatenate([requests[i][0] for i in members])
+            feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
+            try:
+                res = self.index.search(codes, features=feats, **dict(options))
+            except LatentHashError as exc:
+                for i in members:
+                    out[i] = exc if len(members) == 1 else self.search_many([requests[i]])[0]
+                continue
+            lo = 0
+            for i in members:
+                hi = lo + len(requests[i][0])
+                width = max(int(res.counts[lo:hi].max(initial=0)), 1) if len(members) > 1 else res.ids.shape[1]
+                out[i] = SearchResult(res.ids[lo:hi, :width], res.distances[lo:hi, :width], res.counts[lo:hi],
+                                      None if res.scores is None else res.scores[lo:hi, :width])
+                lo = hi
+        return out
 
     def with_metadata(self, result: SearchResult) -> SearchResult:
         """Fill `result.metadata`: each hit's stored metadata, per query."""

@@ -152,7 +152,7 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     metrics = Metrics(config.metrics_port, config.host) if config.metrics_port is not None else Metrics(None)
     batcher = (encode_batcher(searcher.encoder, max_batch=config.batch_max, max_delay_ms=config.batch_delay_ms)
                if searcher.encoder is not None and config.batch_max > 1 else None)
-    searches = (search_batcher(searcher.index, max_batch=config.search_batch_max,
+    searches = (search_batcher(searcher, max_batch=config.search_batch_max,
                                max_delay_ms=config.search_batch_delay_ms) if config.search_batch_max > 1 else None)
     service = HashSearchService(searcher, batcher=batcher, search_batcher=searches, wal=wal, metrics=metrics)
     size = config.max_message_mb << 20

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from latenthash.backend import IndexBackend, SearchResult
 from latenthash.encoder import Encoder, EncodeResult
-from latenthash.errors import LatentHashError, Unavailable
+from latenthash.errors import Unavailable
+from latenthash.search import Searcher
 
 
 class DynamicBatcher:
@@ -111,44 +111,7 @@ def encode_batcher(encoder: Encoder, *, max_batch: int = 64, max_delay_ms: float
     return DynamicBatcher(run, rows=len, max_batch=max_batch, max_delay_ms=max_delay_ms, name="encode-batcher")
 
 
-def search_groups(index: IndexBackend, requests: Sequence[tuple]) -> list:
-    """Requests (codes (m, nb), features (m, D) or None, options dict) -> one index search per distinct set of
-    options and shapes -> each request's `SearchResult` (the rows a search of its own would return), or the
-    `LatentHashError` it raised: a bad request is searched alone, so it never fails its neighbours."""
-    groups: dict[tuple, list[int]] = {}
-    for i, (codes, features, options) in enumerate(requests):
-        shape = None if features is None else np.shape(features)[1:]  # unlike shapes never share a batch
-        groups.setdefault((shape, np.shape(codes)[1:], tuple(sorted(options.items()))), []).append(i)
-    out: list[Any] = [None] * len(requests)
-    for (shape, _, options), members in groups.items():
-        if len(members) == 1:
-            codes, feats = requests[members[0]][:2]
-        else:
-            codes = np.concatenate([requests[i][0] for i in members])
-            feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
-        try:
-            res = index.search(codes, features=feats, **dict(options))
-        except LatentHashError as exc:
-            if len(members) == 1:
-                out[members[0]] = exc
-                continue
-            for i in members:
-                out[i] = search_groups(index, [requests[i]])[0]
-            continue
-        if len(members) == 1:
-            out[members[0]] = res
-            continue
-        lo = 0
-        for i in members:
-            hi = lo + len(requests[i][0])
-            width = int(res.counts[lo:hi].max(initial=0)) if hi > lo else 0
-            scores = None if res.scores is None else res.scores[lo:hi, :width]
-            out[i] = SearchResult(res.ids[lo:hi, :width], res.distances[lo:hi, :width], res.counts[lo:hi], scores)
-            lo = hi
-    return out
-
-
-def search_batcher(index: IndexBackend, *, max_batch: int = 64, max_delay_ms: float = 0.0) -> DynamicBatcher:
-    """Concurrent `search_groups` requests merged into as few index searches as their options allow."""
-    return DynamicBatcher(lambda requests: search_groups(index, requests), rows=lambda r: len(r[0]),
-                          max_batch=max_batch, max_delay_ms=max_delay_ms, name="search-batcher")
+def search_batcher(searcher: Searcher, *, max_batch: int = 64, max_delay_ms: float = 0.0) -> DynamicBatcher:
+    """Concurrent queries merged into as few index searches as their options allow (`Searcher.search_many`)."""
+    return DynamicBatcher(searcher.search_many, rows=lambda r: len(r[0]), max_batch=max_batch,
+                          max_delay_ms=max_delay_ms, name="search-batcher")

@@ -21,7 +21,7 @@ from latenthash.backend import check_features, check_items, parse_metadata_json
 from latenthash.errors import InvalidInput, LatentHashError, to_trailers
 from latenthash.limits import MAX_BATCH_QUERIES, MAX_UPSERT_ITEMS
 from latenthash.search import Searcher
-from latenthash.server.batching import DynamicBatcher, search_groups
+from latenthash.server.batching import DynamicBatcher
 from latenthash.server.wal import WriteAheadLog
 from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
@@ -179,20 +179,14 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                 queries.append(exc)
         encode_ms = self._encode_queries(queries)
         t1 = time.perf_counter()
-        plain = [i for i, q in enumerate(queries) if isinstance(q, dict) and q["label"] is None]
-        batch = [(queries[i]["codes"], queries[i]["features"], queries[i]["options"]) for i in plain]
+        valid = [i for i, q in enumerate(queries) if isinstance(q, dict)]
+        batch = [(queries[i]["codes"], queries[i]["features"], queries[i]["options"] | {"label": queries[i]["label"]})
+                 for i in valid]
         found = self.search_batcher.submit_many(batch) if self.search_batcher is not None \
-            else search_groups(self.searcher.index, batch)
+            else self.searcher.search_many(batch)
         results: list = [q if isinstance(q, LatentHashError) else None for q in queries]
-        for i, res in zip(plain, found):
+        for i, res in zip(valid, found):
             results[i] = res
-        for i, q in enumerate(queries):
-            if isinstance(q, dict) and q["label"] is not None:
-                try:
-                    results[i] = self.searcher.search(codes=q["codes"], features=q["features"], label=q["label"],
-                                                      metadata=False, **q["options"])  # sent on as stored JSON
-                except LatentHashError as exc:
-                    results[i] = exc
         search_ms = (time.perf_counter() - t1) * 1e3
         return [res if isinstance(res, BaseException) else self._response(res, encode_ms, search_ms, t0)
                 for res in results]

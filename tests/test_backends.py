@@ -57,3 +57,27 @@ def test_every_backend_enforces_its_own_k_limit(backend, rng):
     assert backend.search(codes, backend.max_k).ids.shape == (1, backend.max_k)
     with pytest.raises(InvalidInput, match=f"1 to {backend.max_k}"):
         backend.search(codes, backend.max_k + 1)
+
+
+def test_search_many_answers_each_request_as_its_own_search(rng):
+    """What the server calls: mixed options, a labelled request and a bad one in one list; each answer equals the
+    request searched alone, and the bad request fails alone."""
+    from latenthash.search import Searcher
+
+    index = HashIndex(bits=BITS, feature_dim=DIM)
+    codes = np.packbits(rng.integers(0, 2, (300, BITS), dtype=np.uint8), axis=1)
+    feats = rng.standard_normal((300, DIM)).astype(np.float32)
+    index.add(np.arange(300), codes, feats, [{"label": str(i % 3)} for i in range(300)])
+    searcher = Searcher(index)
+    requests = [(codes[:2], feats[:2], {"k": 5}), (codes[2:3], None, {"k": 5}), (codes[3:4], feats[3:4], {"k": 5}),
+                (codes[4:5], feats[4:5], {"k": 7, "label": "1"}), (codes[5:6], feats[5:6, :3], {"k": 5}),
+                (codes[6:7], None, {"k": 3, "radius": 20})]
+    got = searcher.search_many(requests)
+    assert isinstance(got[4], InvalidInput)
+    for (c, f, options), res in zip(requests, got):
+        if isinstance(res, Exception):
+            continue
+        alone = searcher.search(codes=c, features=f, metadata=False, **options)
+        for a, b in ((alone.ids, res.ids), (alone.distances, res.distances)):
+            np.testing.assert_array_equal(a[:, :b.shape[1]], b)
+        np.testing.assert_array_equal(alone.counts, res.counts)
