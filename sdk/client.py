@@ -17,8 +17,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from latenthash import errors
-from latenthash.backend import Items, SearchResult, from_flat
+from latenthash import errors, wire
+from latenthash.backend import Items, SearchResult
 from latenthash.codes import pack_codes
 from latenthash.encoder import EncodeResult
 from latenthash.v1 import search_pb2 as pb
@@ -77,8 +77,7 @@ def _image_message(image) -> dict:
         if arr.ndim != 3 or arr.dtype != np.uint8:
             raise errors.InvalidInput(f"an image array must be uint8 (H, W) or (H, W, C), got {image.dtype} "
                                       f"{image.shape}")
-        h, w, c = arr.shape
-        return {"tensor": pb.ImageTensor(data=np.ascontiguousarray(arr).tobytes(), height=h, width=w, channels=c)}
+        return {"tensor": wire.to_tensor(arr)}
     if hasattr(image, "save"):
         buf = io.BytesIO()
         image.save(buf, "PNG")
@@ -154,29 +153,6 @@ def _chunk_errors(offset: int):
         raise
 
 
-def _search_result(responses: Sequence, metadata: bool) -> SearchResult:
-    """SearchResponses (one per query) or SearchCodesResponses (columnar, several queries each) -> one result."""
-    if responses and isinstance(responses[0], pb.SearchCodesResponse):
-        counts = np.concatenate([np.asarray(r.counts, np.int64) for r in responses])
-        flat: dict[str, list] = {"ids": [], "distances": [], "scores": [], "metadata_json": []}
-        for r in responses:
-            for name, values in flat.items():
-                values.extend(getattr(r, name))
-        reranked = responses[0].reranked
-    else:
-        counts = np.asarray([len(r.hits) for r in responses], np.int64)
-        hits = [h for r in responses for h in r.hits]
-        flat = {"ids": [h.id for h in hits], "distances": [h.distance for h in hits],
-                "scores": [h.score for h in hits], "metadata_json": [h.metadata_json for h in hits]}
-        reranked = any(r.reranked for r in responses)
-    result = from_flat(counts, flat["ids"], flat["distances"], flat["scores"] if reranked else None)
-    if metadata:
-        decoded = [json.loads(t) if t else None for t in flat["metadata_json"]]
-        bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        result.metadata = [decoded[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return result
-
-
 def _upsert_items(bits_fn, ids, *, images, codes, features, metadata):
     ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
     if (images is None) == (codes is None):
@@ -197,18 +173,8 @@ def _upsert_items(bits_fn, ids, *, images, codes, features, metadata):
             for j, (i, c, m) in enumerate(zip(ids, packed, meta))]
 
 
-def _items(resp: pb.GetResponse) -> Items:
-    feats = np.asarray([list(it.feature) for it in resp.items], np.float32) if resp.items and resp.items[0].feature \
-        else None
-    return Items(np.asarray([it.id for it in resp.items], np.int64),
-                 np.asarray([np.frombuffer(it.code, np.uint8) for it in resp.items]), feats,
-                 [json.loads(it.metadata_json) if it.metadata_json else None for it in resp.items])
-
-
-def _stats(resp: pb.StatsResponse) -> dict:
-    return {"count": resp.count, "bits": resp.bits, "feature_dim": resp.feature_dim or None,
-            "index_bytes": resp.index_bytes, "model": json.loads(resp.model_json) if resp.model_json else {},
-            "version": resp.version}
+def _get_request(ids) -> pb.GetRequest:
+    return pb.GetRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist())
 
 
 def _encode_request(images) -> pb.EncodeRequest:
@@ -217,11 +183,6 @@ def _encode_request(images) -> pb.EncodeRequest:
         msg = _image_message(im)
         req.images.append(msg["image"]) if "image" in msg else req.tensors.append(msg["tensor"])
     return req
-
-
-def _encoded(resp: pb.EncodeResponse) -> EncodeResult:
-    return EncodeResult(np.asarray([np.frombuffer(e.code, np.uint8) for e in resp.items]),
-                        np.asarray([list(e.feature) for e in resp.items], np.float32))
 
 
 # ------------------------------------------------------------------------------------------------ clients
@@ -258,7 +219,7 @@ class Client:
         for method, request, first in _search_calls(reqs):
             with _chunk_errors(first):
                 responses += _responses(method, self._call(method, request))
-        return _search_result(responses, metadata)
+        return wire.from_search_responses(responses, metadata)
 
     def upsert(self, ids, *, images=None, codes=None, features=None,
                metadata: Sequence[Any] | None = None) -> tuple[int, int]:
@@ -271,13 +232,13 @@ class Client:
         return resp.deleted, resp.missing
 
     def get(self, ids) -> Items:
-        return _items(self._call("Get", pb.GetRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist())))
+        return wire.from_items(self._call("Get", _get_request(ids)))
 
     def stats(self) -> dict:
-        return _stats(self._call("Stats", pb.StatsRequest()))
+        return wire.from_stats(self._call("Stats", pb.StatsRequest()))
 
     def encode(self, images) -> EncodeResult:
-        return _encoded(self._call("Encode", _encode_request(images)))
+        return wire.from_encoded(self._call("Encode", _encode_request(images)))
 
     def close(self) -> None:
         self.channel.close()
@@ -322,7 +283,7 @@ class AsyncClient:
         for method, request, first in _search_calls(reqs):
             with _chunk_errors(first):
                 responses += _responses(method, await self._call(method, request))
-        return _search_result(responses, metadata)
+        return wire.from_search_responses(responses, metadata)
 
     async def upsert(self, ids, *, images=None, codes=None, features=None,
                      metadata: Sequence[Any] | None = None) -> tuple[int, int]:
@@ -336,13 +297,13 @@ class AsyncClient:
         return resp.deleted, resp.missing
 
     async def get(self, ids) -> Items:
-        return _items(await self._call("Get", pb.GetRequest(ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist())))
+        return wire.from_items(await self._call("Get", _get_request(ids)))
 
     async def stats(self) -> dict:
-        return _stats(await self._call("Stats", pb.StatsRequest()))
+        return wire.from_stats(await self._call("Stats", pb.StatsRequest()))
 
     async def encode(self, images) -> EncodeResult:
-        return _encoded(await self._call("Encode", _encode_request(images)))
+        return wire.from_encoded(await self._call("Encode", _encode_request(images)))
 
     async def close(self) -> None:
         await self.channel.close()

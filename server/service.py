@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from latenthash import wire
 from latenthash.backend import check_features, check_items, parse_metadata_json
 from latenthash.errors import InvalidInput, LatentHashError, to_trailers
 from latenthash.limits import MAX_BATCH_QUERIES, MAX_UPSERT_ITEMS
@@ -122,7 +123,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if len(t.data) != t.height * t.width * t.channels:
             raise InvalidInput(f"tensor data holds {len(t.data)} bytes; {t.height}x{t.width}x{t.channels} needs "
                                f"{t.height * t.width * t.channels}")
-        return np.frombuffer(t.data, np.uint8).reshape(1, t.height, t.width, t.channels)
+        return wire.from_tensor(t)
 
     def _code(self, data: bytes) -> np.ndarray:
         nb = (self.searcher.index.bits + 7) // 8
@@ -193,11 +194,10 @@ class HashSearchService(pb_grpc.HashSearchServicer):
 
     def _response(self, result, encode_ms: float, search_ms: float, t0: float) -> pb.SearchResponse:
         texts = self.searcher.index.metadata_json(result.ids[0, :result.counts[0]])  # sent on as stored
-        hits = [pb.Hit(id=id_, distance=dist, score=score or 0.0, metadata_json=text or "")
-                for (id_, dist, score), text in zip(result.hits(0), texts)]
-        return pb.SearchResponse(hits=hits, reranked=result.scores is not None,
-                                 timings=pb.Timings(encode_ms=encode_ms, search_ms=search_ms,
-                                                    total_ms=(time.perf_counter() - t0) * 1e3))
+        resp = wire.to_search_response(result, texts)
+        resp.timings.CopyFrom(pb.Timings(encode_ms=encode_ms, search_ms=search_ms,
+                                         total_ms=(time.perf_counter() - t0) * 1e3))
+        return resp
 
     @staticmethod
     def _first_error(responses: list) -> list:
@@ -249,14 +249,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                                       label=request.label if request.HasField("label") else None, metadata=False,
                                       **self._options(request))
         search_ms = (time.perf_counter() - t1) * 1e3
-        valid = np.arange(result.ids.shape[1]) < result.counts[:, None]  # row-major: query after query, best first
-        ids = result.ids[valid]
-        resp = pb.SearchCodesResponse(counts=result.counts.tolist(), ids=ids.tolist(),
-                                      distances=result.distances[valid].tolist(), reranked=result.scores is not None)
-        if result.scores is not None:
-            resp.scores.extend(result.scores[valid].tolist())
-        if not request.skip_metadata:
-            resp.metadata_json.extend([text or "" for text in index.metadata_json(ids)])
+        resp = wire.to_codes_response(result, None if request.skip_metadata else index.metadata_json)
         resp.timings.search_ms = search_ms
         resp.timings.total_ms = (time.perf_counter() - t0) * 1e3
         return resp
@@ -370,21 +363,11 @@ class HashSearchService(pb_grpc.HashSearchServicer):
     def Get(self, request, context):
         if not request.ids:
             raise InvalidInput("empty Get: pass at least one id")
-        items = self.searcher.get(np.asarray(request.ids, np.int64))
-        out = []
-        for j, id_ in enumerate(items.ids.tolist()):
-            feat = items.features[j].tolist() if items.features is not None else []
-            meta = items.metadata[j]
-            out.append(pb.Item(id=id_, code=items.codes[j].tobytes(), feature=feat,
-                               metadata_json="" if meta is None else json.dumps(meta)))
-        return pb.GetResponse(items=out)
+        return wire.to_items(self.searcher.get(np.asarray(request.ids, np.int64)))
 
     @rpc
     def Stats(self, request, context):
-        s = self.searcher.stats()
-        return pb.StatsResponse(count=s["count"], bits=s["bits"], feature_dim=s["feature_dim"] or 0,
-                                index_bytes=s["index_bytes"], model_json=json.dumps(s["model"]) if s["model"] else "",
-                                version=s["version"])
+        return wire.to_stats(self.searcher.stats())
 
     @rpc
     def Encode(self, request, context):
@@ -392,8 +375,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         if not inputs:
             raise InvalidInput("empty Encode: pass images or tensors")
         enc = self._encode(inputs)
-        return pb.EncodeResponse(items=[pb.Encoded(code=c.tobytes(), feature=f.tolist())
-                                        for c, f in zip(enc.codes, enc.features)])
+        return wire.to_encoded(enc)
 
     # -------------------------------------------------------------------------------------------- persistence
     def _maybe_checkpoint(self) -> None:
