@@ -16,16 +16,14 @@ generation readable. Older generations are removed after the switch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +40,10 @@ from latenthash.backend import (
 from latenthash.buckets import SKETCH_BITS, BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
+from latenthash.generations import read_generation, write_generation
 from latenthash.limits import MAX_K, default_pool
-from latenthash.storage import DirLock, fsync_dir
+from latenthash.storage import DirLock
 
-FORMAT = "latenthash-index"
-VERSION = 1
 FEATURE_DTYPES = ("float32", "float16", "int8")
 OVERSAMPLE = 100  # candidates per hit (at least 1,000) that step 2 re-scores exactly after its sketch pass
 
@@ -414,121 +411,50 @@ class HashIndex:
 
     def _write_generation(self, root: Path) -> Path:
         snap = self._snap
-        current = _read_current(root)
-        gen = (int(current[0].split("-")[1]) + 1) if current else 1
-        gen_dir = root / f"gen-{gen}"
-        if gen_dir.exists():
-            shutil.rmtree(gen_dir)
-        gen_dir.mkdir()
         n = snap.n
-        arrays = {"codes.npy": snap.words[:n], "ids.npy": snap.ids[:n]}
+        arrays = {"codes": snap.words[:n], "ids": snap.ids[:n]}
         if snap.features is not None:
-            arrays["features.npy"] = snap.features[:n]
+            arrays["features"] = snap.features[:n]
         if snap.scales is not None:
-            arrays["scales.npy"] = snap.scales[:n]
-        blob, offsets = _pack_metadata(snap.metadata[:n])
-        arrays["metadata_offsets.npy"] = offsets
-        files = {}
-        for name, arr in arrays.items():
-            files[name] = _write_file(gen_dir / name, lambda f, a=arr: np.save(f, np.ascontiguousarray(a)))
-        files["metadata.bin"] = _write_file(gen_dir / "metadata.bin", lambda f: f.write(blob))
-        header = {"format": FORMAT, "version": VERSION, "bits": self.bits, "feature_dim": self.feature_dim,
-                  "feature_dtype": self.feature_dtype, "count": n, "code_layout": "uint64-le-words",
-                  "files": files, "model": self.model_info, "saved_at": time.time()}
-        head = _write_file(gen_dir / "header.json", lambda f: f.write(json.dumps(header, indent=1).encode()))
-        fsync_dir(gen_dir)
-        tmp = root / "CURRENT.tmp"
-        _write_file(tmp, lambda f: f.write(f"{gen_dir.name}\nheader-sha256 {head['sha256']}\n".encode()))
-        os.replace(tmp, root / "CURRENT")
-        fsync_dir(root)
-        for old in root.glob("gen-*"):
-            if old.name != gen_dir.name:
-                shutil.rmtree(old, ignore_errors=True)
-        return gen_dir
+            arrays["scales"] = snap.scales[:n]
+        header = {"bits": self.bits, "feature_dim": self.feature_dim, "feature_dtype": self.feature_dtype,
+                  "count": n, "code_layout": "uint64-le-words", "model": self.model_info}
+        return write_generation(root, arrays, snap.metadata[:n], header)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, verify: bool = True, mmap: bool = True,
              warmup: bool = True) -> HashIndex:
-        """Open a saved index: read and check the versioned header, then memory-map the arrays.
+        """Open a saved index: read and check the versioned header, then memory-map the arrays (generations.py).
 
         `verify` also checks every file's sha256 (about a second per GB); sizes and shapes are always checked.
         `warmup` compiles (or loads from Numba's cache) the search kernels in a background thread, so the first
         query does not pay for it while `open` itself returns at once."""
         root = Path(path)
-        if not root.is_dir():
-            raise NotFound(f"no index directory at {root}")
-        current = _read_current(root)
-        if current is None:
-            raise IndexCorrupt(f"{root} is not a latenthash index (no CURRENT file)")
-        gen_dir = root / current[0]
+        gen = read_generation(root, _shapes, verify=verify, mmap=mmap)
+        h, a = gen.header, gen.arrays
         try:
-            raw = (gen_dir / "header.json").read_bytes()
-        except OSError as exc:
-            raise IndexCorrupt(f"cannot read the index header {gen_dir / 'header.json'}: {exc}") from None
-        if current[1] is not None and hashlib.sha256(raw).hexdigest() != current[1]:
-            raise IndexCorrupt(f"{gen_dir / 'header.json'} fails its checksum (named in {root / 'CURRENT'}): the "
-                               f"index is corrupt; restore or rebuild it")
-        try:
-            index = cls._from_header(root, gen_dir, json.loads(raw), verify=verify, mmap=mmap)
-        except IndexCorrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the parsers raise
-            raise IndexCorrupt(f"the index in {gen_dir} cannot be read ({type(exc).__name__}: {exc}); restore or "
-                               f"rebuild it") from None
+            index = cls(bits=h["bits"], feature_dim=h["feature_dim"], feature_dtype=h["feature_dtype"], path=root)
+        except InvalidInput as exc:
+            raise IndexCorrupt(f"the header in {gen.path} describes no valid index ({exc})") from None
+        index.model_info = h.get("model", {})
+        index._rows = {i: r for r, i in enumerate(a["ids"].tolist())}
+        if len(index._rows) != h["count"]:
+            raise IndexCorrupt(f"{gen.path / 'ids.npy'} holds duplicate ids")
+        index._snap = _Snapshot(h["count"], a["codes"], a["ids"], a.get("features"), a.get("scales"), gen.metadata)
         if warmup:
             threading.Thread(target=index.warmup, name="latenthash-warmup", daemon=True).start()
         return index
 
-    @classmethod
-    def _from_header(cls, root: Path, gen_dir: Path, header: dict, *, verify: bool, mmap: bool) -> HashIndex:
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise IndexCorrupt(f"{gen_dir} is not a latenthash index header")
-        if header.get("version") != VERSION:
-            raise IndexCorrupt(f"index format version {header.get('version')} in {root}; this latenthash reads "
-                               f"version {VERSION}: upgrade latenthash or rebuild the index")
-        files = header["files"]
-        for name, meta in files.items():
-            file = gen_dir / name
-            if not file.is_file() or file.stat().st_size != meta["size"]:
-                raise IndexCorrupt(f"{file} is missing or truncated (expected {meta['size']} bytes)")
-            if verify and _sha256(file) != meta["sha256"]:
-                raise IndexCorrupt(f"{file} fails its checksum: the index is corrupt; restore or rebuild it")
-        index = cls(bits=header["bits"], feature_dim=header["feature_dim"], feature_dtype=header["feature_dtype"],
-                    path=root)
-        index.model_info = header.get("model", {})
-        n = header["count"]
-        mode: Literal["r"] | None = "r" if mmap else None
 
-        def load(name: str, dtype, shape) -> np.ndarray:
-            if name not in files:
-                raise IndexCorrupt(f"{gen_dir / 'header.json'} does not list {name}")
-            arr = np.load(gen_dir / name, mmap_mode=mode, allow_pickle=False)
-            if arr.dtype != np.dtype(dtype) or arr.shape != shape:
-                raise IndexCorrupt(f"{gen_dir / name} holds {arr.dtype} {arr.shape}, the header says {dtype} {shape}")
-            return arr.view(np.ndarray)  # the same mapped memory; slicing np.memmap costs ~5 us a time in Python
-
-        words = load("codes.npy", np.uint64, (n, n_words(index.bits)))
-        ids = load("ids.npy", np.int64, (n,))
-        feats = load("features.npy", index.feature_dtype, (n, index.feature_dim)) if index.feature_dim else None
-        scales = load("scales.npy", np.float32, (n,)) if index.feature_dtype == "int8" and index.feature_dim else None
-        offsets = np.asarray(load("metadata_offsets.npy", np.int64, (n + 1,)))
-        if "metadata.bin" not in files:
-            raise IndexCorrupt(f"{gen_dir / 'header.json'} does not list metadata.bin")
-        blob = (gen_dir / "metadata.bin").read_bytes()
-        if offsets[0] != 0 or offsets[-1] != len(blob) or np.any(np.diff(offsets) < 0):
-            raise IndexCorrupt(f"{gen_dir / 'metadata_offsets.npy'} does not describe metadata.bin "
-                               f"({len(blob)} bytes): restore or rebuild the index")
-        try:
-            metadata = [None if offsets[i] == offsets[i + 1] else blob[offsets[i]:offsets[i + 1]].decode()
-                        for i in range(n)]
-        except UnicodeDecodeError as exc:
-            raise IndexCorrupt(f"{gen_dir / 'metadata.bin'} holds invalid UTF-8 ({exc}): restore or rebuild the "
-                               f"index") from None
-        index._rows = {i: r for r, i in enumerate(ids.tolist())}
-        if len(index._rows) != n:
-            raise IndexCorrupt(f"{gen_dir / 'ids.npy'} holds duplicate ids")
-        index._snap = _Snapshot(n, words, ids, feats, scales, metadata)
-        return index
+def _shapes(header: dict) -> dict[str, tuple]:
+    """The arrays a header of this index promises: name -> (dtype, shape)."""
+    n, dim, dtype = header["count"], header["feature_dim"], header["feature_dtype"]
+    out: dict[str, tuple] = {"codes": (np.uint64, (n, n_words(header["bits"]))), "ids": (np.int64, (n,))}
+    if dim:
+        out["features"] = (dtype, (n, dim))
+        if dtype == "int8":
+            out["scales"] = (np.float32, (n,))
+    return out
 
 
 def _like(a: np.ndarray) -> np.ndarray:
@@ -536,41 +462,3 @@ def _like(a: np.ndarray) -> np.ndarray:
     out = np.zeros((1, *a.shape[1:]), dtype=a.dtype)
     out.flags.writeable = a.flags.writeable
     return out
-
-
-def _pack_metadata(texts: list) -> tuple[bytes, np.ndarray]:
-    encoded = [t.encode() if t is not None else b"" for t in texts]
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(e) for e in encoded], out=offsets[1:])
-    return b"".join(encoded), offsets
-
-
-def _write_file(path: Path, write) -> dict:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_current(root: Path) -> tuple[str, str | None] | None:
-    """The generation named by CURRENT and the sha256 of its header (None in indexes saved before it was kept)."""
-    try:
-        lines = (root / "CURRENT").read_text().split("\n")
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise IndexCorrupt(f"cannot read {root / 'CURRENT'}: {exc}") from None
-    name = lines[0].strip()
-    if not name.startswith("gen-") or not name[4:].isdigit() or not (root / name).is_dir():
-        raise IndexCorrupt(f"{root / 'CURRENT'} names {name!r}, which is not a generation folder of this index")
-    digest = next((line.split()[1] for line in lines[1:] if line.startswith("header-sha256 ")), None)
-    return name, digest
