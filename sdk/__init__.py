@@ -4,7 +4,7 @@ Pipeline: train (latenthash.export) -> export ONNX -> encode (Encoder) -> index 
 `import latenthash` is light: numba, onnxruntime, tensorrt and torch load only when first used.
 """
 
-from latenthash.backend import IndexBackend, Items, SearchResult, open_index
+from latenthash.backend import CodesLike, FeaturesLike, IdsLike, IndexBackend, Items, SearchResult, open_index
 from latenthash.codes import pack_codes, unpack_codes
 from latenthash.errors import (
     DataError,
@@ -36,7 +36,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "HashIndex", "IndexBackend", "Items", "SearchResult", "open_index", "pack_codes", "unpack_codes",
+    "HashIndex", "IndexBackend", "Items", "SearchResult", "open_index", "IdsLike", "CodesLike", "FeaturesLike",
+    "pack_codes", "unpack_codes",
     "LatentHashError", "InvalidInput", "NotFound", "DataError", "IndexCorrupt", "ModelMismatch",
     "MissingDependency", "Unauthenticated", "Unavailable", "__version__", "Encoder", "Searcher", "Client",
     "AsyncClient",

@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 
 from latenthash.backend import (
+    CodesLike,
+    FeaturesLike,
+    IdsLike,
     Items,
     SearchResult,
     check_features,
@@ -137,7 +140,8 @@ class HashIndex:
         return f.astype(self.feature_dtype), None
 
     # ------------------------------------------------------------------------------------------------ writes
-    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> int:
+    def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
+            metadata: Sequence[Any] | None = None) -> int:
         """Add items; an id already present is replaced. codes: packed uint8 (N, ceil(bits/8)) or 0/1 (N, bits).
         Returns how many of the ids were already present (replaced)."""
         ids, packed, meta = check_items(ids, codes, metadata, self.bits)
@@ -164,7 +168,7 @@ class HashIndex:
             self._snap = _Snapshot(hi, snap.words, snap.ids, snap.features, snap.scales, snap.metadata)
         return len(present)
 
-    def remove(self, ids) -> int:
+    def remove(self, ids: IdsLike) -> int:
         """Remove items by id; returns how many were present (unknown ids are ignored)."""
         ids = check_ids(ids)
         with self._lock:
@@ -192,7 +196,7 @@ class HashIndex:
         return len(rows)
 
     # ------------------------------------------------------------------------------------------------ reads
-    def get(self, ids) -> Items:
+    def get(self, ids: IdsLike) -> Items:
         """Stored codes, features and metadata of the given ids, in the order given; NotFound names missing ids."""
         ids = check_ids(ids)
         with self._lock:
@@ -205,11 +209,11 @@ class HashIndex:
         meta = [None if snap.metadata[r] is None else json.loads(snap.metadata[r]) for r in rows.tolist()]
         return Items(ids, from_words(snap.words[rows], self.bits), feats, meta)
 
-    def metadata(self, ids) -> list[Any]:
+    def metadata(self, ids: IdsLike) -> list[Any]:
         """Metadata of the given ids (None for unknown ids, e.g. the -1 padding of a search result)."""
         return [None if text is None else json.loads(text) for text in self.metadata_json(ids)]
 
-    def metadata_json(self, ids) -> list[str | None]:
+    def metadata_json(self, ids: IdsLike) -> list[str | None]:
         """The same as JSON text, as stored: what a server sends on without decoding and encoding it again."""
         snap = self._snap
         rows = self._rows
@@ -227,7 +231,8 @@ class HashIndex:
     def _query_words(self, codes) -> np.ndarray:
         return to_words(pack_codes(codes, self.bits), self.bits)
 
-    def search(self, codes, k: int = 10, *, features=None, pool: int | None = None, radius: int | None = None,
+    def search(self, codes: CodesLike, k: int = 10, *, features: FeaturesLike | None = None,
+               pool: int | None = None, radius: int | None = None,
                rerank: bool | None = None, threads: int | None = None) -> SearchResult:
         """Two-step search for one query code or a batch.
 

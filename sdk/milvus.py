@@ -37,7 +37,18 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from latenthash.backend import Items, SearchResult, check_features, check_ids, check_items, check_query, from_hits
+from latenthash.backend import (
+    CodesLike,
+    FeaturesLike,
+    IdsLike,
+    Items,
+    SearchResult,
+    check_features,
+    check_ids,
+    check_items,
+    check_query,
+    from_hits,
+)
 from latenthash.codes import check_bits
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
 from latenthash.limits import MAX_K, default_pool
@@ -211,7 +222,8 @@ class MilvusIndex:
             out += [int(r["id"]) for r in rows]
         return out
 
-    def add(self, ids, codes, features=None, metadata: Sequence[Any] | None = None) -> int:
+    def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
+            metadata: Sequence[Any] | None = None) -> int:
         """Upsert items (an id already present is replaced); returns how many ids were already present."""
         ids, packed, meta = check_items(ids, codes, metadata, self.bits)
         n = len(ids)
@@ -229,7 +241,7 @@ class MilvusIndex:
                 self._client.upsert(self.collection, rows[lo:lo + 2048], timeout=self.timeout)
         return replaced
 
-    def remove(self, ids) -> int:
+    def remove(self, ids: IdsLike) -> int:
         """Remove items by id; returns how many were present (unknown ids are ignored)."""
         present = self._present(check_ids(ids))
         if present:
@@ -276,7 +288,7 @@ class MilvusIndex:
             found.update((int(r["id"]), r) for r in rows)
         return found
 
-    def get(self, ids) -> Items:
+    def get(self, ids: IdsLike) -> Items:
         """Stored codes, features and metadata of the given ids, in the order given; NotFound names missing ids."""
         ids = check_ids(ids)
         fields = ["code", "metadata"] + (["feature"] if self.feature_dim else [])
@@ -291,17 +303,18 @@ class MilvusIndex:
                  if self.feature_dim else None)
         return Items(ids, codes, feats, [r["metadata"]["v"] for r in rows])
 
-    def metadata(self, ids) -> list[Any]:
+    def metadata(self, ids: IdsLike) -> list[Any]:
         """Metadata of the given ids (None for unknown ids, e.g. the -1 padding of a search result)."""
         wanted = [int(i) for i in np.asarray(ids).ravel().tolist()]
         found = self._fetch([i for i in wanted if i >= 0], ["metadata"])
         return [found[i]["metadata"]["v"] if i in found else None for i in wanted]
 
-    def metadata_json(self, ids) -> list[str | None]:
+    def metadata_json(self, ids: IdsLike) -> list[str | None]:
         """`metadata` as JSON text (None where absent)."""
         return [None if m is None else json.dumps(m) for m in self.metadata(ids)]
 
-    def search(self, codes, k: int = 10, *, features=None, pool: int | None = None, radius: int | None = None,
+    def search(self, codes: CodesLike, k: int = 10, *, features: FeaturesLike | None = None,
+               pool: int | None = None, radius: int | None = None,
                rerank: bool | None = None) -> SearchResult:
         """Two-step search with the same arguments and result as `HashIndex.search` (see the module docstring)."""
         packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
