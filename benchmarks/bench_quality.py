@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).parent / "results"
+from common import save
 
 
 def main() -> None:
@@ -53,10 +53,8 @@ def main() -> None:
     for bits, r in rows.items():
         print(f"linear search (exhaustive cosine on the {bits}-bit model's float features): "
               f"mAP@all {r['linear_search']['map_all']:.4f}, mAP@1000 {r['linear_search']['map_at_1000']:.4f}")
-    OUT.mkdir(exist_ok=True)
-    (OUT / "quality.json").write_text(json.dumps(
-        {b: {k: r[k] for k in ("map_all", "map_at_1000", "precision_r2", "accuracy", "baselines", "linear_search",
-                                "history")} for b, r in rows.items()}, indent=1))
+    save("quality", {b: {k: r[k] for k in ("map_all", "map_at_1000", "precision_r2", "accuracy", "baselines",
+                                           "linear_search", "history")} for b, r in rows.items()})
 
 
 if __name__ == "__main__":

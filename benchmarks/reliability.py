@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from common import stamp
 
 BITS, DIM = 48, 16
 FAR = 10**15
@@ -334,7 +335,7 @@ def main() -> None:
             proc.wait()
     report = {"crash": crash, "fuzz": fuzzed, "fuzz_results_unchanged": unchanged,
               "date": time.strftime("%Y-%m-%d"), "host": os.uname().nodename}
-    args.out.write_text(json.dumps(report, indent=1))
+    args.out.write_text(json.dumps({"stamp": stamp(), "result": report}, indent=1))
     print(json.dumps(report, indent=1))
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import save
 
 HERE = Path(__file__).parent
 PLOTS, RESULTS = HERE / "plots", HERE / "results"
@@ -165,15 +166,14 @@ def main() -> None:
     reports = load_reports(args.runs)
     if args.replot:
         plot_quality(reports)
-        plot_times(json.loads((RESULTS / "reproduction.json").read_text())["search"])
+        saved = json.loads((RESULTS / "reproduction.json").read_text())
+        plot_times(saved.get("result", saved)["search"])  # files from before the stamp hold the figures at the top
         return
     quality = quality_tables(reports)
     plots = plot_quality(reports)
     times = search_times(args.search_run, args.queries)
     plots.append(plot_times(times))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "reproduction.json").write_text(json.dumps({"quality": quality, "search": times, "plots": plots},
-                                                          indent=1))
+    save("reproduction", {"quality": quality, "search": times, "plots": plots})
     print("\nplots:", ", ".join(f"benchmarks/plots/{p}" for p in plots))
 
 
