@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -327,10 +328,31 @@ BACKENDS: dict[str, Callable[..., IndexBackend]] = {
 }
 
 
+def parse_uri(uri: str) -> dict:
+    """Split a milvus:// or milvus-lite:// URI into the client URI, the collection and the options (the one
+    place index URIs are parsed, with `uri_scheme` below)."""
+    parts = urlsplit(uri)
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.scheme == "milvus-lite":
+        path = (parts.netloc + parts.path) if parts.netloc else parts.path
+        db, _, collection = path.rstrip("/").rpartition("/")
+        if not db.endswith(".db"):
+            raise InvalidInput(f"milvus-lite URI must look like milvus-lite:///path/file.db/collection, got {uri!r}")
+        return {"client_uri": db, "collection": collection, "options": options, "lite": True}
+    if parts.scheme in ("milvus", "milvus+http", "milvus+https"):
+        collection = parts.path.strip("/")
+        if not parts.hostname or not collection or "/" in collection:
+            raise InvalidInput(f"Milvus URI must look like milvus://host:19530/collection, got {uri!r}")
+        http = "https" if parts.scheme == "milvus+https" else "http"
+        return {"client_uri": f"{http}://{parts.hostname}:{parts.port or 19530}", "collection": collection,
+                "options": options, "lite": False}
+    raise InvalidInput(f"not a Milvus URI: {uri!r}")
+
+
 def uri_scheme(uri: str | os.PathLike) -> str:
     """The backend scheme of an index URI: 'file' for a plain path; InvalidInput for an unknown scheme."""
     uri = os.fspath(uri)
-    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    scheme = urlsplit(uri).scheme if "://" in uri else "file"
     if scheme not in BACKENDS:
         raise InvalidInput(f"no index backend for {scheme}:// URIs; known: {', '.join(BACKENDS)}")
     return scheme

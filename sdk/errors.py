@@ -16,10 +16,16 @@ INDEX_KEY = "latenthash-request-index"
 
 class LatentHashError(Exception):
     """Base class of every error raised on purpose by latenthash. `request_index`: which request of a batch (or
-    which query of a search) it concerns, None when it concerns the whole call."""
+    which query of a search) it concerns, None when it concerns the whole call. A subclass names the gRPC status
+    the server answers it with as a class keyword: `class X(LatentHashError, grpc_code="NOT_FOUND")`."""
 
     grpc_code = "INTERNAL"
     request_index: int | None = None
+
+    def __init_subclass__(cls, grpc_code: str | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if grpc_code is not None:
+            cls.grpc_code = grpc_code
 
     def at(self, index: int | None) -> LatentHashError:
         """The same error, naming request `index` of a batch."""
@@ -31,64 +37,46 @@ class LatentHashError(Exception):
         return text if self.request_index is None else f"request {self.request_index}: {text}"
 
 
-class InvalidInput(LatentHashError, ValueError):
+class InvalidInput(LatentHashError, ValueError, grpc_code="INVALID_ARGUMENT"):
     """The caller passed something malformed (shape, dtype, range, undecodable image); the message says the fix."""
 
-    grpc_code = "INVALID_ARGUMENT"
 
-
-class NotFound(LatentHashError, KeyError):
+class NotFound(LatentHashError, KeyError, grpc_code="NOT_FOUND"):
     """An id, file or run directory that does not exist."""
-
-    grpc_code = "NOT_FOUND"
 
     __str__ = LatentHashError.__str__  # KeyError quotes its message; keep it readable
 
 
-class DataError(LatentHashError):
+class DataError(LatentHashError, grpc_code="FAILED_PRECONDITION"):
     """A data file is missing, truncated or not in the format its name promises."""
 
-    grpc_code = "FAILED_PRECONDITION"
 
-
-class IndexCorrupt(LatentHashError):
+class IndexCorrupt(LatentHashError, grpc_code="DATA_LOSS"):
     """An index directory fails its header or checksum checks."""
 
-    grpc_code = "DATA_LOSS"
 
-
-class ModelMismatch(LatentHashError):
+class ModelMismatch(LatentHashError, grpc_code="FAILED_PRECONDITION"):
     """A model and an index (or a code and an index) disagree on bits, feature size or input shape."""
 
-    grpc_code = "FAILED_PRECONDITION"
 
-
-class MissingDependency(LatentHashError, ImportError):
+class MissingDependency(LatentHashError, ImportError, grpc_code="UNIMPLEMENTED"):
     """An optional heavy dependency (torch, tensorrt, onnx ...) is not installed; the message says what to install."""
-
-    grpc_code = "UNIMPLEMENTED"
 
 
 class ExportCheckFailed(LatentHashError):
     """An exported model failed a parity check against its reference."""
 
 
-class Unauthenticated(LatentHashError):
+class Unauthenticated(LatentHashError, grpc_code="UNAUTHENTICATED"):
     """A missing or wrong bearer token."""
 
-    grpc_code = "UNAUTHENTICATED"
 
-
-class Unavailable(LatentHashError):
+class Unavailable(LatentHashError, grpc_code="UNAVAILABLE"):
     """The service cannot be reached (after retries) or is shutting down."""
 
-    grpc_code = "UNAVAILABLE"
 
-
-class StorageFull(LatentHashError):
+class StorageFull(LatentHashError, grpc_code="RESOURCE_EXHAUSTED"):
     """The disk is full (or a quota or file-size limit is reached): nothing of the refused write was stored."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class StorageUnavailable(Unavailable):

@@ -33,22 +33,10 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from latenthash.backend import (
-    CodesLike,
-    FeaturesLike,
-    IdsLike,
-    Items,
-    SearchResult,
-    check_features,
-    check_ids,
-    check_items,
-    check_query,
-    from_hits,
-)
+from latenthash import backend as seam  # the seam's types, validators and URI parser
 from latenthash.codes import check_bits
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
 from latenthash.limits import MAX_K, default_pool
@@ -84,26 +72,6 @@ def _errors(what: str):
         raise InvalidInput(text) from exc
 
 
-def parse_uri(uri: str) -> dict:
-    """Split a milvus:// or milvus-lite:// URI into the client URI, the collection and the options."""
-    parts = urlsplit(uri)
-    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    if parts.scheme == "milvus-lite":
-        path = (parts.netloc + parts.path) if parts.netloc else parts.path
-        db, _, collection = path.rstrip("/").rpartition("/")
-        if not db.endswith(".db"):
-            raise InvalidInput(f"milvus-lite URI must look like milvus-lite:///path/file.db/collection, got {uri!r}")
-        return {"client_uri": db, "collection": collection, "options": options, "lite": True}
-    if parts.scheme in ("milvus", "milvus+http", "milvus+https"):
-        collection = parts.path.strip("/")
-        if not parts.hostname or not collection or "/" in collection:
-            raise InvalidInput(f"Milvus URI must look like milvus://host:19530/collection, got {uri!r}")
-        http = "https" if parts.scheme == "milvus+https" else "http"
-        return {"client_uri": f"{http}://{parts.hostname}:{parts.port or 19530}", "collection": collection,
-                "options": options, "lite": False}
-    raise InvalidInput(f"not a Milvus URI: {uri!r}")
-
-
 class MilvusIndex:
     """Codes, features and metadata in a Milvus collection; same calls and result types as `HashIndex`."""
 
@@ -111,7 +79,7 @@ class MilvusIndex:
                  index: str | None = None, nlist: int | None = None, nprobe: int | None = None,
                  rerank: str | None = None, token: str | None = None, timeout: float | None = None,
                  consistency: str | None = None):
-        spec = parse_uri(uri)
+        spec = seam.parse_uri(uri)
         opts = spec["options"]
         self.uri = uri.split("?", 1)[0]
         self.collection = spec["collection"]
@@ -222,12 +190,12 @@ class MilvusIndex:
             out += [int(r["id"]) for r in rows]
         return out
 
-    def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
+    def add(self, ids: seam.IdsLike, codes: seam.CodesLike, features: seam.FeaturesLike | None = None,
             metadata: Sequence[Any] | None = None) -> int:
         """Upsert items (an id already present is replaced); returns how many ids were already present."""
-        ids, packed, meta = check_items(ids, codes, metadata, self.bits)
+        ids, packed, meta = seam.check_items(ids, codes, metadata, self.bits)
         n = len(ids)
-        feats = check_features(features, n, self.feature_dim)
+        feats = seam.check_features(features, n, self.feature_dim)
         if n == 0:
             return 0
         replaced = len(self._present(ids))
@@ -241,9 +209,9 @@ class MilvusIndex:
                 self._client.upsert(self.collection, rows[lo:lo + 2048], timeout=self.timeout)
         return replaced
 
-    def remove(self, ids: IdsLike) -> int:
+    def remove(self, ids: seam.IdsLike) -> int:
         """Remove items by id; returns how many were present (unknown ids are ignored)."""
-        present = self._present(check_ids(ids))
+        present = self._present(seam.check_ids(ids))
         if present:
             with _errors("delete"):
                 self._client.delete(self.collection, ids=present, timeout=self.timeout)
@@ -288,9 +256,9 @@ class MilvusIndex:
             found.update((int(r["id"]), r) for r in rows)
         return found
 
-    def get(self, ids: IdsLike) -> Items:
+    def get(self, ids: seam.IdsLike) -> seam.Items:
         """Stored codes, features and metadata of the given ids, in the order given; NotFound names missing ids."""
-        ids = check_ids(ids)
+        ids = seam.check_ids(ids)
         fields = ["code", "metadata"] + (["feature"] if self.feature_dim else [])
         found = self._fetch(ids.tolist(), fields)
         missing = [i for i in ids.tolist() if i not in found]
@@ -301,31 +269,31 @@ class MilvusIndex:
         codes = np.frombuffer(b"".join(_code_bytes(r["code"]) for r in rows), np.uint8).reshape(len(rows), nb)
         feats = (np.asarray([r["feature"] for r in rows], np.float32).reshape(len(rows), self.feature_dim)
                  if self.feature_dim else None)
-        return Items(ids, codes, feats, [r["metadata"]["v"] for r in rows])
+        return seam.Items(ids, codes, feats, [r["metadata"]["v"] for r in rows])
 
-    def metadata(self, ids: IdsLike) -> list[Any]:
+    def metadata(self, ids: seam.IdsLike) -> list[Any]:
         """Metadata of the given ids (None for unknown ids, e.g. the -1 padding of a search result)."""
         wanted = [int(i) for i in np.asarray(ids).ravel().tolist()]
         found = self._fetch([i for i in wanted if i >= 0], ["metadata"])
         return [found[i]["metadata"]["v"] if i in found else None for i in wanted]
 
-    def metadata_json(self, ids: IdsLike) -> list[str | None]:
+    def metadata_json(self, ids: seam.IdsLike) -> list[str | None]:
         """`metadata` as JSON text (None where absent)."""
         return [None if m is None else json.dumps(m) for m in self.metadata(ids)]
 
-    def search(self, codes: CodesLike, k: int = 10, *, features: FeaturesLike | None = None,
+    def search(self, codes: seam.CodesLike, k: int = 10, *, features: seam.FeaturesLike | None = None,
                pool: int | None = None, radius: int | None = None,
-               rerank: bool | None = None) -> SearchResult:
+               rerank: bool | None = None) -> seam.SearchResult:
         """Two-step search with the same arguments and result as `HashIndex.search` (see the module docstring)."""
-        packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
+        packed, qf = seam.check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
                                  feature_dim=self.feature_dim, max_k=self.max_k, max_pool=MAX_TOPK)
         do_rerank = qf is not None
         step1 = (min(default_pool(k), MAX_TOPK) if pool is None else pool) if do_rerank else k
         hits = self._hamming(packed, step1, radius)
         if not do_rerank:
-            return from_hits(hits, k, False)
+            return seam.from_hits(hits, k, False)
         rerank_fn = self._rerank_fetch if self.effective_rerank == "fetch" else self._rerank_milvus
-        return from_hits(rerank_fn(qf, hits, k), k, True)
+        return seam.from_hits(rerank_fn(qf, hits, k), k, True)
 
     def _hamming(self, packed: np.ndarray, limit: int, radius: int | None) -> list[list[tuple[int, int]]]:
         """Step 1: per query, (id, distance) pairs sorted by (distance, id)."""

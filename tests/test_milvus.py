@@ -20,8 +20,9 @@ need("pymilvus", "milvus")
 need("milvus_lite", "milvus")
 
 from latenthash import HashIndex, open_index  # noqa: E402
+from latenthash.backend import parse_uri  # noqa: E402
 from latenthash.errors import InvalidInput, ModelMismatch, NotFound, Unavailable  # noqa: E402
-from latenthash.milvus import MilvusIndex, parse_uri  # noqa: E402
+from latenthash.milvus import MilvusIndex  # noqa: E402
 
 BITS, DIM, N = 64, 32, 3000
 

@@ -561,8 +561,9 @@ def test_error_class_and_request_index_travel_both_ways(served):
         pb_grpc.HashSearchStub(client.channel).SearchBatch(pb.SearchBatchRequest(requests=[good, good, bad]))
     back = _error(info.value)
     assert type(back) is InvalidInput and back.request_index == 2 and "code has 2 bytes" in str(back)
-    for cls in (errors.DataError, errors.ModelMismatch, errors.IndexCorrupt, errors.StorageFull,
-                errors.StorageUnavailable, errors.NotFound, errors.InvalidInput):
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.LatentHashError)]
+    assert len(classes) == 12  # every class of the family, the base included
+    for cls in classes:
         exc = cls("boom").at(7)
 
         class Fake(grpc.RpcError):
