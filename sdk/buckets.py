@@ -83,8 +83,12 @@ def _sketch_rows(snapshot, order: np.ndarray, chunk: int = 65536):
         f = snapshot.features[order[lo:lo + chunk]].astype(np.float32)
         return f * snapshot.scales[order[lo:lo + chunk], None] if snapshot.scales is not None else f
 
-    centre = sum(rows(lo).sum(axis=0, dtype=np.float64) for lo in range(0, n, chunk)) / max(n, 1)
-    centre = centre.astype(np.float32)
+    def stored(lo: int) -> np.ndarray:  # the mean needs no order: read the rows as they lie, not gathered
+        f = snapshot.features[lo:min(lo + chunk, n)].astype(np.float32)
+        return f * snapshot.scales[lo:min(lo + chunk, n), None] if snapshot.scales is not None else f
+
+    centre = (sum(stored(lo).sum(axis=0, dtype=np.float64) for lo in range(0, n, chunk)) / max(n, 1)).astype(
+        np.float32)
     projection = np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32)
     signs = np.empty((n, SKETCH_BITS // 64), np.uint64)
     for lo in range(0, n, chunk):

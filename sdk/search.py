@@ -77,8 +77,11 @@ class Searcher:
             plain = tuple(sorted((k, v) for k, v in options.items() if k != "label"))
             groups.setdefault((shape, np.shape(codes)[1:], plain), []).append(i)
         for (shape, _, options), members in groups.items():
-            codes = np.concatenate([requests[i][0] for i in members])
-            feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
+            if len(members) == 1:  # the common case of one query: no copies
+                codes, feats = requests[members[0]][:2]
+            else:
+                codes = np.concatenate([requests[i][0] for i in members])
+                feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
             try:
                 res = self.index.search(codes, features=feats, **dict(options))
             except LatentHashError as exc:
@@ -105,13 +108,24 @@ class Searcher:
         full = self.index.search(codes, width, features=features, pool=width, radius=radius, rerank=rerank)
         counts, rows, cols = [], [], []
         for i in range(len(full.ids)):
-            meta = self.index.metadata(full.ids[i, :int(full.counts[i])])
-            keep = [j for j, m in enumerate(meta) if _label_of(m) == label][:k]
+            keep = self._first_with_label(full.ids[i, :int(full.counts[i])], label, k)
             counts.append(len(keep))
             rows += [i] * len(keep)
             cols += keep
         return from_flat(counts, full.ids[rows, cols], full.distances[rows, cols],
                          None if full.scores is None else full.scores[rows, cols], width=k)
+
+    def _first_with_label(self, ids: np.ndarray, label: str, k: int) -> list[int]:
+        """Positions of the first k of `ids` (ranked hits) whose metadata label is `label`; metadata is read a
+        block at a time and reading stops once k are found (a pool holds thousands of hits, k are wanted)."""
+        keep: list[int] = []
+        block = max(4 * k, 256)
+        for lo in range(0, len(ids), block):
+            meta = self.index.metadata(ids[lo:lo + block])
+            keep += [lo + j for j, m in enumerate(meta) if _label_of(m) == label]
+            if len(keep) >= k:
+                break
+        return keep[:k]
 
     def upsert(self, ids, *, images=None, codes=None, features=None,
                metadata: Sequence[Any] | None = None) -> tuple[int, int]:

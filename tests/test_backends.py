@@ -81,3 +81,22 @@ def test_search_many_answers_each_request_as_its_own_search(rng):
         for a, b in ((alone.ids, res.ids), (alone.distances, res.distances)):
             np.testing.assert_array_equal(a[:, :b.shape[1]], b)
         np.testing.assert_array_equal(alone.counts, res.counts)
+
+
+def test_label_filter_keeps_the_first_matches_in_rank_order(rng):
+    """Label search reads metadata a block at a time: matches beyond the first block, and fewer than k, still come
+    back exactly as filtering the whole ranked pool would give them."""
+    from latenthash.search import Searcher
+
+    index = HashIndex(bits=BITS, feature_dim=DIM)
+    n = 2000
+    codes = np.packbits(rng.integers(0, 2, (n, BITS), dtype=np.uint8), axis=1)
+    feats = rng.standard_normal((n, DIM)).astype(np.float32)
+    rare = set(rng.choice(n, 3, replace=False).tolist())
+    index.add(np.arange(n), codes, feats, [{"label": "rare" if i in rare else "common"} for i in range(n)])
+    searcher = Searcher(index)
+    full = index.search(codes[:1], n, features=feats[:1], pool=n)
+    for label, k in (("rare", 5), ("common", 300)):
+        want = [i for i in full.ids[0].tolist() if ("rare" if i in rare else "common") == label][:k]
+        got = searcher.search(codes=codes[:1], features=feats[:1], k=k, pool=n, label=label, metadata=False)
+        assert got.ids[0, :got.counts[0]].tolist() == want
