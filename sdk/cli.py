@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -181,28 +182,15 @@ def build_index(
     try:
         import numpy as np
 
-        from latenthash.backend import index_directory, open_index
         from latenthash.encoder import Encoder
         from latenthash.export.data import load_dataset
-        from latenthash.index import HashIndex
         from latenthash.ingest import add_images
-        from latenthash.storage import DirLock
 
         encoder = Encoder.open(model, runtime=runtime)
         ds = load_dataset(dataset, data_dir)
         part = ds.train if split == "train" else ds.test
         arrays, labels = part.images[:limit], part.labels[:limit]
-        shape = {"bits": encoder.bits, "feature_dim": encoder.feature_dim}
-        root = index_directory(out)
-        if root is not None and not add and (root / "CURRENT").exists():
-            raise LatentHashError(f"an index already exists at {out}: pass --add to append, or another --out")
-        with DirLock(root):  # held until the index is saved: no server or other indexer writes meanwhile
-            if root is not None and not add:  # built in memory, saved once complete: an interrupted run leaves none
-                index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
-                                  path=root)
-            else:
-                index = open_index(out, create=not add, **shape)
-            index.model_info = encoder.info.to_dict()
+        with _index_for_writing(out, encoder, add=add, feature_dtype=feature_dtype, create=not add) as index:
             start = int(index.ids.max()) + 1 if add and len(index) else 0
             metadata: list[dict[str, Any]]
             if ds.multilabel:
@@ -228,28 +216,38 @@ def build_index(
         _fail(exc)
 
 
+@contextlib.contextmanager
+def _index_for_writing(out: str, encoder, *, add: bool, feature_dtype: str, create: bool, hint: str = ""):
+    """The index an indexing run writes to, under the directory's lock until the run ends (no server or other
+    indexer writes meanwhile). An existing one is refused without --add; a directory index not saved yet is built
+    in memory and saved by the run, so an interrupted first run leaves none."""
+    from latenthash.backend import index_directory, open_index
+    from latenthash.index import HashIndex
+    from latenthash.storage import DirLock
+
+    root = index_directory(out)
+    if root is not None and not add and (root / "CURRENT").exists():
+        raise LatentHashError(f"an index already exists at {out}: pass --add to append{hint}, or another --out")
+    with DirLock(root):
+        if create and root is not None and not (root / "CURRENT").exists():
+            index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
+                              path=root)
+        else:
+            index = open_index(out, create=create, bits=encoder.bits, feature_dim=encoder.feature_dim)
+        index.model_info = encoder.info.to_dict()
+        yield index
+
+
 def _index_files(model: Path, out: str, source: Path, *, add: bool, feature_dtype: str, runtime: str) -> None:
     """`index --images`: stream files into the index, saving every 20,000 images; unreadable files are named."""
     try:
-        from latenthash.backend import index_directory, open_index
         from latenthash.encoder import Encoder
-        from latenthash.index import HashIndex
         from latenthash.ingest import add_image_files, list_image_files
-        from latenthash.storage import DirLock
 
         encoder = Encoder.open(model, runtime=runtime)
         paths, others = list_image_files(source)
-        root = index_directory(out)
-        if root is not None and not add and (root / "CURRENT").exists():
-            raise LatentHashError(f"an index already exists at {out}: pass --add to append (or to resume an "
-                                  "interrupted run: files already indexed are skipped), or another --out")
-        with DirLock(root):
-            if root is not None and not (root / "CURRENT").exists():
-                index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
-                                  path=root)
-            else:
-                index = open_index(out, create=True, bits=encoder.bits, feature_dim=encoder.feature_dim)
-            index.model_info = encoder.info.to_dict()
+        with _index_for_writing(out, encoder, add=add, feature_dtype=feature_dtype, create=True,
+                                hint=" (or to resume an interrupted run: files already indexed are skipped)") as index:
             ids = index.ids
             present = {m.get("path") for m in index.metadata(ids) if isinstance(m, dict)} if len(ids) else set()
             done = add_image_files(index, encoder, paths, start_id=int(ids.max()) + 1 if len(ids) else 0,
