@@ -13,6 +13,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from latenthash.cpu import cpu_info
+
 OUT = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("latenthash", "numpy", "numba", "onnxruntime", "torch", "faiss-cpu", "grpcio", "pymilvus", "ray")
@@ -54,7 +56,8 @@ def load_note(when: str = "before") -> str:
 
 
 def stamp() -> dict:
-    """Where and from what a figure came: host, CPU, versions, commit (with a mark if the tree had changes)."""
+    """Where and from what a figure came: host, CPU and its SIMD features, versions, commit (with a mark if the
+    tree had changes)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -67,12 +70,13 @@ def stamp() -> dict:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = cpu_info()
     dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git("rev-parse", "--short", "HEAD") + ("+changes" if dirty else ""),
-            "host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "host": platform.node(), "cpu": cpu["model"], "machine": cpu["machine"],
+            "llvm_cpu": cpu["llvm_cpu"], "simd": cpu["simd"], "cpus": os.cpu_count(),
+            "python": platform.python_version(),
             "versions": versions, "load_average": os.getloadavg()[0]}
 
 

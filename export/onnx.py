@@ -12,8 +12,9 @@ file and raises `ExportCheckFailed` with the report.
 `precisions` adds FP16 and INT8 copies beside the FP32 file (`model.fp16.onnx`, `model.int8.onnx`; see
 sdk/precision.py). Each is checked against the FP32 file on the run's held-out (test) images: code-bit agreement,
 and the retrieval figures of its own codes (mAP@all, precision within radius 2; test images as queries, training
-images as the database), all written into the report. A copy that misses PRECISION_BARS is removed, and the report
-says why.
+images as the database), all written into the report with the CPU they were checked on. An INT8 copy must also keep
+its weights where no CPU's kernels saturate (precision.SAFE_WEIGHT). A copy that misses PRECISION_BARS is removed,
+and the report says why.
 """
 
 from __future__ import annotations
@@ -32,9 +33,18 @@ import torch
 
 from latenthash import __version__
 from latenthash.codes import threshold
+from latenthash.cpu import cpu_info
 from latenthash.errors import ExportCheckFailed, InvalidInput, require
 from latenthash.export.model import ExportWrapper, HashNet
-from latenthash.precision import DEFAULT_CALIBRATION, MIN_CALIBRATION, check_precision, fp16_copy, int8_copy
+from latenthash.precision import (
+    DEFAULT_CALIBRATION,
+    MIN_CALIBRATION,
+    SAFE_WEIGHT,
+    check_precision,
+    fp16_copy,
+    int8_copy,
+    max_abs_weight,
+)
 
 INPUT = "images"
 OUTPUTS = ("probs", "features", "logits")
@@ -126,7 +136,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
     onnx.save(proto, tmp)
     os.replace(tmp, out)
     report: dict = {"path": str(out), "bytes": out.stat().st_size, "export_seconds": time.perf_counter() - t0,
-                    "opset": opset, "metadata": model_metadata(model, ckpt)}
+                    "opset": opset, "metadata": model_metadata(model, ckpt), "checked_on": cpu_info()}
     if check:
         try:
             report["checks"] = check_export(out, wrapper, images, atol=atol)
@@ -173,6 +183,11 @@ def derive_precisions(fp32: Path, ckpt: dict, precisions: list[str], *, calibrat
                "held_out_images": len(queries), "database_images": len(db), **PRECISION_BARS[precision]}
         rep["map_drop"] = out["fp32"]["map_all"] - rep["map_all"]
         failed = []
+        if precision == "int8":  # checked here, on this CPU; no sum can saturate elsewhere either (precision.py)
+            rep["max_abs_weight"] = max_abs_weight(path)
+            if rep["max_abs_weight"] > SAFE_WEIGHT:
+                failed.append(f"int8 weights reach {rep['max_abs_weight']} > {SAFE_WEIGHT}: their products can "
+                              "saturate on x86 CPUs without VNNI")
         if rep["bit_agreement"] < rep["min_bit_agreement"]:
             failed.append(f"code-bit agreement with FP32 {rep['bit_agreement']:.4f} < {rep['min_bit_agreement']}")
         if rep["map_drop"] > rep["max_map_drop"]:

@@ -132,7 +132,7 @@ class IndexBackend(Protocol):
                pool: int | None = None, radius: int | None = None,
                rerank: bool | None = None) -> SearchResult: ...
 
-    def warmup(self) -> float: ...
+    def warmup(self, *, background: bool = False) -> float: ...  # background: answer searches meanwhile
 
     def save(self, path: str | os.PathLike | None = None) -> Any: ...  # returns where it was saved
 
@@ -287,9 +287,11 @@ def _float_rows(values, what: str) -> np.ndarray:
 def normalize(x: np.ndarray, what: str) -> np.ndarray:
     """Row-wise L2 normalization of float32 rows (zero rows stay zero); InvalidInput naming `what` if any value is
     NaN or infinite. One Numba pass: the numpy version cost ~20 us per query, a tenth of a small index's search."""
-    from latenthash import kernels  # lazy: numba is heavy to import
+    from latenthash import kernels, numpy_search  # lazy: numba is heavy to import
 
-    unit, finite = kernels.unit_rows(np.ascontiguousarray(x, dtype=np.float32))
+    rows = np.ascontiguousarray(x, dtype=np.float32)
+    # until the kernel is compiled (a fresh install's first seconds), numpy answers instead of waiting for it
+    unit, finite = (kernels.unit_rows if kernels.unit_rows.signatures else numpy_search.unit_rows)(rows)
     if not finite:
         raise InvalidInput(f"{what} contain NaN or infinite values")
     return unit

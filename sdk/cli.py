@@ -145,7 +145,8 @@ def export_model(
 
         report = export_onnx(run_dir, out, opset=opset, atol=atol, precisions=tuple(precision),
                              calibration=calibration, check_queries=check_queries, check_database=check_database)
-        typer.echo(json.dumps({k: report[k] for k in ("path", "bytes", "checks", "precisions") if k in report},
+        typer.echo(json.dumps({k: report[k] for k in ("path", "bytes", "checks", "precisions", "checked_on")
+                               if k in report},
                               indent=1))
         removed = {p: r["why_removed"] for p, r in report.get("precisions", {}).items() if not r.get("kept", True)}
         if removed:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from latenthash import numpy_search
 from latenthash.backend import (
     CodesLike,
     FeaturesLike,
@@ -91,6 +92,7 @@ class HashIndex:
         self._rows: dict[int, int] = {}
         self._snap = self._empty_snapshot(0)
         self._buckets = BucketCache()
+        self._compiling = threading.Event()  # set while warmup(background=True) runs: searches use numpy_search
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
         self.max_k = MAX_K
 
@@ -257,6 +259,9 @@ class HashIndex:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
         target = default_pool(k) if pool is None else pool
+        if self._compiling.is_set():  # the kernels compile in the background: answer without them meanwhile
+            return padded(*numpy_search.search(snap.words, snap.ids[: snap.n], snap.features, snap.scales, qw, qf,
+                                               k=k, radius=radius, target=target, bits=self.bits), k)
         if not do_rerank:
             if radius is None:
                 rows, dists, counts = self._topk_rows(snap, qw, k)
@@ -348,16 +353,37 @@ class HashIndex:
         """How many items lie at each Hamming distance 0..bits from each query: int64 (Q, bits + 1)."""
         return self._radius_counts(self._snap, self._query_words(codes))
 
-    def warmup(self) -> float:
-        """Compile (or load cached) kernels for this index's array types, off the query path; returns the seconds.
+    def warmup(self, *, background: bool = False) -> float:
+        """Compile (or load from Numba's cache) the kernels for this index's array types; returns the seconds.
 
-        Runs on a one-row copy of the storage (same dtypes, same read-only flags as memory-mapped arrays), so it
-        never reads the index's own files; then groups a large index's rows by code (see buckets.py)."""
+        `background=True` returns at once and compiles in a thread while searches are answered by `numpy_search`,
+        which needs no compilation: a server answers as soon as its index is open, even on a fresh install.
+        Compiles on one-row copies of the storage (same dtypes and read-only flags as memory-mapped arrays, and the
+        writable ones a memory-mapped index's first write brings), so it never reads the index's own files; then
+        groups a large index's rows by code (see buckets.py)."""
+        if background:
+            self._compiling.set()
+            threading.Thread(target=self._warm_in_background, name="latenthash-warmup", daemon=True).start()
+            return 0.0
         t0 = time.perf_counter()
         snap = self._snap
-        dummy = _Snapshot(1, _like(snap.words), _like(snap.ids),
-                          None if snap.features is None else _like(snap.features),
-                          None if snap.scales is None else _like(snap.scales), [None])
+        for writeable in dict.fromkeys((snap.words.flags.writeable, True)):
+            self._compile(snap, writeable)
+        self._buckets.warm(self._snap)
+        return time.perf_counter() - t0
+
+    def _warm_in_background(self) -> None:
+        try:
+            self.warmup()
+        finally:
+            self._compiling.clear()
+
+    def _compile(self, snap: _Snapshot, writeable: bool) -> None:
+        """Run every kernel of the query path once on one-row arrays like `snap`'s (Numba compiles per dtype,
+        layout and read-only flag)."""
+        dummy = _Snapshot(1, _like(snap.words, writeable), _like(snap.ids, writeable),
+                          None if snap.features is None else _like(snap.features, writeable),
+                          None if snap.scales is None else _like(snap.scales, writeable), [None])
         qw = np.zeros((2, dummy.words.shape[1]), np.uint64)
         self._topk_rows(dummy, qw[:1], 1)
         K = _kernels()
@@ -368,7 +394,6 @@ class HashIndex:
         for blocks in (1, 2):  # one query runs serially, a batch in parallel: compile both
             K.topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
                            np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
-        self._buckets.warm(self._snap)
         if dummy.features is not None:
             qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
@@ -379,7 +404,6 @@ class HashIndex:
                                                              offsets, qw[:n_q].reshape(-1), np.int64(1), self.bits)
                 signs = np.zeros((1, SKETCH_BITS // 64), np.uint64)
                 K.sign_shells(signs[[0] * n_q], signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
-        return time.perf_counter() - t0
 
     def stats(self) -> dict:
         snap = self._snap
@@ -432,8 +456,8 @@ class HashIndex:
         """Open a saved index: read and check the versioned header, then memory-map the arrays (generations.py).
 
         `verify` also checks every file's sha256 (about a second per GB); sizes and shapes are always checked.
-        `warmup` compiles (or loads from Numba's cache) the search kernels in a background thread, so the first
-        query does not pay for it while `open` itself returns at once."""
+        `warmup` compiles (or loads from Numba's cache) the search kernels in a background thread; `open` returns at
+        once, and searches meanwhile are answered without them (see `warmup`)."""
         root = Path(path)
         gen = read_generation(root, _shapes, verify=verify, mmap=mmap)
         h, a = gen.header, gen.arrays
@@ -447,7 +471,7 @@ class HashIndex:
             raise IndexCorrupt(f"{gen.path / 'ids.npy'} holds duplicate ids")
         index._snap = _Snapshot(h["count"], a["codes"], a["ids"], a.get("features"), a.get("scales"), gen.metadata)
         if warmup:
-            threading.Thread(target=index.warmup, name="latenthash-warmup", daemon=True).start()
+            index.warmup(background=True)
         return index
 
 
@@ -462,8 +486,8 @@ def _shapes(header: dict) -> dict[str, tuple]:
     return out
 
 
-def _like(a: np.ndarray) -> np.ndarray:
-    """A one-row zero array of a's dtype and writeability (Numba compiles per dtype, layout and read-only flag)."""
+def _like(a: np.ndarray, writeable: bool) -> np.ndarray:
+    """A one-row zero array of a's dtype (Numba compiles per dtype, layout and read-only flag)."""
     out = np.zeros((1, *a.shape[1:]), dtype=a.dtype)
-    out.flags.writeable = a.flags.writeable
+    out.flags.writeable = writeable
     return out

@@ -20,6 +20,12 @@ falling as candidates arrive. Chunk results are merged by a stable counting sort
 
 from __future__ import annotations
 
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from latenthash.errors import MissingDependency
@@ -32,6 +38,40 @@ try:
     from numba.extending import intrinsic
 except ImportError as exc:  # pragma: no cover - numba is a base dependency
     raise MissingDependency("latenthash's search kernels need numba: pip install numba") from exc
+
+
+def _writable(folder: Path) -> bool:
+    """Numba's own test of a cache folder: it can be made, and a file written in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def _ensure_cache_dir() -> None:
+    """Numba refuses to import a module of cached kernels when no cache folder is writable (a read-only
+    site-packages and no writable home: a container image, a service user). Then the compiled kernels go to a
+    private folder in the temp directory, kept across restarts; NUMBA_CACHE_DIR, where set, always wins."""
+    from numba.misc.appdirs import AppDirs
+
+    config: Any = numba.config  # its settings are set at import, from the environment
+    if config.CACHE_DIR or _writable(Path(__file__).parent / "__pycache__") \
+            or _writable(Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)):
+        return
+    private = Path(tempfile.gettempdir()) / f"latenthash-numba-{os.getuid()}"
+    try:
+        private.mkdir(mode=0o700, exist_ok=True)
+        st = private.lstat()
+        trusted = stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    except OSError:
+        trusted = False
+    # a folder someone else made there could hold their code: then one of this process's own
+    config.CACHE_DIR = str(private if trusted else tempfile.mkdtemp(prefix="latenthash-numba-"))
+
+
+_ensure_cache_dir()
 
 GROUP = 256  # codes per skip group (measured: 64 costs 35% more per scan, 1024 gains little)
 SUBGROUP = 32  # distances of an entering group checked per minimum (one query, 2 threads: 32 -14%, 64 -10%, 256 -2%)

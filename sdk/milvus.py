@@ -349,12 +349,17 @@ class MilvusIndex:
         """The step 2 that runs: `rerank_mode`, except `fetch` where features are not a vector field."""
         return self.rerank_mode if self._vector_features else "fetch"
 
-    def warmup(self) -> float:
-        """Compile the re-rank kernel off the query path (Milvus itself needs no warm-up); returns the seconds."""
+    def warmup(self, *, background: bool = False) -> float:
+        """Compile the re-rank kernel off the query path (Milvus itself needs no warm-up); returns the seconds
+        (0.0 when `background` leaves it to a thread)."""
+        import threading
         import time
 
         from latenthash import kernels as K
 
+        if background:
+            threading.Thread(target=self.warmup, name="latenthash-warmup", daemon=True).start()
+            return 0.0
         t0 = time.perf_counter()
         if self.feature_dim:
             f, s, lut = K.rerank_args(np.zeros((1, self.feature_dim), np.float32), None)

@@ -7,8 +7,12 @@ keep their types, so callers never see the difference. Each copy carries the FP3
 `precision` and, for INT8, how it was calibrated.
 
 INT8 uses ONNX Runtime's static quantization: symmetric int8 activations and per-channel int8 weights (what
-TensorRT's explicit quantization requires), ranges calibrated on real training images. Calibration that cannot
-describe real inputs (too few images, or all alike, e.g. blank frames) is refused before anything is written.
+TensorRT's explicit quantization requires), ranges calibrated on real training images. The weights use 7 bits of
+the 8 (-64..64): ONNX Runtime on x86 CPUs without VNNI (AVX2 only) multiplies u8 x s8 and adds pairs of products in
+16 bits, which full-range weights can saturate (255 x 127 x 2 > 32767), so the same file gave other codes there.
+With 7-bit weights no sum can overflow on any kernel, and one file gives the same codes on every CPU and on TensorRT.
+Calibration that cannot describe real inputs (too few images, or all alike, e.g. blank frames) is refused before
+anything is written.
 `latenthash export --precision` then checks every copy against the FP32 model on held-out images and removes a
 copy that misses its thresholds (export/onnx.py).
 """
@@ -27,6 +31,7 @@ from latenthash.errors import InvalidInput, require
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_CALIBRATION = 2048  # training images whose activations set the INT8 ranges
 MIN_CALIBRATION = 64
+SAFE_WEIGHT = 64  # 255 x 64 x 2 = 32640 fits the 16-bit pair sums of non-VNNI x86 kernels
 CALIBRATION_BATCH = 64
 
 
@@ -89,12 +94,24 @@ def int8_copy(src: str | os.PathLike, out: str | os.PathLike, calibration: np.nd
         # symbolic shape inference fails on this graph's dynamic batch; ONNX's own shape inference suffices
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         q.quantize_static(str(pre), str(raw), Reader(), quant_format=q.QuantFormat.QDQ, per_channel=True,
-                          activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+                          reduce_range=True, activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                           extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         onnx = require("onnx", extra="train", purpose="INT8 quantization")
         return _save_with_metadata(onnx.load(str(raw)), src, out, {
             "precision": "int8", "calibration_images": str(len(calibration)),
-            "calibration_source": calibration_source, "quantization": "QDQ, symmetric int8, per-channel weights"})
+            "calibration_source": calibration_source,
+            "quantization": "QDQ, symmetric int8 activations, per-channel 7-bit weights"})
+
+
+def max_abs_weight(path: str | os.PathLike) -> int:
+    """The largest |value| of the file's int8 weights: at most SAFE_WEIGHT means no 16-bit sum of u8 x s8 products
+    can saturate on CPUs without VNNI (see above)."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and "zero_point" not in t.name]
+    return max((int(np.abs(w.astype(np.int16)).max(initial=0)) for w in weights), default=0)
 
 
 def _save_with_metadata(model, src: str | os.PathLike, out: str | os.PathLike, extra: dict[str, str]) -> Path:

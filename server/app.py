@@ -113,7 +113,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
     root = index_directory(config.index)
     if root is None:
         index = open_index(config.index, create=config.create and encoder is not None, **shape)
-        index.warmup()
+        index.warmup(background=True)
         return Searcher(index, encoder), None, DirLock(None)
     if not (root / "CURRENT").exists():
         if not config.create:
@@ -123,7 +123,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
             raise NotFound(f"no index at {root}, and no --model to create one with")
     lock = DirLock(root)  # before anything is read or written: another server or indexer may own the directory
     try:
-        index = open_index(root, create=True, **shape)
+        index = open_index(root, create=True, warmup=False, **shape)  # warmed below, after the log's writes
         if encoder is not None:
             index.model_info = index.model_info or encoder.info.to_dict()
         wal = WriteAheadLog(root / WAL_NAME)
@@ -138,7 +138,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
     except BaseException:
         lock.release()
         raise
-    index.warmup()
+    index.warmup(background=True)  # searches are answered at once, without the kernels until they are compiled
     return Searcher(index, encoder), wal, lock
 
 

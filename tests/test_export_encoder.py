@@ -1,7 +1,11 @@
 import io
 import json
+import os
+import platform
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -9,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from latenthash.cpu import cpu_info
 from latenthash.encoder import Encoder
 from latenthash.errors import ExportCheckFailed, InvalidInput, MissingDependency, ModelMismatch, NotFound
 from latenthash.export.model import ExportWrapper
@@ -255,6 +260,50 @@ def test_eval_measures_an_exported_file(precision_models, trained_run):
     assert figures["int8"]["precision"] == "int8" and figures["int8"]["accuracy"] is None
     assert abs(figures["fp32"]["map_all"] - report["precisions"]["fp32"]["map_all"]) < 0.02  # other subsets
     assert abs(figures["int8"]["map_all"] - figures["fp32"]["map_all"]) < 0.01
+
+
+AVX2_ONLY_ENCODE = textwrap.dedent("""
+    import sys, numpy as np
+    from latenthash.cpu import cpu_info
+    from latenthash.encoder import Encoder
+    simd = cpu_info()["simd"]
+    assert "avx2" in simd and not {"avx512f", "avx512vnni", "avxvnni"} & set(simd), simd
+    codes = Encoder.open(sys.argv[1], runtime="onnxruntime").encode(np.load(sys.argv[2])).codes
+    np.save(sys.argv[3], codes)
+""")
+
+
+def test_int8_copy_gives_the_same_codes_on_an_x86_cpu_without_vnni(precision_models, small_fashion, tmp_path):
+    """ONNX Runtime runs QDQ INT8 with other kernels where VNNI is missing (16-bit sums of u8 x s8 products, which
+    full-range weights saturate): the same file, run on an emulated AVX2-only CPU (qemu-user, -cpu Haswell), must
+    give the codes it gives here."""
+    from latenthash.encoder import Encoder
+    from latenthash.precision import SAFE_WEIGHT
+
+    if platform.machine() != "x86_64":
+        pytest.skip("an x86-64 CPU model is emulated by qemu-x86_64 on x86-64 hosts only")
+    qemu = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+    if qemu is None:
+        if os.environ.get("CI"):
+            pytest.fail("qemu-user-static is missing although scripts/setup.sh installs it", pytrace=False)
+        pytest.skip("qemu-user-static is not installed (scripts/setup.sh installs it)")
+    out, report = precision_models
+    rep = report["precisions"]["int8"]
+    assert rep["kept"] and rep["max_abs_weight"] <= SAFE_WEIGHT
+    assert report["checked_on"]["simd"] == cpu_info()["simd"]
+    images = small_fashion.test.images[:300]
+    np.save(tmp_path / "images.npy", images)
+    (tmp_path / "encode.py").write_text(AVX2_ONLY_ENCODE)
+    proc = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, tmp_path / "encode.py", rep["path"],
+                           tmp_path / "images.npy", tmp_path / "codes.npy"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    emulated = np.load(tmp_path / "codes.npy")
+    here = Encoder.open(rep["path"], runtime="onnxruntime").encode(images).codes
+    fp32 = Encoder.open(out, runtime="onnxruntime").encode(images).codes
+    bits = np.unpackbits(here, axis=1)[:, :24]
+    assert (np.unpackbits(emulated, axis=1)[:, :24] == bits).mean() >= 0.999
+    assert (np.unpackbits(emulated, axis=1)[:, :24] == np.unpackbits(fp32, axis=1)[:, :24]).mean() >= 0.995
 
 
 def test_broken_calibration_is_refused_and_leaves_no_file(onnx_model, tmp_path):
