@@ -14,7 +14,7 @@ import gzip
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ class Dataset:
     test: Split  # the queries for retrieval
     class_names: tuple[str, ...]
     multilabel: bool = False
+    # how to load it again (set by load_dataset): {"kind", "data_dir" (absolute), "options"}; runs record it
+    source: dict | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -305,9 +307,35 @@ LOADERS: dict[str, Callable[..., Dataset]] = {
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, **options) -> Dataset:
-    """Load a dataset by name: one of `LOADERS`."""
+    """Load a dataset by name: one of `LOADERS`. The result records where it came from (`Dataset.source`)."""
     try:
         loader = LOADERS[name]
     except KeyError:
         raise InvalidInput(f"unknown dataset {name!r}; choose one of {', '.join(LOADERS)}") from None
-    return loader(data_dir, **options)
+    ds = loader(data_dir, **options)
+    return replace(ds, source={"kind": name, "data_dir": None if data_dir is None else str(Path(data_dir).resolve()),
+                               "options": options})
+
+
+def source_of(ds: Dataset) -> dict:
+    """What a run records of its data: the dataset's source, or for one built in memory from a named dataset (a
+    subset of Fashion-MNIST, say), that dataset's name and default location."""
+    if ds.source is not None:
+        return ds.source
+    return {"kind": ds.name, "data_dir": None, "options": {}}
+
+
+def load_source(source: dict, data_dir: str | os.PathLike | None = None, *, what: str = "the run") -> Dataset:
+    """The data a run or a model recorded, from where it was (or from `data_dir`); a DataError naming --data-dir
+    when it is not there any more."""
+    kind = source.get("kind")
+    if kind not in LOADERS:
+        raise DataError(f"{what} was trained on data latenthash cannot load again by name ({kind!r}): pass "
+                        f"--dataset KIND --data-dir DIR")
+    where = data_dir if data_dir is not None else source.get("data_dir")
+    try:
+        return load_dataset(kind, where, **source.get("options", {}))
+    except DataError as exc:
+        place = f" at {where}" if where else ""
+        raise DataError(f"{what}'s {kind} data{place} cannot be read ({exc}): pass --data-dir DIR where it is now") \
+            from None

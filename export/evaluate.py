@@ -17,7 +17,7 @@ import numpy as np
 
 from latenthash.codes import threshold
 from latenthash.encoder import Encoder
-from latenthash.export.data import Dataset, load_dataset
+from latenthash.export.data import Dataset, load_dataset, load_source
 from latenthash.metrics import RetrievalReport, cosine_linear_search, hamming_retrieval
 
 
@@ -61,10 +61,10 @@ def evaluate_run(run_dir: str | Path, *, dataset: Dataset | None = None, dataset
     """Evaluate a training run; returns the report dict (also what `latenthash eval --json` writes). With
     `model_path`, the codes and features come from that exported file (any precision, on ONNX Runtime) instead of
     the PyTorch checkpoint, and classification accuracy is not measured."""
-    from latenthash.export.train import load_model, predict
+    from latenthash.export.train import load_model, predict, run_source
 
     model, ckpt = load_model(run_dir)
-    ds = dataset or load_dataset(dataset_name or ckpt["dataset"], data_dir)
+    ds = dataset or (load_dataset(dataset_name, data_dir) if dataset_name else load_source(run_source(ckpt), data_dir))
     db, queries = ds.train.subset(max_database), ds.test.subset(max_queries)
     bits = model.config.bits
     t0 = time.perf_counter()

@@ -34,8 +34,10 @@ import torch
 from latenthash import __version__
 from latenthash.codes import threshold
 from latenthash.cpu import cpu_info
-from latenthash.errors import ExportCheckFailed, InvalidInput, require
+from latenthash.errors import DataError, ExportCheckFailed, InvalidInput, require
+from latenthash.export.data import Dataset, load_source
 from latenthash.export.model import ExportWrapper, HashNet
+from latenthash.export.train import run_source
 from latenthash.precision import (
     DEFAULT_CALIBRATION,
     MIN_CALIBRATION,
@@ -48,6 +50,7 @@ from latenthash.precision import (
 
 INPUT = "images"
 OUTPUTS = ("probs", "features", "logits")
+PARITY_IMAGES = 256  # real test images that the FP32 parity check runs on
 MIN_BIT_AGREEMENT = 0.999
 PRECISION_BARS = {  # a reduced-precision copy is kept only within these of the FP32 model
     "fp16": {"min_bit_agreement": 0.995, "max_map_drop": 0.002},
@@ -94,6 +97,7 @@ def model_metadata(model: HashNet, checkpoint: dict) -> dict[str, str]:
         "class_names": json.dumps(checkpoint.get("class_names", [])),
         "multilabel": json.dumps(bool(checkpoint.get("multilabel", False))),
         "dataset": str(checkpoint.get("dataset", "")),
+        "data_source": json.dumps(run_source(checkpoint)),
         "backbone": c.backbone,
         "precision": "fp32",
     }
@@ -102,12 +106,14 @@ def model_metadata(model: HashNet, checkpoint: dict) -> dict[str, str]:
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: np.ndarray | None = None,
                 opset: int = 18, atol: float = 1e-4, check: bool = True, precisions: tuple[str, ...] = (),
                 calibration: int = DEFAULT_CALIBRATION, check_queries: int | None = None,
-                check_database: int | None = None) -> dict:
+                check_database: int | None = None, data_dir: str | os.PathLike | None = None,
+                random_pixels: bool = False) -> dict:
     """Export a training run to `out` (ONNX, FP32) and check it; returns the export report (also saved as JSON
     beside the model). `images`: a real uint8 NHWC batch for the parity check (default: 256 test images of the
-    run's dataset). `precisions` ("fp16", "int8") adds checked copies beside `out`; INT8 calibrates on
-    `calibration` training images; `check_queries`/`check_database` cap the held-out check (default: whole
-    splits)."""
+    data the run recorded, or of `data_dir`). `precisions` ("fp16", "int8") adds checked copies beside `out`; INT8
+    calibrates on `calibration` training images; `check_queries`/`check_database` cap the held-out check (default:
+    whole splits). Where the run's data cannot be read, the export fails naming --data-dir; `random_pixels` lets
+    the FP32 parity check run on random pixels instead, and the report says so."""
     onnx = require("onnx", extra="train", purpose="ONNX export")
     from latenthash.export.train import load_model
 
@@ -117,8 +123,16 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
                            f"{calibration}: the default is {DEFAULT_CALIBRATION} training images")
     model, ckpt = load_model(run_dir)
     wrapper = ExportWrapper(model).eval()
-    if images is None:
-        images = _reference_batch(ckpt, model)
+    ds = _run_data(ckpt, data_dir, random_pixels=random_pixels and not extra) if images is None or extra else None
+    if images is not None:
+        parity_images = f"{len(images)} given images"
+    elif ds is not None:
+        images = ds.test.subset(PARITY_IMAGES, seed=0).images
+        parity_images = f"{len(images)} test images of {ds.source['kind'] if ds.source else ds.name}"
+    else:
+        c = model.config
+        images = np.random.default_rng(0).integers(0, 256, (PARITY_IMAGES, *c.image_size, c.in_channels), np.uint8)
+        parity_images = f"{len(images)} random images (--random-pixels): nothing was checked on real images"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -136,7 +150,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
     onnx.save(proto, tmp)
     os.replace(tmp, out)
     report: dict = {"path": str(out), "bytes": out.stat().st_size, "export_seconds": time.perf_counter() - t0,
-                    "opset": opset, "metadata": model_metadata(model, ckpt), "checked_on": cpu_info()}
+                    "opset": opset, "metadata": model_metadata(model, ckpt), "checked_on": cpu_info(),
+                    "parity_images": parity_images}
     if check:
         try:
             report["checks"] = check_export(out, wrapper, images, atol=atol)
@@ -144,7 +159,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
             out.unlink(missing_ok=True)
             raise
     if extra:
-        report["precisions"] = derive_precisions(out, ckpt, extra, calibration=calibration,
+        assert ds is not None  # loaded above whenever copies are asked for
+        report["precisions"] = derive_precisions(out, ds, extra, calibration=calibration,
                                                  check_queries=check_queries, check_database=check_database)
     out.with_suffix(".export.json").write_text(json.dumps(report, indent=1))
     return report
@@ -154,13 +170,10 @@ def precision_path(fp32: Path, precision: str) -> Path:
     return fp32 if precision == "fp32" else fp32.with_name(f"{fp32.stem}.{precision}{fp32.suffix}")
 
 
-def derive_precisions(fp32: Path, ckpt: dict, precisions: list[str], *, calibration: int,
+def derive_precisions(fp32: Path, ds: Dataset, precisions: list[str], *, calibration: int,
                       check_queries: int | None, check_database: int | None) -> dict:
-    """Write each reduced-precision copy of `fp32`, check it against `fp32` on held-out images, keep it only
-    within PRECISION_BARS; returns {precision: report}."""
-    from latenthash.export.data import load_dataset
-
-    ds = load_dataset(ckpt["dataset"])
+    """Write each reduced-precision copy of `fp32`, check it against `fp32` on held-out images of `ds` (the run's
+    data), keep it only within PRECISION_BARS; returns {precision: report}."""
     queries, db = ds.test.subset(check_queries), ds.train.subset(check_database)
     reference = _retrieval(fp32, queries, db)
     out: dict = {"fp32": {"path": str(fp32), "bytes": fp32.stat().st_size, **reference.pop("figures")}}
@@ -236,14 +249,13 @@ def check_export(path: Path, wrapper: ExportWrapper, images: np.ndarray, *, atol
     return checks
 
 
-def _reference_batch(ckpt: dict, model: HashNet, n: int = 256) -> np.ndarray:
-    """Real images of the run's dataset for the parity check (random pixels only if the dataset is unavailable)."""
-    from latenthash.errors import LatentHashError
-    from latenthash.export.data import load_dataset
-
+def _run_data(ckpt: dict, data_dir: str | os.PathLike | None, *, random_pixels: bool) -> Dataset | None:
+    """The run's data (from where it recorded it, or `data_dir`); None where it cannot be read and random pixels
+    were allowed."""
     try:
-        return load_dataset(ckpt["dataset"]).test.subset(n, seed=0).images
-    except LatentHashError:
-        c = model.config
-        warnings.warn(f"dataset {ckpt['dataset']!r} not available: checking parity on random pixels", stacklevel=2)
-        return np.random.default_rng(0).integers(0, 256, (n, *c.image_size, c.in_channels), dtype=np.uint8)
+        return load_source(run_source(ckpt), data_dir)
+    except DataError as exc:
+        if not random_pixels:
+            raise
+        warnings.warn(f"{exc}; checking parity on random pixels (--random-pixels)", stacklevel=3)
+        return None

@@ -25,7 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from latenthash.errors import InvalidInput, NotFound
-from latenthash.export.data import Dataset
+from latenthash.export.data import Dataset, source_of
 from latenthash.export.model import HashNet, ModelConfig
 
 CHECKPOINT = "checkpoint.pt"
@@ -124,6 +124,7 @@ def save_checkpoint(path: Path, *, model: HashNet, optimizer, scheduler, epoch: 
         "scheduler_state": scheduler.state_dict() if scheduler else None,
         "epoch": epoch,
         "dataset": dataset.name,
+        "data_source": source_of(dataset),  # export, eval and index load the same data by default
         "class_names": list(dataset.class_names),
         "multilabel": dataset.multilabel,
         "train_config": asdict(train_cfg),
@@ -142,6 +143,11 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or state.get("format") != "latenthash-checkpoint/1":
         raise InvalidInput(f"{path} is not a latenthash checkpoint")
     return state
+
+
+def run_source(ckpt: dict) -> dict:
+    """The data source a checkpoint recorded (runs from before sources were recorded: the dataset's name)."""
+    return ckpt.get("data_source") or {"kind": ckpt["dataset"], "data_dir": None, "options": {}}
 
 
 def load_model(run_dir: str | os.PathLike) -> tuple[HashNet, dict]:

@@ -136,6 +136,9 @@ def export_model(
     calibration: int = typer.Option(DEFAULT_CALIBRATION, help="training images that calibrate INT8"),
     check_queries: int | None = typer.Option(None, help="held-out images for the precision checks (all)"),
     check_database: int | None = typer.Option(None, help="database images for the precision checks (all)"),
+    data_dir: str | None = typer.Option(None, help="where the run's data is now (default: where it was trained)"),
+    random_pixels: bool = typer.Option(False, "--random-pixels", help="where the run's data is gone, check FP32 "
+                                       "parity on random pixels (the report says so; not with --precision)"),
 ) -> None:
     """Export a self-describing ONNX model (uint8 NHWC in; probs, features, logits out) and check its parity;
     with --precision fp16/int8, also checked reduced-precision copies (kept only within their thresholds)."""
@@ -144,10 +147,10 @@ def export_model(
         from latenthash.export.onnx import export_onnx
 
         report = export_onnx(run_dir, out, opset=opset, atol=atol, precisions=tuple(precision),
-                             calibration=calibration, check_queries=check_queries, check_database=check_database)
-        typer.echo(json.dumps({k: report[k] for k in ("path", "bytes", "checks", "precisions", "checked_on")
-                               if k in report},
-                              indent=1))
+                             calibration=calibration, check_queries=check_queries, check_database=check_database,
+                             data_dir=data_dir, random_pixels=random_pixels)
+        keys = ("path", "bytes", "parity_images", "checks", "precisions", "checked_on")
+        typer.echo(json.dumps({k: report[k] for k in keys if k in report}, indent=1))
         removed = {p: r["why_removed"] for p, r in report.get("precisions", {}).items() if not r.get("kept", True)}
         if removed:
             _fail(ExportCheckFailed("; ".join(f"{p} copy removed: {why}" for p, why in removed.items())))
@@ -161,8 +164,9 @@ def build_index(
     out: str = typer.Option(..., "--out", "--index",
                             help="index directory, or milvus://host:19530/collection[?index=BIN_IVF_FLAT"
                                  "&nlist=1024] (milvus-lite:///path/file.db/collection for a local file)"),
-    dataset: str = typer.Option("fashion-mnist", help=f"one of: {DATASETS}"),
-    data_dir: str | None = typer.Option(None),
+    dataset: str | None = typer.Option(None, help=f"one of: {DATASETS} (default: the data the model was "
+                                       "trained on, from where it was)"),
+    data_dir: str | None = typer.Option(None, help="where that data is now"),
     split: str = typer.Option("train", help="train (the database, default) or test"),
     add: bool = typer.Option(False, "--add", help="append to an existing index (ids continue after its largest)"),
     limit: int | None = typer.Option(None, help="index only the first N images"),
@@ -184,11 +188,12 @@ def build_index(
         import numpy as np
 
         from latenthash.encoder import Encoder
-        from latenthash.export.data import load_dataset
+        from latenthash.export.data import load_dataset, load_source
         from latenthash.ingest import add_images
 
         encoder = Encoder.open(model, runtime=runtime)
-        ds = load_dataset(dataset, data_dir)
+        source = encoder.info.data_source or {"kind": encoder.info.dataset or "fashion-mnist"}
+        ds = load_dataset(dataset, data_dir) if dataset else load_source(source, data_dir, what=f"the model {model}")
         part = ds.train if split == "train" else ds.test
         arrays, labels = part.images[:limit], part.labels[:limit]
         with _index_for_writing(out, encoder, add=add, feature_dtype=feature_dtype, create=not add) as index:

@@ -44,6 +44,7 @@ class ModelInfo:
     dataset: str
     version: str
     precision: str = "fp32"  # fp32, fp16 or int8 (sdk/precision.py)
+    data_source: dict | None = None  # the data it was trained on, as the run recorded it (export/data.py)
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: str) -> ModelInfo:
@@ -53,7 +54,8 @@ class ModelInfo:
             return cls(int(meta["bits"]), int(meta["feature_dim"]), int(meta["input_height"]),
                        int(meta["input_width"]), int(meta["input_channels"]),
                        tuple(json.loads(meta.get("class_names", "[]"))), meta.get("dataset", ""),
-                       meta.get("latenthash_version", ""), precision_of(meta))
+                       meta.get("latenthash_version", ""), precision_of(meta),
+                       json.loads(meta["data_source"]) if "data_source" in meta else None)
         except (KeyError, ValueError) as exc:
             raise ModelMismatch(f"{path} lacks latenthash metadata ({exc}): export it with `latenthash export`") \
                 from None

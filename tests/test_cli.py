@@ -156,3 +156,81 @@ def test_quickstart_on_digits(tmp_path):
         assert (tmp_path / "qs" / name).is_file()
     assert "6/6 results" in proc.stdout
     assert_one_line_error(cli("quickstart", "--dataset", "nope", "--out", tmp_path / "q2"), "nope")
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory, small_fashion):
+    """A user's labelled folder: one subfolder per class, colour PNG and JPEG images of mixed sizes (tinted
+    Fashion-MNIST items of three classes)."""
+    root = tmp_path_factory.mktemp("labelled") / "clothes"
+    rng = np.random.default_rng(5)
+    for c, name in ((0, "shirts"), (1, "trousers"), (7, "sneakers")):
+        (root / name).mkdir(parents=True)
+        items = np.flatnonzero(small_fashion.train.labels == c)[:150]
+        for j, i in enumerate(items):
+            grey = small_fashion.train.images[i, ..., 0].astype(np.float32) / 255
+            tint = rng.uniform(0.3, 1.0, 3)
+            rgb = (grey[..., None] * tint * 255).astype(np.uint8)
+            w = int(rng.integers(24, 80))
+            img = Image.fromarray(rgb).resize((w, w + int(rng.integers(-4, 12))))
+            img.save(root / name / f"{name}{j}.{'jpg' if j % 3 == 0 else 'png'}", quality=92)
+    return root
+
+
+def serving(args: list) -> tuple[subprocess.Popen, str]:
+    """`latenthash serve ARGS --port 0` started, and its address once it says it serves."""
+    proc = subprocess.Popen([sys.executable, "-m", "latenthash.cli", "serve", *map(str, args), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    line = proc.stdout.readline() if ready else ""
+    if "serving on" not in line:
+        proc.kill()
+        raise AssertionError(proc.stderr.read())
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+def test_own_labelled_folder_end_to_end(labelled_folder, tmp_path):
+    """train --dataset folder -> export with both reduced precisions (checked on the run's own images, found
+    through what the run recorded) -> index --images -> search -> serve -> search --server; and the data moved."""
+    run = tmp_path / "run"
+    proc = cli("train", "--dataset", "folder", "--data-dir", labelled_folder, "--bits", 16, "--epochs", 8,
+               "--feature-dim", 32, "--out", run)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = cli("export", run, "--out", run / "m.onnx", "--precision", "fp16", "--precision", "int8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["parity_images"].endswith("test images of folder")
+    assert report["precisions"]["fp16"]["kept"] and report["precisions"]["int8"]["kept"]
+    assert report["precisions"]["int8"]["held_out_images"] == 45  # the run's own seeded test split of 450
+    moved = labelled_folder.parent / "moved"
+    labelled_folder.rename(moved)
+    try:
+        assert_one_line_error(cli("export", run, "--out", tmp_path / "m2.onnx", "--precision", "int8"), "--data-dir")
+        assert not (tmp_path / "m2.onnx").exists()
+        proc = cli("export", run, "--out", tmp_path / "m2.onnx", "--data-dir", moved)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["parity_images"].endswith("of folder")
+        proc = cli("export", run, "--out", tmp_path / "m3.onnx", "--random-pixels")  # only when asked, and said
+        assert proc.returncode == 0 and "random images" in json.loads(proc.stdout)["parity_images"]
+        assert_one_line_error(cli("export", run, "--out", tmp_path / "m4.onnx", "--random-pixels", "--precision",
+                                  "fp16"), "--data-dir")
+        proc = cli("eval", run, "--no-baselines", "--data-dir", moved)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["map_all"] > 0.5, proc.stderr[-2000:]
+        idx = tmp_path / "idx"
+        proc = cli("index", "--model", run / "m.int8.onnx", "--images", moved, "--out", idx)
+        assert proc.returncode == 0 and json.loads(proc.stdout)["indexed"] == 450, proc.stderr[-2000:]
+        query = moved / "sneakers" / "sneakers3.jpg"
+        proc = cli("search", query, "--index", idx, "--model", run / "m.int8.onnx", "--k", 5, "--json")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        hits = json.loads(proc.stdout)[0]["hits"]
+        assert hits[0]["metadata"]["path"] == str(query.resolve()) and hits[0]["distance"] == 0
+        assert sum("/sneakers/" in h["metadata"]["path"] for h in hits) >= 4
+        server, address = serving(["--index", idx, "--model", run / "m.int8.onnx"])
+        try:
+            remote = cli("search", query, "--server", address, "--k", 5, "--json", timeout=120)
+            assert remote.returncode == 0, remote.stderr[-2000:]
+            assert [h["id"] for h in json.loads(remote.stdout)[0]["hits"]] == [h["id"] for h in hits]
+        finally:
+            server.terminate()
+            server.wait(60)
+    finally:
+        moved.rename(labelled_folder)

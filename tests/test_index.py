@@ -95,7 +95,9 @@ def test_persistence_round_trip_and_corruption(rng, tmp_path):
     opened = latenthash.HashIndex.open(tmp_path / "ix")
     after = opened.search(q, k=10, features=qf)
     np.testing.assert_array_equal(before.ids, after.ids)
-    np.testing.assert_array_equal(before.scores, after.scores)
+    # until its background warmup ends, an opened index answers through numpy: the same hits, scores summed in
+    # another order (equal to float32 rounding)
+    np.testing.assert_allclose(before.scores, after.scores, rtol=1e-6, atol=1e-6)
     assert opened.get([ids[3]]).metadata == [{"label": 3}]
     assert opened.stats()["model"]["name"] == "test"
     assert isinstance(open_index(str(tmp_path / "ix")), HashIndex)
