@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from latenthash.errors import ExportCheckFailed, LatentHashError
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS
 from latenthash.precision import DEFAULT_CALIBRATION
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -321,6 +322,47 @@ def search(
             from latenthash.sheet import contact_sheet
 
             contact_sheet(queries, hits, sheet)
+            typer.echo(f"contact sheet: {sheet}", err=True)
+    except (LatentHashError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def dedup(
+    index: str = typer.Option(..., help="index directory"),
+    radius: int = typer.Option(DEDUP_RADIUS, help="largest Hamming distance between the codes of duplicates"),
+    min_score: float = typer.Option(DEDUP_MIN_SCORE, help="smallest feature cosine between duplicates"),
+    as_json: bool = typer.Option(False, "--json", help="print the groups as JSON: lists of {id, score, metadata}"),
+    sheet: Path | None = typer.Option(None, help="draw each group as a row of this contact sheet (PNG)"),
+) -> None:
+    """Groups of near-duplicate images in an index (codes within --radius, features at least --min-score alike,
+    grouped transitively), largest first."""
+    try:
+        import numpy as np
+
+        from latenthash.backend import open_index
+
+        found = open_index(index)
+        if not hasattr(found, "duplicates"):
+            raise LatentHashError(f"dedup runs on index directories, not {index}: sync one from it (docs/scale.md)")
+        groups = found.duplicates(radius=radius, min_score=min_score, progress=True)
+        rows = [[{"id": int(i), "score": None if np.isnan(s) else round(float(s), 6), "metadata": m}
+                 for i, s, m in zip(g.ids.tolist(), g.scores, found.metadata(g.ids))] for g in groups]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=1))
+        else:
+            typer.echo(f"{len(groups)} groups of near-duplicates, {sum(map(len, groups))} items (radius {radius}, "
+                       f"min score {min_score})")
+            for n, group in enumerate(rows, 1):
+                typer.echo(f"group {n}: {len(group)} items")
+                for item in group:
+                    score = "" if item["score"] is None else f"{item['score']:.4f}"
+                    typer.echo(f"  id {item['id']:<10} score {score:<7} {json.dumps(item['metadata'])}")
+        if sheet is not None:
+            from latenthash.sheet import contact_sheet
+
+            paths = [g[0]["metadata"].get("path") if isinstance(g[0]["metadata"], dict) else None for g in rows]
+            contact_sheet(paths, [g[1:] for g in rows], sheet, lead="first")
             typer.echo(f"contact sheet: {sheet}", err=True)
     except (LatentHashError, OSError) as exc:
         _fail(exc)

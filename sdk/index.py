@@ -43,9 +43,10 @@ from latenthash.backend import (
 )
 from latenthash.buckets import SKETCH_BITS, BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
+from latenthash.dedup import DuplicateGroup, find_duplicates
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
 from latenthash.generations import read_generation, write_generation
-from latenthash.limits import MAX_K, default_pool
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, default_pool
 from latenthash.storage import DirLock
 
 FEATURE_DTYPES = ("float32", "float16", "int8")
@@ -348,6 +349,14 @@ class HashIndex:
             rows[i, : found[i]] = ids[offsets[i]: offsets[i] + found[i]]
             out_d[i, : found[i]] = dists[offsets[i]: offsets[i] + found[i]]
         return rows, out_d, found
+
+    def duplicates(self, *, radius: int = DEDUP_RADIUS, min_score: float = DEDUP_MIN_SCORE,
+                   progress: bool = False) -> list[DuplicateGroup]:
+        """Groups of near-duplicates: items within Hamming `radius` whose features' cosine is at least `min_score`,
+        grouped transitively, largest first (see dedup.py). An index without features groups by codes alone."""
+        snap = self._snap
+        return find_duplicates(snap.words[: snap.n], snap.features, snap.scales, snap.ids[: snap.n], bits=self.bits,
+                               radius=radius, min_score=min_score, progress=progress)
 
     def radius_counts(self, codes) -> np.ndarray:
         """How many items lie at each Hamming distance 0..bits from each query: int64 (Q, bits + 1)."""

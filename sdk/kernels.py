@@ -856,6 +856,58 @@ def hamming_ranking_stats(qwords, dbwords, qmask, dmask, ks, topk, bits):
     return ap_all, ap_k, hits, rel_d, tot_d
 
 
+@njit(parallel=True, cache=True)
+def code_pairs(ucodes, nu, w, radius):
+    """Every pair (u, v), u < v, of the nu distinct codes (flattened (nu, W) uint64) within Hamming `radius`, sorted
+    by u then v: (first, second) int64 arrays. One popcount pass per pair, in parallel over u."""
+    counts = np.zeros(nu + 1, np.int64)
+    for u in prange(nu):
+        c = 0
+        for v in range(u + 1, nu):
+            d = 0
+            for t in range(w):
+                d += popcount64(ucodes[u * w + t] ^ ucodes[v * w + t])
+            c += d <= radius
+        counts[u + 1] = c
+    for u in range(nu):
+        counts[u + 1] += counts[u]
+    first = np.empty(counts[nu], np.int64)
+    second = np.empty(counts[nu], np.int64)
+    for u in prange(nu):
+        c = counts[u]
+        for v in range(u + 1, nu):
+            d = 0
+            for t in range(w):
+                d += popcount64(ucodes[u * w + t] ^ ucodes[v * w + t])
+            if d <= radius:
+                first[c] = u
+                second[c] = v
+                c += 1
+    return first, second
+
+
+@njit(cache=True)
+def components(n, a, b):
+    """Connected components of the graph on n nodes with edges (a[i], b[i]): each node's label is the smallest node
+    of its component (union-find with path halving)."""
+    parent = np.arange(n)
+    for i in range(a.shape[0]):
+        x, y = a[i], b[i]
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        while parent[y] != y:
+            parent[y] = parent[parent[y]]
+            y = parent[y]
+        if x < y:
+            parent[y] = x
+        elif y < x:
+            parent[x] = y
+    for i in range(n):  # roots are their component's smallest node; point every node at its root
+        parent[i] = parent[parent[i]]
+    return parent
+
+
 def set_threads(n: int) -> None:
     """Numba's thread count for the kernels (at most the number it started with)."""
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]

@@ -26,10 +26,10 @@ def _thumb(path: str | os.PathLike | None):
     return tile
 
 
-def contact_sheet(queries: Sequence[str | os.PathLike], hits: Sequence[Sequence[dict[str, Any]]],
-                  out: str | os.PathLike) -> Path:
-    """Write a PNG: row i is query i, a gap, then its hits (found by their metadata "path") captioned with the
-    Hamming distance and cosine score."""
+def contact_sheet(queries: Sequence[str | os.PathLike | None], hits: Sequence[Sequence[dict[str, Any]]],
+                  out: str | os.PathLike, *, lead: str = "query") -> Path:
+    """Write a PNG: row i is query i (captioned `lead`), a gap, then its hits (found by their metadata "path")
+    captioned with the Hamming distance and cosine score where they have them."""
     from PIL import Image, ImageDraw
 
     cols = 1 + max((len(h) for h in hits), default=0)
@@ -39,13 +39,14 @@ def contact_sheet(queries: Sequence[str | os.PathLike], hits: Sequence[Sequence[
     for row, (query, row_hits) in enumerate(zip(queries, hits)):
         y = row * cell_h
         sheet.paste(_thumb(query), (4, y + 4))
-        draw.text((4, y + THUMB + 6), "query", fill=(0, 0, 0))
+        draw.text((4, y + THUMB + 6), lead, fill=(0, 0, 0))
         for j, hit in enumerate(row_hits):
             x = (j + 1) * cell_w + gap
             meta = hit.get("metadata")
             sheet.paste(_thumb(meta.get("path") if isinstance(meta, dict) else None), (x, y + 4))
-            score = "" if hit.get("score") is None else f" {hit['score']:.3f}"
-            draw.text((x, y + THUMB + 6), f"d{hit['distance']}{score}", fill=(0, 0, 0))
+            distance = f"d{hit['distance']} " if "distance" in hit else ""
+            score = "" if hit.get("score") is None else f"{hit['score']:.3f}"
+            draw.text((x, y + THUMB + 6), f"{distance}{score}", fill=(0, 0, 0))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out)

@@ -1,0 +1,107 @@
+"""Near-duplicate groups (`latenthash dedup`): precision and recall of planted copy pairs, and the time, over radius
+and min-score; then the time at ~1M items.
+
+    python benchmarks/bench_dedup.py --run runs/quickstart [--copies 1000] [--million]
+
+The database: the 60,000 Fashion-MNIST training images plus one altered copy of each of `--copies` of them (JPEG
+quality 70, resized by 0.9-1.1, shifted by up to 2 px, brightness +-10%), encoded by the run's model.onnx. A found
+pair is any two items in one group (groups are transitive). Two precisions: over the found pairs that involve a
+planted copy ("copy pairs": is a copy grouped with its own original only?), and over all found pairs (strict: the
+60k originals hold near-duplicates of their own, which count against it here). `--million` also times dedup on the
+~1M database of bench_search.py fidelity --copies 15 (each image with 15 mirrored/shifted copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_search import copies_database, variant
+from common import load_note, save
+from PIL import Image
+
+from latenthash import Encoder, HashIndex
+from latenthash.export.data import load_fashion_mnist
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS
+
+
+def altered(image: np.ndarray, rng: np.random.Generator) -> bytes:
+    """One altered copy of a grey uint8 (H, W, 1) image, as the JPEG file a user's collection would hold."""
+    h, w = image.shape[:2]
+    dy, dx = (int(v) for v in rng.integers(-2, 3, 2))
+    out = variant(image[None], False, dx, dy)[0, ..., 0].astype(np.float32) * rng.uniform(0.9, 1.1)
+    scale = rng.uniform(0.9, 1.1)
+    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+    img = img.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=70)
+    return buf.getvalue()
+
+
+def pairs_of(groups) -> set[tuple[int, int]]:
+    return {(a, b) for g in groups for a, b in itertools.combinations(sorted(g.ids.tolist()), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default="runs/quickstart", help="a run directory holding model.onnx")
+    ap.add_argument("--copies", type=int, default=1000)
+    ap.add_argument("--radii", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--scores", type=float, nargs="+", default=[0.8, 0.85, 0.9, 0.93, 0.95, 0.97])
+    ap.add_argument("--million", action="store_true", help="also time dedup on the ~1M copies database")
+    args = ap.parse_args()
+    print(load_note(), flush=True)
+    enc = Encoder.open(Path(args.run) / "model.onnx")
+    train = load_fashion_mnist().train
+    rng = np.random.default_rng(0)
+    picked = np.sort(rng.choice(len(train.images), args.copies, replace=False))
+    copies = [altered(train.images[i], rng) for i in picked]
+    t0 = time.perf_counter()
+    originals, planted = enc.encode(train.images), enc.encode(copies)
+    print(f"encoded {len(train.images) + len(copies):,} images in {time.perf_counter() - t0:.1f} s", flush=True)
+    n = len(train.images)
+    index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
+    index.add(np.arange(n), originals.codes, originals.features)
+    index.add(np.arange(n, n + len(copies)), planted.codes, planted.features)
+    index.duplicates(radius=0, min_score=0.99)  # compile the kernels outside the timings
+    truth = {(int(i), n + j) for j, i in enumerate(picked)}
+    rows = []
+    print("| radius | min score | groups | items | found pairs | copy-pair precision | strict precision | recall | "
+          "seconds |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for radius, score in itertools.product(args.radii, args.scores):
+        t0 = time.perf_counter()
+        groups = index.duplicates(radius=radius, min_score=score)
+        seconds = time.perf_counter() - t0
+        found = pairs_of(groups)
+        with_copy = {p for p in found if p[1] >= n}
+        hit = len(found & truth)
+        row = {"radius": radius, "min_score": score, "groups": len(groups), "items": int(sum(map(len, groups))),
+               "found_pairs": len(found), "copy_pair_precision": hit / max(1, len(with_copy)),
+               "strict_precision": hit / max(1, len(found)), "recall": hit / len(truth), "seconds": seconds,
+               "default": (radius, score) == (DEDUP_RADIUS, DEDUP_MIN_SCORE)}
+        rows.append(row)
+        print(f"| {radius} | {score} | {row['groups']:,} | {row['items']:,} | {row['found_pairs']:,} | "
+              f"{row['copy_pair_precision']:.3f} | {row['strict_precision']:.3f} | {row['recall']:.3f} | "
+              f"{seconds:.2f} |{' (default)' if row['default'] else ''}", flush=True)
+    result: dict = {"database": n + len(copies), "copies": args.copies, "bits": enc.bits, "grid": rows}
+    if args.million:
+        codes, feats, _ = copies_database(args.run, enc, train.images, train.labels, 15)
+        big = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
+        big.add(np.arange(len(codes)), codes, feats)
+        t0 = time.perf_counter()
+        groups = big.duplicates()
+        seconds = time.perf_counter() - t0
+        result["million"] = {"items": len(codes), "seconds": seconds, "groups": len(groups),
+                             "grouped_items": int(sum(map(len, groups))), "largest": len(groups[0]) if groups else 0}
+        print(f"dedup at the defaults over {len(codes):,} items: {seconds:.1f} s, {len(groups):,} groups, "
+              f"{result['million']['grouped_items']:,} items grouped, largest {result['million']['largest']}")
+    print(load_note("after"))
+    print("saved", save("dedup", result))
+
+
+if __name__ == "__main__":
+    main()
