@@ -35,8 +35,11 @@ def _model_name() -> str:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
     for key in ("model name", "Model", "Hardware"):
-        for line in lines:
-            if line.startswith(key) and ":" in line:
-                return line.split(":", 1)[1].strip()
+        if fields.get(key):
+            return fields[key]
+    if "CPU part" in fields:  # Arm cores name themselves by implementer and part number only
+        return f"Arm implementer {fields.get('CPU implementer', '?')} part {fields['CPU part']}"
     return platform.processor()

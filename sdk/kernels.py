@@ -554,7 +554,8 @@ def radius_search(db, n, w, qs, radius, limits):
 
 
 # float16 -> float32 by table: Numba has no float16 arrays, so half features travel as their uint16 bit patterns.
-F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+with np.errstate(invalid="ignore"):  # the NaN bit patterns (arm64's numpy warns on casting them)
+    F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
 NO_TABLE = np.empty(0, np.float32)
 NO_SCALES = np.empty(0, np.float32)
 # Reassociation lets the dot products vectorise (the order of a float sum changes in the last bits); NaN and
