@@ -93,7 +93,9 @@ class HashIndex:
         self._rows: dict[int, int] = {}
         self._snap = self._empty_snapshot(0)
         self._buckets = BucketCache()
-        self._compiling = threading.Event()  # set while warmup(background=True) runs: searches use numpy_search
+        # writeable flags of the arrays whose kernels warmup(background=True) is still compiling: searches of such
+        # snapshots are answered by numpy_search meanwhile
+        self._pending: frozenset[bool] = frozenset()
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
         self.max_k = MAX_K
 
@@ -260,7 +262,7 @@ class HashIndex:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
         target = default_pool(k) if pool is None else pool
-        if self._compiling.is_set():  # the kernels compile in the background: answer without them meanwhile
+        if bool(snap.words.flags.writeable) in self._pending:  # its kernels are compiling: answer without them
             return padded(*numpy_search.search(snap.words, snap.ids[: snap.n], snap.features, snap.scales, qw, qf,
                                                k=k, radius=radius, target=target, bits=self.bits), k)
         if not do_rerank:
@@ -370,22 +372,24 @@ class HashIndex:
         Compiles on one-row copies of the storage (same dtypes and read-only flags as memory-mapped arrays, and the
         writable ones a memory-mapped index's first write brings), so it never reads the index's own files; then
         groups a large index's rows by code (see buckets.py)."""
+        snap = self._snap
+        variants = tuple(dict.fromkeys((bool(snap.words.flags.writeable), True)))  # this snapshot's arrays first
         if background:
-            self._compiling.set()
-            threading.Thread(target=self._warm_in_background, name="latenthash-warmup", daemon=True).start()
+            self._pending = frozenset(variants)
+            threading.Thread(target=self._warm, args=(snap, variants), name="latenthash-warmup", daemon=True).start()
             return 0.0
         t0 = time.perf_counter()
-        snap = self._snap
-        for writeable in dict.fromkeys((snap.words.flags.writeable, True)):
-            self._compile(snap, writeable)
-        self._buckets.warm(self._snap)
+        self._warm(snap, variants)
         return time.perf_counter() - t0
 
-    def _warm_in_background(self) -> None:
+    def _warm(self, snap: _Snapshot, variants: tuple[bool, ...]) -> None:
         try:
-            self.warmup()
+            for writeable in variants:
+                self._compile(snap, writeable)
+                self._pending = self._pending - {writeable}  # snapshots of these arrays use the kernels from now
+            self._buckets.warm(self._snap)
         finally:
-            self._compiling.clear()
+            self._pending = frozenset()
 
     def _compile(self, snap: _Snapshot, writeable: bool) -> None:
         """Run every kernel of the query path once on one-row arrays like `snap`'s (Numba compiles per dtype,
