@@ -84,8 +84,6 @@ def run(out: str | Path = "runs/quickstart", *, dataset: str | None = None, bits
         index.save(index_dir)
 
     _step("5/6 serve over gRPC and query through the client")
-    # the kernels compiled in this process first, so the service is measured as a server that has long run does
-    HashIndex.open(index_dir, warmup=False).warmup()
     server, port = create_server(ServerConfig(index=str(index_dir), model=str(model_path), port=0))
     try:
         speed = _query_service(Client(f"127.0.0.1:{port}"), ds, queries)

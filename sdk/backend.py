@@ -134,6 +134,8 @@ class IndexBackend(Protocol):
 
     def warmup(self, *, background: bool = False) -> float: ...  # background: answer searches meanwhile
 
+    def defer_warmup(self) -> None: ...  # answer searches without compiled kernels until warmup() ends
+
     def save(self, path: str | os.PathLike | None = None) -> Any: ...  # returns where it was saved
 
     def stats(self) -> dict: ...

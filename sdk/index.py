@@ -96,6 +96,7 @@ class HashIndex:
         # writeable flags of the arrays whose kernels warmup(background=True) is still compiling: searches of such
         # snapshots are answered by numpy_search meanwhile
         self._pending: frozenset[bool] = frozenset()
+        self._warmer: threading.Thread | None = None
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
         self.max_k = MAX_K
 
@@ -367,20 +368,40 @@ class HashIndex:
     def warmup(self, *, background: bool = False) -> float:
         """Compile (or load from Numba's cache) the kernels for this index's array types; returns the seconds.
 
-        `background=True` returns at once and compiles in a thread while searches are answered by `numpy_search`,
-        which needs no compilation: a server answers as soon as its index is open, even on a fresh install.
         Compiles on one-row copies of the storage (same dtypes and read-only flags as memory-mapped arrays, and the
         writable ones a memory-mapped index's first write brings), so it never reads the index's own files; then
-        groups a large index's rows by code (see buckets.py)."""
+        groups a large index's rows by code (see buckets.py). `background=True` returns at once and compiles in a
+        thread while searches are answered by `numpy_search` (no compilation). A server instead calls
+        `defer_warmup()`, starts serving, and then calls `warmup()` in its own main thread: later searches ran ~2x
+        slower (measured) when a short-lived thread had compiled the kernels."""
         snap = self._snap
-        variants = tuple(dict.fromkeys((bool(snap.words.flags.writeable), True)))  # this snapshot's arrays first
+        variants = self._variants(snap)
         if background:
             self._pending = frozenset(variants)
-            threading.Thread(target=self._warm, args=(snap, variants), name="latenthash-warmup", daemon=True).start()
+            self._warmer = threading.Thread(target=self._warm, args=(snap, variants), name="latenthash-warmup",
+                                            daemon=True)
+            self._warmer.start()
             return 0.0
         t0 = time.perf_counter()
         self._warm(snap, variants)
         return time.perf_counter() - t0
+
+    def defer_warmup(self) -> None:
+        """Answer searches through `numpy_search` (exact, nothing to compile) until the next `warmup()` ends."""
+        self._pending = frozenset(self._variants(self._snap))
+
+    def warmed(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds for a background warmup (kernels compiled, rows grouped by code); True once
+        none is running. Searches need not wait: this is for measuring the index as a long-running one is."""
+        if self._warmer is not None:
+            self._warmer.join(timeout)
+        return self._warmer is None or not self._warmer.is_alive()
+
+    @staticmethod
+    def _variants(snap: _Snapshot) -> tuple[bool, ...]:
+        """The writeable flags of the arrays to compile for: this snapshot's first, then the writable copies that
+        a memory-mapped index's first write makes."""
+        return tuple(dict.fromkeys((bool(snap.words.flags.writeable), True)))
 
     def _warm(self, snap: _Snapshot, variants: tuple[bool, ...]) -> None:
         try:
@@ -408,6 +429,7 @@ class HashIndex:
             K.topk_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([0, 1], np.int64),
                            np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         if dummy.features is not None:
+            K.unit_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # normalize() uses it once compiled
             qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)

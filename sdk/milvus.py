@@ -367,6 +367,9 @@ class MilvusIndex:
                             np.ones(1, np.int64), np.int64(1))
         return time.perf_counter() - t0
 
+    def defer_warmup(self) -> None:
+        """Nothing to defer: searches run in Milvus, and the re-rank kernel compiles on first use at worst."""
+
     def stats(self) -> dict:
         n = len(self)
         nbytes = n * (self.bits // 8 + 8 + 4 * (self.feature_dim or 0))

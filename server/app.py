@@ -1,6 +1,10 @@
 """The gRPC server: `create_server(config) -> (server, port)` builds and starts it; `serve(config)` runs it until
 SIGTERM / SIGINT, then finishes in-flight calls and persists the index.
 
+Start-up: the server answers health and searches as soon as the index is open; until the kernels are compiled
+(seconds on a fresh install, less than one from Numba's cache), searches are answered without them (numpy_search),
+and `create_server` returns once they are.
+
 Durability: Upserts and Deletes go through the write-ahead log (server/wal.py) before they are applied and
 acknowledged; shutdown saves the index and truncates the log; a crash is recovered by replaying the log on start.
 """
@@ -113,7 +117,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
     root = index_directory(config.index)
     if root is None:
         index = open_index(config.index, create=config.create and encoder is not None, **shape)
-        index.warmup(background=True)
+        index.defer_warmup()
         return Searcher(index, encoder), None, DirLock(None)
     if not (root / "CURRENT").exists():
         if not config.create:
@@ -123,7 +127,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
             raise NotFound(f"no index at {root}, and no --model to create one with")
     lock = DirLock(root)  # before anything is read or written: another server or indexer may own the directory
     try:
-        index = open_index(root, create=True, warmup=False, **shape)  # warmed below, after the log's writes
+        index = open_index(root, create=True, warmup=False, **shape)  # warmed once serving (create_server)
         if encoder is not None:
             index.model_info = index.model_info or encoder.info.to_dict()
         wal = WriteAheadLog(root / WAL_NAME)
@@ -138,7 +142,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
     except BaseException:
         lock.release()
         raise
-    index.warmup(background=True)  # searches are answered at once, without the kernels until they are compiled
+    index.defer_warmup()  # until create_server warms it up, searches are answered without compiled kernels
     return Searcher(index, encoder), wal, lock
 
 
@@ -177,7 +181,13 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(json.dumps({"event": "started", "address": f"{config.host}:{port}", "items": len(searcher.index),
                          "tls": bool(config.tls_cert), "auth": bool(config.token), "metrics_port": metrics.port}))
-    return LatentHashServer(server, service, health_servicer, metrics, lock), port
+    running = LatentHashServer(server, service, health_servicer, metrics, lock)
+    try:  # serving already (without compiled kernels); compiled in this thread, as it runs on (see warmup)
+        log.info(json.dumps({"event": "warm", "seconds": round(searcher.index.warmup(), 3)}))
+    except BaseException:
+        running.stop(0)
+        raise
+    return running, port
 
 
 def check_token(config: ServerConfig) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
 
 import numpy as np
 import pytest
@@ -55,9 +54,7 @@ def test_background_warmup_answers_at_once_then_hands_over_to_the_kernels(rng, t
     index.save(tmp_path / "idx")
     opened = HashIndex.open(tmp_path / "idx")  # warmup(background=True)
     first = opened.search(codes[:3], k=10)
-    for thread in [t for t in threading.enumerate() if t.name == "latenthash-warmup"]:
-        thread.join(120)
-    assert not opened._pending
+    assert opened.warmed(120) and not opened._pending
     np.testing.assert_array_equal(first.ids, opened.search(codes[:3], k=10).ids)
     opened.add([10**9], codes[:1], feats[:1])  # the writable copy a first write makes: compiled by the same warmup
     assert opened.search(codes[:1], k=1).distances[0, 0] == 0
