@@ -118,22 +118,16 @@ class BucketCache:
         return self._current
 
     def warm(self, snapshot) -> None:
-        """Build now (off the query path, ~0.1 s per million rows) when the snapshot is large enough to gain, unless
-        a build started by a search is already under way."""
-        if snapshot.n >= MIN_ROWS and self._claim():
-            self._build(snapshot)
-
-    def _claim(self) -> bool:
-        """One build at a time: True when this caller may build."""
-        with self._lock:
-            if self._building:
-                return False
-            self._building = True
-            return True
+        """Build now (off the query path, ~0.1 s per million rows) when the snapshot is large enough to gain."""
+        if snapshot.n >= MIN_ROWS:
+            self.build_now(snapshot)
 
     def _start(self, snapshot) -> None:
-        if self._claim():
-            threading.Thread(target=self._build, args=(snapshot,), daemon=True, name="latenthash-buckets").start()
+        with self._lock:
+            if self._building:
+                return
+            self._building = True
+        threading.Thread(target=self._build, args=(snapshot,), daemon=True, name="latenthash-buckets").start()
 
     def _build(self, snapshot) -> None:
         try:
