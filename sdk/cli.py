@@ -329,7 +329,9 @@ def search(
 
 @app.command()
 def dedup(
-    index: str = typer.Option(..., help="index directory"),
+    index: str | None = typer.Option(None, help="index directory (searched in process)"),
+    server: str | None = typer.Option(None, help="host:port of a running `latenthash serve` instead"),
+    token: str | None = typer.Option(None, envvar="LATENTHASH_TOKEN", help="bearer token for --server"),
     radius: int = typer.Option(DEDUP_RADIUS, help="largest Hamming distance between the codes of duplicates"),
     min_score: float = typer.Option(DEDUP_MIN_SCORE, help="smallest feature cosine between duplicates"),
     as_json: bool = typer.Option(False, "--json", help="print the groups as JSON: lists of {id, score, metadata}"),
@@ -338,16 +340,23 @@ def dedup(
     """Groups of near-duplicate images in an index (codes within --radius, features at least --min-score alike,
     grouped transitively), largest first."""
     try:
-        import numpy as np
+        import math
 
-        from latenthash.backend import open_index
+        if (index is None) == (server is None):
+            raise LatentHashError("dedup needs --index DIR or --server host:port")
+        if server is not None:
+            from latenthash.client import Client
 
-        found = open_index(index)
-        if not hasattr(found, "duplicates"):
-            raise LatentHashError(f"dedup runs on index directories, not {index}: sync one from it (docs/scale.md)")
-        groups = found.duplicates(radius=radius, min_score=min_score, progress=True)
-        rows = [[{"id": int(i), "score": None if np.isnan(s) else round(float(s), 6), "metadata": m}
-                 for i, s, m in zip(g.ids.tolist(), g.scores, found.metadata(g.ids))] for g in groups]
+            with Client(server, token=token) as client:
+                groups = client.duplicates(radius=radius, min_score=min_score, timeout=24 * 3600)
+        else:
+            from latenthash.backend import open_index
+            from latenthash.search import Searcher
+
+            groups = Searcher(open_index(index)).duplicates(radius=radius, min_score=min_score, progress=True)
+        rows = [[{"id": i, "score": None if math.isnan(s) else round(s, 6), "metadata": m}
+                 for i, s, m in zip(g.ids.tolist(), g.scores.tolist(), g.metadata or [None] * len(g))]
+                for g in groups]
         if as_json:
             typer.echo(json.dumps(rows, indent=1))
         else:

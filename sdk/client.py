@@ -20,6 +20,7 @@ import numpy as np
 from latenthash import errors, wire
 from latenthash.backend import Items, SearchResult
 from latenthash.codes import pack_codes
+from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import EncodeResult
 from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
@@ -239,6 +240,17 @@ class Client:
 
     def encode(self, images) -> EncodeResult:
         return wire.from_encoded(self._call("Encode", _encode_request(images)))
+
+    def duplicates(self, *, radius: int | None = None, min_score: float | None = None,
+                   timeout: float | None = None) -> list[DuplicateGroup]:
+        """As `Searcher.duplicates`; `timeout` (default: the client's) bounds the whole call, which at a million
+        items takes minutes."""
+        request = pb.DuplicatesRequest(radius=radius, min_score=min_score)
+        try:
+            stream = self._stub.Duplicates(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            return wire.from_duplicate_groups(stream)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
 
     def close(self) -> None:
         self.channel.close()

@@ -24,6 +24,7 @@ class DuplicateGroup:
 
     ids: np.ndarray
     scores: np.ndarray
+    metadata: list | None = None  # per item (filled by Searcher and Client)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from latenthash.backend import IndexBackend, Items, SearchResult, check_k, from_flat
 from latenthash.codes import pack_codes
+from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch
-from latenthash.limits import default_pool
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, default_pool
 
 
 class Searcher:
@@ -39,6 +41,18 @@ class Searcher:
 
     def encode(self, images) -> EncodeResult:
         return self._require_encoder().encode(images)
+
+    def duplicates(self, *, radius: int | None = None, min_score: float | None = None, metadata: bool = True,
+                   progress: bool = False) -> list[DuplicateGroup]:
+        """Groups of near-duplicate items, largest first (see dedup.py; defaults in limits.py), with their metadata
+        unless `metadata=False`. Embedded (directory) indexes only."""
+        find = getattr(self.index, "duplicates", None)
+        if find is None:
+            raise InvalidInput("near-duplicate groups run on embedded (directory) indexes: sync one from this "
+                               "backend (docs/scale.md) and run them there")
+        groups = find(radius=DEDUP_RADIUS if radius is None else radius,
+                      min_score=DEDUP_MIN_SCORE if min_score is None else min_score, progress=progress)
+        return [replace(g, metadata=self.index.metadata(g.ids)) for g in groups] if metadata else groups
 
     def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
                radius: int | None = None, rerank: bool | None = None, label: str | None = None,

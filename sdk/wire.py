@@ -9,6 +9,7 @@ import json
 import numpy as np
 
 from latenthash.backend import Items, SearchResult, from_flat
+from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import EncodeResult
 from latenthash.v1 import search_pb2 as pb
 
@@ -106,3 +107,17 @@ def from_search_responses(responses, metadata: bool) -> SearchResult:
         bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
         result.metadata = [decoded[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
     return result
+
+
+def to_duplicate_group(group: DuplicateGroup) -> pb.DuplicateGroup:
+    """A group with its metadata (Searcher.duplicates) as one message of the Duplicates stream."""
+    meta = group.metadata or [None] * len(group)
+    return pb.DuplicateGroup(items=[pb.DuplicateItem(id=i, score=s, metadata_json="" if m is None else json.dumps(m))
+                                    for i, s, m in zip(group.ids.tolist(), group.scores.tolist(), meta)])
+
+
+def from_duplicate_groups(messages) -> list[DuplicateGroup]:
+    return [DuplicateGroup(np.asarray([it.id for it in g.items], np.int64),
+                           np.asarray([it.score for it in g.items], np.float32),
+                           [json.loads(it.metadata_json) if it.metadata_json else None for it in g.items])
+            for g in messages]

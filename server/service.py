@@ -366,6 +366,13 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         return wire.to_items(self.searcher.get(np.asarray(request.ids, np.int64)))
 
     @rpc
+    def Duplicates(self, request, context):
+        """Found in full before the first group is sent, so any error is the call's status."""
+        groups = self.searcher.duplicates(radius=request.radius if request.HasField("radius") else None,
+                                          min_score=request.min_score if request.HasField("min_score") else None)
+        return iter([wire.to_duplicate_group(g) for g in groups])
+
+    @rpc
     def Stats(self, request, context):
         return wire.to_stats(self.searcher.stats())
 

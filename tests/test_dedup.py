@@ -114,3 +114,32 @@ def test_dedup_command(rng, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "latenthash.cli", "dedup", "--index", tmp_path / "idx", "--radius",
                           "99"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "radius" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_duplicates_over_grpc_match_the_embedded_call(rng, tmp_path):
+    from latenthash.client import Client
+    from latenthash.search import Searcher
+    from latenthash.server.app import ServerConfig, create_server
+
+    index, _, _ = planted(rng)
+    index.add([10**6], np.zeros((1, BITS), bool), np.ones((1, DIM), np.float32))  # metadata travels too
+    index.save(tmp_path / "idx")
+    embedded = Searcher(HashIndex.open(tmp_path / "idx")).duplicates(min_score=0.9)
+    server, port = create_server(ServerConfig(index=str(tmp_path / "idx"), port=0))
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            remote = client.duplicates(min_score=0.9)
+            assert [g.ids.tolist() for g in remote] == [g.ids.tolist() for g in embedded] and remote
+            for a, b in zip(remote, embedded):
+                np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6)
+                assert a.metadata == b.metadata
+            assert [len(g) for g in client.duplicates(radius=0, min_score=0.99)] == \
+                [len(g) for g in index.duplicates(radius=0, min_score=0.99)]
+            with pytest.raises(InvalidInput, match="radius"):
+                client.duplicates(radius=BITS + 1)
+        proc = subprocess.run([sys.executable, "-m", "latenthash.cli", "dedup", "--server", f"127.0.0.1:{port}",
+                               "--json", "--min-score", "0.9"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert [[item["id"] for item in g] for g in json.loads(proc.stdout)] == [g.ids.tolist() for g in embedded]
+    finally:
+        server.stop(1)

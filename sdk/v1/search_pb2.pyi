@@ -232,3 +232,27 @@ class EncodeResponse(_message.Message):
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[Encoded]
     def __init__(self, items: _Optional[_Iterable[_Union[Encoded, _Mapping]]] = ...) -> None: ...
+
+class DuplicatesRequest(_message.Message):
+    __slots__ = ("radius", "min_score")
+    RADIUS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    radius: int
+    min_score: float
+    def __init__(self, radius: _Optional[int] = ..., min_score: _Optional[float] = ...) -> None: ...
+
+class DuplicateItem(_message.Message):
+    __slots__ = ("id", "score", "metadata_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    score: float
+    metadata_json: str
+    def __init__(self, id: _Optional[int] = ..., score: _Optional[float] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class DuplicateGroup(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[DuplicateItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[DuplicateItem, _Mapping]]] = ...) -> None: ...

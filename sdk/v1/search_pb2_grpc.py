@@ -80,6 +80,11 @@ class HashSearchStub:
                 request_serializer=latenthash_dot_v1_dot_search__pb2.EncodeRequest.SerializeToString,
                 response_deserializer=latenthash_dot_v1_dot_search__pb2.EncodeResponse.FromString,
                 _registered_method=True)
+        self.Duplicates = channel.unary_stream(
+                '/latenthash.v1.HashSearch/Duplicates',
+                request_serializer=latenthash_dot_v1_dot_search__pb2.DuplicatesRequest.SerializeToString,
+                response_deserializer=latenthash_dot_v1_dot_search__pb2.DuplicateGroup.FromString,
+                _registered_method=True)
 
 
 class HashSearchServicer:
@@ -153,6 +158,14 @@ class HashSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Duplicates(self, request, context):
+        """Groups of near-duplicates in the index, largest first, one message a group (`latenthash dedup`). Embedded
+        (directory) indexes only: FAILED_PRECONDITION on a Milvus one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HashSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +213,11 @@ def add_HashSearchServicer_to_server(servicer, server):
                     servicer.Encode,
                     request_deserializer=latenthash_dot_v1_dot_search__pb2.EncodeRequest.FromString,
                     response_serializer=latenthash_dot_v1_dot_search__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Duplicates': grpc.unary_stream_rpc_method_handler(
+                    servicer.Duplicates,
+                    request_deserializer=latenthash_dot_v1_dot_search__pb2.DuplicatesRequest.FromString,
+                    response_serializer=latenthash_dot_v1_dot_search__pb2.DuplicateGroup.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +463,33 @@ class HashSearch:
             '/latenthash.v1.HashSearch/Encode',
             latenthash_dot_v1_dot_search__pb2.EncodeRequest.SerializeToString,
             latenthash_dot_v1_dot_search__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Duplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/latenthash.v1.HashSearch/Duplicates',
+            latenthash_dot_v1_dot_search__pb2.DuplicatesRequest.SerializeToString,
+            latenthash_dot_v1_dot_search__pb2.DuplicateGroup.FromString,
             options,
             channel_credentials,
             insecure,
