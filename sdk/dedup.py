@@ -16,6 +16,8 @@ import numpy as np
 from latenthash.errors import InvalidInput
 from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS
 
+BLOCK = 2048  # rows of a codeword scored against its candidates at a time (memory: BLOCK x candidates floats)
+
 
 @dataclass(frozen=True)
 class DuplicateGroup:
@@ -71,16 +73,18 @@ def find_duplicates(words: np.ndarray, features: np.ndarray | None, scales: np.n
             continue
         cand = np.concatenate([rows_u, *(order[offsets[v]:offsets[v + 1]] for v in neighbours[u])])
         fu, fc = _float_rows(features, scales, rows_u), _float_rows(features, scales, cand)
-        for lo in range(0, len(rows_u), 2048):  # bounded memory: 2048 x candidates scores at a time
-            sims = fu[lo:lo + 2048] @ fc.T
+        for lo in range(0, len(rows_u), BLOCK):  # bounded memory: BLOCK x candidates scores at a time
+            sims = fu[lo:lo + BLOCK] @ fc.T
+            # each pair once: of this codeword's own rows, only the later ones (another codeword's rows all count)
+            own = np.arange(len(rows_u))[None, :] <= np.arange(lo, lo + len(sims))[:, None]
+            sims[:, :len(rows_u)][own] = -np.inf
             i, j = np.nonzero(sims >= min_score)
-            keep = j >= len(rows_u)  # another codeword's row, or
-            keep |= (j < len(rows_u)) & (j > i + lo)  # a later row of this codeword (each pair once)
-            a, b, s = rows_u[lo + i[keep]], cand[j[keep]], sims[i[keep], j[keep]]
-            np.maximum.at(best, a, s)
-            np.maximum.at(best, b, s)
-            pair_a.append(a)
-            pair_b.append(b)
+            pair_a.append(rows_u[lo + i])
+            pair_b.append(cand[j])
+            rows, cols = sims.max(axis=1), sims.max(axis=0)  # each row's best partner, linked or not
+            mine = rows_u[lo:lo + BLOCK]
+            best[mine] = np.maximum(best[mine], np.where(rows >= min_score, rows, -np.inf))
+            best[cand] = np.maximum(best[cand], np.where(cols >= min_score, cols, -np.inf))
     a = np.concatenate(pair_a) if pair_a else np.zeros(0, np.int64)
     b = np.concatenate(pair_b) if pair_b else np.zeros(0, np.int64)
     labels = K.components(n, a.astype(np.int64), b.astype(np.int64))

@@ -13,10 +13,10 @@ MAX_METADATA_DEPTH = 64  # nesting of arrays and objects in one item's metadata
 MAX_UPSERT_ITEMS = 100_000  # items in one Upsert stream
 MAX_BATCH_QUERIES = 10_000  # requests in one SearchBatch, codes in one SearchCodes
 MAX_MESSAGE_MB = 64  # one gRPC message, either way (server and client default)
-# near-duplicate groups (dedup.py): codes within this Hamming radius, features at least this cosine (chosen on
+# near-duplicate groups (dedup.py): codes within this Hamming radius, features at least this cosine (measured on
 # altered copies of Fashion-MNIST images: benchmarks/bench_dedup.py, RESULTS.md)
 DEDUP_RADIUS = 2
-DEDUP_MIN_SCORE = 0.9
+DEDUP_MIN_SCORE = 0.998
 
 
 def default_pool(k: int) -> int:
