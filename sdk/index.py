@@ -93,8 +93,8 @@ class HashIndex:
         self._rows: dict[int, int] = {}
         self._snap = self._empty_snapshot(0)
         self._buckets = BucketCache()
-        # writeable flags of the arrays whose kernels warmup(background=True) is still compiling: searches of such
-        # snapshots are answered by numpy_search meanwhile
+        # writeable flags of the arrays whose kernels are not compiled yet (warmup(background=True) or
+        # defer_warmup() until warmup() ends): searches of such snapshots are answered by numpy_search
         self._pending: frozenset[bool] = frozenset()
         self._warmer: threading.Thread | None = None
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
@@ -372,8 +372,8 @@ class HashIndex:
         writable ones a memory-mapped index's first write brings), so it never reads the index's own files; then
         groups a large index's rows by code (see buckets.py). `background=True` returns at once and compiles in a
         thread while searches are answered by `numpy_search` (no compilation). A server instead calls
-        `defer_warmup()`, starts serving, and then calls `warmup()` in its own main thread: later searches ran ~2x
-        slower (measured) when a short-lived thread had compiled the kernels."""
+        `defer_warmup()`, starts serving, then calls `warmup()` in the thread that started it: later searches ran
+        ~2x slower (measured) when a short-lived thread had compiled the kernels."""
         snap = self._snap
         variants = self._variants(snap)
         if background:
