@@ -231,6 +231,7 @@ def fuzz_messages(rng: random.Random, n: int) -> list[tuple[str, bytes, bool, bo
         "Get": pb.GetRequest(ids=[1]).SerializeToString(),
         "Stats": pb.StatsRequest().SerializeToString(),
         "Encode": pb.EncodeRequest(images=[b"\x89PNG"]).SerializeToString(),
+        "Duplicates": pb.DuplicatesRequest(radius=1, min_score=0.99).SerializeToString(),
     }
     service = pb.DESCRIPTOR.services_by_name["HashSearch"]
     methods = [(f"/{service.full_name}/{m.name}", valid[m.name], m.client_streaming, m.server_streaming)

@@ -108,8 +108,8 @@ def test_dedup_command(rng, tmp_path):
     groups = json.loads(proc.stdout)
     assert [[item["id"] for item in g] for g in groups] == [g.ids.tolist() for g in index.duplicates(min_score=0.9)]
     assert all(set(item) == {"id", "score", "metadata"} for g in groups for item in g)
-    table = subprocess.run([sys.executable, "-m", "latenthash.cli", "dedup", "--index", tmp_path / "idx"],
-                           capture_output=True, text=True, timeout=300)
+    table = subprocess.run([sys.executable, "-m", "latenthash.cli", "dedup", "--index", tmp_path / "idx",
+                            "--min-score", "0.9"], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "group 1" in table.stdout
     bad = subprocess.run([sys.executable, "-m", "latenthash.cli", "dedup", "--index", tmp_path / "idx", "--radius",
                           "99"], capture_output=True, text=True, timeout=300)

@@ -160,7 +160,7 @@ class HashSearchServicer:
 
     def Duplicates(self, request, context):
         """Groups of near-duplicates in the index, largest first, one message a group (`latenthash dedup`). Embedded
-        (directory) indexes only: FAILED_PRECONDITION on a Milvus one.
+        (directory) indexes only: INVALID_ARGUMENT on a Milvus one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
