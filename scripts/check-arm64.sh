@@ -10,6 +10,7 @@
 # about a Jetson's speed: emulation is 10-50x slower than native.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/sbin:/sbin"  # chroot, debootstrap and update-binfmts live there; a user's PATH may lack them
 [ "$(id -u)" = 0 ] || { echo "check-arm64: run as root (debootstrap, binfmt_misc, chroot): sudo bash $0" >&2; exit 2; }
 ROOT=${ARM64_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/latenthash/arm64-bookworm}
 started=$(date +%s)
