@@ -371,9 +371,11 @@ class HashIndex:
         Compiles on one-row copies of the storage (same dtypes and read-only flags as memory-mapped arrays, and the
         writable ones a memory-mapped index's first write brings), so it never reads the index's own files; then
         groups a large index's rows by code (see buckets.py). `background=True` returns at once and compiles in a
-        thread while searches are answered by `numpy_search` (no compilation). A server instead calls
-        `defer_warmup()`, starts serving, then calls `warmup()` in the thread that started it: later searches ran
-        ~2x slower (measured) when a short-lived thread had compiled the kernels."""
+        thread while searches are answered by `numpy_search` (no compilation). A server opens its index so (the
+        compiling starts at once), calls `defer_warmup()` after its log replay, starts serving, then calls
+        `warmup()` in the thread that started it. Measured on the main job's service rate: with the background
+        thread alone, or with the serving thread alone on a cold cache, later searches ran at about half speed;
+        with both, at full speed, cold or warm (the cause inside Numba's threading layer was not found)."""
         snap = self._snap
         variants = self._variants(snap)
         if background:

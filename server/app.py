@@ -127,7 +127,9 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
             raise NotFound(f"no index at {root}, and no --model to create one with")
     lock = DirLock(root)  # before anything is read or written: another server or indexer may own the directory
     try:
-        index = open_index(root, create=True, warmup=False, **shape)  # warmed once serving (create_server)
+        # compiling starts in the background at open and finishes in create_server's thread once serving: with
+        # either alone, the service's searches ran at half speed afterwards (measured; see HashIndex.warmup)
+        index = open_index(root, create=True, **shape)
         if encoder is not None:
             index.model_info = index.model_info or encoder.info.to_dict()
         wal = WriteAheadLog(root / WAL_NAME)
