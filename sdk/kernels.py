@@ -20,9 +20,11 @@ falling as candidates arrive. Chunk results are merged by a stable counting sort
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -907,6 +909,42 @@ def components(n, a, b):
     for i in range(n):  # roots are their component's smallest node; point every node at its root
         parent[i] = parent[parent[i]]
     return parent
+
+
+_LAUNCH = threading.Lock()
+_layer: list[str] = []  # the threading layer Numba chose, once a parallel kernel has run
+
+
+def _unsafe_layer() -> bool:
+    """Whether parallel launches must be serialized: Numba's workqueue layer (what an install without TBB or
+    OpenMP gets, as on aarch64 here) aborts the whole process when two threads launch at once; tbb and omp are
+    threadsafe. Before the first launch the layer is unknown: serialize."""
+    if not _layer:
+        try:
+            _layer.append(numba.threading_layer())
+        except ValueError:
+            return True
+    return _layer[0] == "workqueue"
+
+
+def _one_launch_at_a_time(kernel):
+    """`kernel`, called under a process-wide lock where the threading layer is not threadsafe (a server's threads
+    and a background warmup do launch at once); each kernel uses every core, so little is lost."""
+
+    @functools.wraps(kernel)
+    def call(*args):
+        if _unsafe_layer():
+            with _LAUNCH:
+                return kernel(*args)
+        return kernel(*args)
+
+    return call
+
+
+# the entry points that launch parallel regions (none is called from compiled code, so the names can be rebound)
+for _name in ("topk_single", "topk_batch", "topk_buckets", "radius_counts", "radius_search", "cosine_rerank",
+              "shell_buckets", "sign_shells", "hamming_ranking_stats", "code_pairs"):
+    globals()[_name] = _one_launch_at_a_time(globals()[_name])
 
 
 def set_threads(n: int) -> None:

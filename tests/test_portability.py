@@ -99,3 +99,31 @@ def test_float16_rows_convert_exactly(rng):
     f = (rng.standard_normal((50, 40)) / 8).astype(np.float16)
     f[0, :6] = [6e-8, -6e-8, 1e-5, -0.0, 65504, -65504]  # subnormals, negative zero, the largest magnitudes
     np.testing.assert_array_equal(_as_float32(f).view(np.uint32), f.astype(np.float32).view(np.uint32))
+
+
+CONCURRENT_WARMUPS = """
+import numpy as np, numba
+from latenthash import HashIndex
+rng = np.random.default_rng(0)
+index = HashIndex(bits=64, feature_dim=8)
+index.add(np.arange(70_000), rng.integers(0, 256, (70_000, 8), dtype=np.uint8),
+          rng.standard_normal((70_000, 8)).astype(np.float32))
+index.warmup(background=True)  # what a server does: compiling starts in a thread, and goes on in its own
+index.warmup()
+index.warmed()
+print(numba.threading_layer())
+"""
+
+
+def test_concurrent_launches_on_a_threading_layer_that_is_not_threadsafe(tmp_path):
+    """aarch64 installs without TBB or OpenMP get Numba's workqueue layer, which aborts the process when two
+    threads launch parallel kernels at once (it did in the arm64 check's served search: a cold cache, two warmups);
+    the kernels serialize their launches there."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_CACHE_DIR": str(tmp_path)}  # cold, as then
+    proc = subprocess.run([sys.executable, "-c", CONCURRENT_WARMUPS], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "workqueue"
