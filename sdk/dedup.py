@@ -15,6 +15,7 @@ import numpy as np
 
 from latenthash.errors import InvalidInput
 from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS
+from latenthash.numpy_search import float_rows
 
 BLOCK = 2048  # rows of a codeword scored against its candidates at a time (memory: BLOCK x candidates floats)
 
@@ -38,7 +39,8 @@ class DuplicateGroup:
 def check_dedup(radius, min_score, bits: int) -> tuple[int, float]:
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or not 0 <= radius <= bits:
         raise InvalidInput(f"radius must be an integer from 0 to {bits}, got {radius!r}")
-    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not -1.0 <= min_score <= 1.0:
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float, np.floating)) \
+            or not -1.0 <= min_score <= 1.0:
         raise InvalidInput(f"min_score must be a cosine from -1 to 1, got {min_score!r}")
     return int(radius), float(min_score)
 
@@ -72,7 +74,7 @@ def find_duplicates(words: np.ndarray, features: np.ndarray | None, scales: np.n
             pair_b.append(np.concatenate([rows_u[1:], order[offsets[neighbours[u]]]]))
             continue
         cand = np.concatenate([rows_u, *(order[offsets[v]:offsets[v + 1]] for v in neighbours[u])])
-        fu, fc = _float_rows(features, scales, rows_u), _float_rows(features, scales, cand)
+        fu, fc = float_rows(features, scales, rows_u), float_rows(features, scales, cand)
         for lo in range(0, len(rows_u), BLOCK):  # bounded memory: BLOCK x candidates scores at a time
             sims = fu[lo:lo + BLOCK] @ fc.T
             # each pair once: of this codeword's own rows, only the later ones (another codeword's rows all count)
@@ -97,8 +99,3 @@ def find_duplicates(words: np.ndarray, features: np.ndarray | None, scales: np.n
     groups = [DuplicateGroup(ids[rows], best[rows]) for rows in np.split(by_group, cuts)]
     groups.sort(key=lambda g: -len(g))  # stable: equal sizes stay in order of their first row
     return groups
-
-
-def _float_rows(features: np.ndarray, scales: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    f = features[rows].astype(np.float32)
-    return f * scales[rows, None] if scales is not None else f

@@ -58,10 +58,7 @@ def search(words: np.ndarray, ids: np.ndarray, features: np.ndarray | None, scal
             pool = np.flatnonzero(d <= int(np.argmax(covered >= min(target, len(d)))))
         else:
             pool = within(d, radius, target)
-        f = _as_float32(features[pool])
-        if scales is not None:
-            f *= scales[pool, None]
-        scores = f @ qf[i]
+        scores = float_rows(features, scales, pool) @ qf[i]
         cand = np.arange(len(pool))
         if len(pool) > k:  # the k best and every score tied with the k-th, then ordered as the kernels order them
             cand = np.flatnonzero(scores >= np.partition(scores, len(pool) - k)[len(pool) - k])
@@ -83,6 +80,12 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, bool]:
     norms = np.sqrt(np.square(x, dtype=np.float64).sum(axis=1))
     finite = bool(np.isfinite(norms).all())
     return (x / np.maximum(norms, 1e-12)[:, None]).astype(np.float32), finite
+
+
+def float_rows(features: np.ndarray, scales: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """Stored feature rows (float32, float16, or int8 with per-row `scales`) as float32."""
+    f = _as_float32(features[rows])
+    return f * scales[rows, None] if scales is not None else f
 
 
 def _as_float32(f: np.ndarray) -> np.ndarray:
