@@ -6,16 +6,16 @@ parity-tested against a brute-force numpy reference in tests/test_kernels.py.
 
 Top-k selection works on integer distances in 0..bits: each query keeps a histogram of the candidates it holds and
 a threshold T, accepting a code only when its distance is below T, and lowering T as soon as k held candidates lie
-below it (a code at distance T can no longer enter: ties go to the earlier item). The database is read in groups of
-256 codes; a group whose smallest distance is not below T is skipped after one vectorised minimum pass, and an
-entering group is offered 32 distances at a time, each 32 skipped unless its minimum is below T. Ties are broken by
-database order, so results are deterministic.
+below it (a code at distance T can no longer enter: ties go to the earlier item). Ties are broken by database order,
+so results are deterministic.
 
-One query (`topk_single`) splits the database into chunks across threads and reads each chunk twice: first only
-the minimum of every group (the popcount pass itself), whose k-th smallest bounds T from above, since k codes lie at
-or below it; then only the groups below that bound, prefetching the next one. A batch (`topk_batch`) gives each
-thread whole queries and walks the database once, in L2-sized blocks that every query of the thread reuses, with T
-falling as candidates arrive. Chunk results are merged by a stable counting sort.
+Every search reads the database twice. The first pass is the popcount pass itself: it stores only the smallest
+distance of every group of 256 codes. The k-th smallest of those minima bounds T from above (k codes lie at or below
+it), so the second pass reads again only the groups whose minimum is below T (about one in thirty for random 64-bit
+codes), offering their distances 32 at a time. One query (`topk_single`) splits both passes across threads, with one
+T from all chunks' minima; chunk results are merged by a stable counting sort. A batch (`topk_batch`) gives each
+thread whole queries, in rounds whose first pass walks the database in L2-sized blocks that every query of the round
+reuses.
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ _ensure_cache_dir()
 GROUP = 256  # codes per skip group (measured: 64 costs 35% more per scan, 1024 gains little)
 SUBGROUP = 32  # distances of an entering group checked per minimum (one query, 2 threads: 32 -14%, 64 -10%, 256 -2%)
 BLOCK = 16384  # codes per cache block in batch scans
+ROUND = 32  # queries of a batch whose group minima are held at once, at most ROUND_MINIMA minima per query block
+ROUND_MINIMA = 1 << 20  # int16: 2 MiB per block of queries, whatever the database size
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
@@ -167,6 +169,12 @@ def _distances(db, start, n, q, w, out):
             out[j] = d
 
 
+@njit(cache=True)
+def _distances_of(db, start, n, q, w, out):
+    """`_distances` as a call of its own (see `_group_mins`)."""
+    _distances(db, start, n, q, w, out)
+
+
 @njit(inline="always", cache=True)
 def _group_min(db, start, n, q, w):
     """The smallest distance among codes start..start+n-1: a pure vectorised reduction, nothing stored.
@@ -193,7 +201,7 @@ def _group_min(db, start, n, q, w):
     return mn
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _accept(dist_buf, m, id0, k, hist, cand_i, cand_d, held, thr, below):
     """Offer the distances dist_buf[:m] of ids id0.. to a selection state; returns its new (held, thr, below).
 
@@ -203,8 +211,8 @@ def _accept(dist_buf, m, id0, k, hist, cand_i, cand_d, held, thr, below):
     for s0 in range(0, m, SUBGROUP):
         s1 = min(m, s0 + SUBGROUP)
         mn = np.int64(1 << 30)
-        for j in range(s0, s1):
-            mn = min(mn, dist_buf[j])
+        for j in range(s1 - s0):  # unsigned indices: LLVM vectorises this minimum only without wraparound checks
+            mn = min(mn, dist_buf[np.uint64(s0 + j)])
         if mn >= thr:
             continue
         for j in range(s0, s1):
@@ -232,16 +240,15 @@ def _accept(dist_buf, m, id0, k, hist, cand_i, cand_d, held, thr, below):
 
 
 @njit(cache=True)
-def _scan(db, n, base, q, w, k, hist, cand_i, cand_d, state, dist_buf):
-    """One pass over n codes (db flattened, ids base..base+n-1) into one selection state = [held, T, held below T]."""
-    held, thr, below = state[0], state[1], state[2]
-    for g0 in range(0, n, GROUP):
-        m = min(GROUP, n - g0)
-        if _group_min(db, g0, m, q, w) >= thr:  # most groups end here once the threshold has settled
-            continue
-        _distances(db, g0, m, q, w, dist_buf)
-        held, thr, below = _accept(dist_buf, m, base + g0, k, hist, cand_i, cand_d, held, thr, below)
-    state[0], state[1], state[2] = held, thr, below
+def _group_mins(db, n, q, w, gmin):
+    """gmin[g] = the smallest distance in group g of the n codes; returns the number of groups.
+
+    A function of its own, never inlined: inlined into the selection code the same loop ran ~50% slower (measured
+    on Zen 5: LLVM vectorises the reduction less well inside the larger function)."""
+    ng = (n + GROUP - 1) // GROUP
+    for g in range(ng):
+        gmin[g] = _group_min(db, g * GROUP, min(GROUP, n - g * GROUP), q, w)
+    return ng
 
 
 @njit(inline="always", cache=True)
@@ -252,32 +259,46 @@ def _next_below(gmin, g, ng, thr):
 
 
 @njit(cache=True)
-def _scan_bounded(db, n, base, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin):
-    """Two passes over n codes into an empty selection state: the minimum of every group (gmin), then the groups
-    whose minimum lies below T, where T starts one above the k-th smallest group minimum (k codes lie at or below
-    it). Random codes of 64 bits leave ~130 of 1,953 groups of a 500k-code chunk for the second pass, where a
-    single pass that lowers T as it goes enters ~330 while T falls."""
+def _count_mins(gmin, counts):
+    """counts[d] += the number of groups whose minimum is d (counts has bits + 2 entries)."""
+    for g in range(gmin.shape[0]):
+        counts[gmin[g]] += 1
+
+
+@njit(cache=True)
+def _bound(counts, k, thr):
+    """One above the k-th smallest group minimum, from their counts, when that is below thr (k codes lie at or
+    below it), else thr."""
+    seen = 0
+    for d in range(thr):
+        seen += counts[d]
+        if seen >= k:
+            return d + 1
+    return thr
+
+
+@njit(cache=True)
+def _mins_bound(gmin, k, bits):
+    """`_bound` over the group minima gmin."""
+    counts = np.zeros(bits + 2, np.int64)
+    _count_mins(gmin, counts)
+    return _bound(counts, k, bits + 1)
+
+
+@njit(cache=True)
+def _select_bounded(db, n, base, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin):
+    """The second pass over n codes whose group minima gmin are known, into an empty selection state whose T
+    comes from `_bound`: only the groups whose minimum lies below T are read again. Random 64-bit codes leave about
+    one group in thirty for this pass, where a single pass that lowers T as it goes enters thousands while T falls."""
     held, thr, below = state[0], state[1], state[2]
     ng = (n + GROUP - 1) // GROUP
-    for g in range(ng):
-        gmin[g] = _group_min(db, g * GROUP, min(GROUP, n - g * GROUP), q, w)
-    if ng >= k:
-        counts = np.zeros(thr + 1, np.int64)
-        for g in range(ng):
-            counts[gmin[g]] += 1
-        seen = 0
-        for d in range(thr):
-            seen += counts[d]
-            if seen >= k:
-                thr = d + 1
-                break
     g = _next_below(gmin, 0, ng, thr)
     while g < ng:
         nxt = _next_below(gmin, g + 1, ng, thr)
         if nxt < ng:  # the group after this one is a cache miss otherwise: pass 1 has long evicted it
             prefetch_span(db, nxt * GROUP * w, min(n, (nxt + 1) * GROUP) * w)
         m = min(GROUP, n - g * GROUP)
-        _distances(db, g * GROUP, m, q, w, dist_buf)
+        _distances_of(db, g * GROUP, m, q, w, dist_buf)
         held, thr, below = _accept(dist_buf, m, base + g * GROUP, k, hist, cand_i, cand_d, held, thr, below)
         g = _next_below(gmin, nxt, ng, thr)
     state[0], state[1], state[2] = held, thr, below
@@ -307,29 +328,39 @@ def _finish(hist, cand_i, cand_d, state, k, out_i, out_d):
 
 
 @njit(cache=True)
-def _chunk_topk(db, lo, hi, w, q, k, bits, out_i, out_d):
-    """Top-k of one query over codes lo..hi-1 into out_i/out_d, sorted by (distance, database order); the count."""
-    cap = 2 * k + 4 * GROUP
+def _chunk_select(db, lo, hi, w, q, k, bits, thr, gmin, out_i, out_d):
+    """Top-k of one query among codes lo..hi-1 below threshold thr, given their group minima gmin, into
+    out_i/out_d sorted by (distance, database order); returns the count (fewer than k when thr cuts)."""
     hist = np.zeros(bits + 2, np.int64)
-    cand_i = np.empty(cap, np.int64)
-    cand_d = np.empty(cap, np.int64)
+    cand_i = np.empty(2 * k + 4 * GROUP, np.int64)
+    cand_d = np.empty(2 * k + 4 * GROUP, np.int64)
     dist_buf = np.empty(GROUP, np.int64)
-    gmin = np.empty((hi - lo + GROUP - 1) // GROUP, np.int64)
-    state = np.array([0, bits + 1, 0], np.int64)
-    _scan_bounded(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin)
+    state = np.array([0, thr, 0], np.int64)
+    _select_bounded(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin)
     return _finish(hist, cand_i, cand_d, state, k, out_i, out_d)
 
 
 @njit(parallel=True, cache=True)
 def _topk_chunks(db, n, w, q, k, bits, chunks):
+    """Both passes split across threads: every chunk's group minima first, then one threshold from all of them
+    (a chunk's own would admit k candidates per chunk), then every chunk's second pass; merged by distance."""
     per = (n + chunks - 1) // chunks
     per = (per + GROUP - 1) // GROUP * GROUP
+    gmin = np.empty((n + GROUP - 1) // GROUP, np.int64)
+    counts = np.zeros((chunks, bits + 2), np.int64)
+    for c in prange(chunks):
+        lo = min(n, c * per)
+        hi = min(n, lo + per)
+        ng = _group_mins(db[lo * w:hi * w], hi - lo, q, w, gmin[lo // GROUP:])
+        _count_mins(gmin[lo // GROUP:lo // GROUP + ng], counts[c])
+    thr = _bound(counts.sum(axis=0), k, bits + 1)
     loc_i = np.empty((chunks, k), np.int64)
     loc_d = np.empty((chunks, k), np.int64)
     loc_n = np.zeros(chunks, np.int64)
     for c in prange(chunks):
         lo = min(n, c * per)
-        loc_n[c] = _chunk_topk(db, lo, min(n, lo + per), w, q, k, bits, loc_i[c], loc_d[c])
+        hi = min(n, lo + per)
+        loc_n[c] = _chunk_select(db, lo, hi, w, q, k, bits, thr, gmin[lo // GROUP:], loc_i[c], loc_d[c])
     # merge: chunks are in database order, so a stable counting sort by distance keeps ties in order
     counts = np.zeros(bits + 2, np.int64)
     for c in range(chunks):
@@ -361,7 +392,9 @@ def topk_single(db, n, w, q, k, bits, chunks):
         return _topk_chunks(db, n, w, q, k, bits, chunks)
     out_i = np.empty(k, np.int64)
     out_d = np.empty(k, np.int64)
-    m = _chunk_topk(db, 0, n, w, q, k, bits, out_i, out_d)
+    gmin = np.empty((n + GROUP - 1) // GROUP, np.int64)
+    _group_mins(db, n, q, w, gmin)
+    m = _chunk_select(db, 0, n, w, q, k, bits, _mins_bound(gmin, k, bits), gmin, out_i, out_d)
     return out_i[:m], out_d[:m]
 
 
@@ -369,30 +402,39 @@ def topk_single(db, n, w, q, k, bits, chunks):
 def topk_batch(db, n, w, qs, k, bits, query_blocks):
     """Top-k of each of nq queries (qs flattened (nq * w)); rows padded with id -1 / distance -1 when n < k.
 
-    Threads take blocks of queries; each walks the database in BLOCK-code pieces that its queries share in L2."""
+    Threads take blocks of queries and split them into rounds of ROUND queries. A round first walks the database
+    in BLOCK-code pieces that its queries share in L2, storing every group minimum of every query (the popcount
+    pass), then runs each query's bounded second pass as one query does."""
     nq = qs.shape[0] // w
     out_i = np.full((nq, k), -1, np.int64)
     out_d = np.full((nq, k), -1, np.int64)
     cap = 2 * k + 4 * GROUP
+    ng = (n + GROUP - 1) // GROUP
     per_block = (nq + query_blocks - 1) // query_blocks
-    hists = np.zeros((nq, bits + 2), np.int64)
-    cand_i = np.empty((nq, cap), np.int64)
-    cand_d = np.empty((nq, cap), np.int64)
-    states = np.zeros((nq, 3), np.int64)
+    hists = np.empty((query_blocks, bits + 2), np.int64)
+    cand_i = np.empty((query_blocks, cap), np.int64)
+    cand_d = np.empty((query_blocks, cap), np.int64)
+    states = np.empty((query_blocks, 3), np.int64)
     bufs = np.empty((query_blocks, GROUP), np.int64)
+    round_ = max(1, min(ROUND, ROUND_MINIMA // max(ng, 1)))
+    gmins = np.empty((query_blocks, round_, ng), np.int16)  # distances <= 1,024 bits
     for b in prange(query_blocks):
         q0 = b * per_block
         q1 = min(nq, q0 + per_block)
-        for i in range(q0, q1):
-            states[i, 1] = bits + 1
-        for lo in range(0, n, BLOCK):
-            hi = min(n, lo + BLOCK)
-            block = db[lo * w:hi * w]
-            for i in range(q0, q1):
-                _scan(block, hi - lo, lo, qs[i * w:(i + 1) * w], w, k, hists[i], cand_i[i], cand_d[i], states[i],
-                      bufs[b])
-        for i in range(q0, q1):
-            _finish(hists[i], cand_i[i], cand_d[i], states[i], k, out_i[i], out_d[i])
+        for r0 in range(q0, q1, round_):
+            r1 = min(q1, r0 + round_)
+            for lo in range(0, n, BLOCK):
+                hi = min(n, lo + BLOCK)
+                block = db[lo * w:hi * w]
+                for i in range(r0, r1):
+                    _group_mins(block, hi - lo, qs[i * w:(i + 1) * w], w, gmins[b, i - r0, lo // GROUP:])
+            for i in range(r0, r1):
+                hist, state = hists[b], states[b]
+                hist[:] = 0
+                state[0], state[1], state[2] = 0, _mins_bound(gmins[b, i - r0, :ng], k, bits), 0
+                _select_bounded(db, n, np.int64(0), qs[i * w:(i + 1) * w], w, k, hist, cand_i[b], cand_d[b], state,
+                                bufs[b], gmins[b, i - r0])
+                _finish(hist, cand_i[b], cand_d[b], state, k, out_i[i], out_d[i])
     return out_i, out_d
 
 

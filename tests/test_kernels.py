@@ -74,9 +74,10 @@ def test_chunks_keep_ties_in_order(rng, chunks):
 
 
 @pytest.mark.parametrize("kind", ["random", "tied"])
-def test_single_query_bound_from_group_minima(rng, kind):
-    """Chunks of more groups than k: topk_single first bounds the threshold by the k-th smallest group minimum and
-    then reads only the groups below it. Heavily tied codes put many groups exactly at the bound."""
+def test_bound_from_group_minima(rng, kind):
+    """More groups than k: both kernels first bound the threshold by the k-th smallest group minimum (over all
+    chunks of one query; per query in a batch, whose rounds of queries share blocks) and then read only the groups
+    below it. Heavily tied codes put many groups exactly at the bound."""
     n, bits = 70_000, 64
     if kind == "random":
         db = random_codes(rng, n, bits)
@@ -84,16 +85,20 @@ def test_single_query_bound_from_group_minima(rng, kind):
         words = random_codes(rng, 40, bits)
         db = words[rng.integers(0, 40, n)]
         db[rng.random(n) < 0.3, 0] ^= np.uint8(1)  # one flipped bit on a third of them
-    qs = np.concatenate([db[:2], random_codes(rng, 2, bits)])
+    qs = np.concatenate([db[:2], random_codes(rng, 2, bits), db[rng.integers(0, n, 71)]])  # > 2 rounds of queries
     dw, qw = to_words(db, bits), to_words(qs, bits)
     dist = brute_distances(qw, dw)
     for k in (1, 100, 137):
         ref = np.argsort(dist, axis=1, kind="stable")[:, :k]
         for chunks in (1, 2):
-            for i in range(len(qw)):
+            for i in range(4):
                 ids, d = K.topk_single(dw.ravel(), n, 1, qw[i], k, bits, chunks)
                 np.testing.assert_array_equal(ids, ref[i])
                 np.testing.assert_array_equal(d, dist[i, ref[i]])
+        for blocks in (1, 3):
+            ids, d = K.topk_batch(dw.ravel(), n, 1, qw.ravel(), k, bits, blocks)
+            np.testing.assert_array_equal(ids, ref)
+            np.testing.assert_array_equal(d, np.take_along_axis(dist, ref, 1))
 
 
 def check_topk_buckets(db, qs, bits, k):
