@@ -8,7 +8,8 @@ quality 70, resized by 0.9-1.1, shifted by up to 2 px, brightness +-10%), encode
 pair is any two items in one group (groups are transitive). Two precisions: over the found pairs that involve a
 planted copy ("copy pairs": is a copy grouped with its own original only?), and over all found pairs (strict: the
 60k originals hold near-duplicates of their own, which count against it here). `--million` also times dedup on the
-~1M database of bench_search.py fidelity --copies 15 (each image with 15 mirrored/shifted copies).
+~1M database of bench_search.py fidelity --copies 15 (each image with 15 mirrored/shifted copies). `--pixel-ceiling`
+measures how separable the copies are from the other images by their pixels at all.
 """
 
 from __future__ import annotations
@@ -43,6 +44,42 @@ def altered(image: np.ndarray, rng: np.random.Generator, geometric: bool = True)
     return buf.getvalue()
 
 
+def _centred(a: np.ndarray) -> np.ndarray:
+    """Images (..., H, W) minus their mean, over their norm: dot products are Pearson correlations."""
+    a = a - a.mean(axis=(-2, -1), keepdims=True)
+    return a / (np.linalg.norm(a.reshape(*a.shape[:-2], -1), axis=-1)[..., None, None] + 1e-6)
+
+
+def _spectra(a: np.ndarray, m: int = 8) -> np.ndarray:
+    """Shift-tolerant descriptors: square roots of the low-frequency 2-D Fourier magnitudes (DC dropped), unit norm."""
+    f = np.abs(np.fft.rfft2(a, axes=(1, 2)))
+    f = np.sqrt(np.concatenate([f[:, :m, :m], f[:, -m:, :m]], axis=1).reshape(len(a), -1))
+    f[:, 0] = 0
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def pixel_ceiling(originals: np.ndarray, copies: np.ndarray, picked: np.ndarray, shortlist: int = 300) -> dict:
+    """How separable the planted copies are from the other images by their pixels, whatever the descriptor: for
+    each copy, the Pearson correlation with its own original and with the best other training image, each at the
+    best of the 25 shifts by -2..2 px (the alteration's own range), over a shortlist of the images nearest by
+    Fourier magnitude (own original always included). A copy whose best other beats its original defeats any
+    detector that scores by pixel likeness; the share of such copies is a lower bound (others outside the
+    shortlist are not scored)."""
+    X, C = originals[..., 0].astype(np.float32), copies[..., 0].astype(np.float32)
+    near = np.argsort(-(_spectra(C) @ _spectra(X).T), axis=1)[:, :shortlist]
+    xn = _centred(X)
+    own, other = np.empty(len(C)), np.empty(len(C))
+    for j, img in enumerate(C):
+        moved = np.stack([variant(img[None, ..., None], False, dx, dy)[0, ..., 0]
+                          for dy in range(-2, 3) for dx in range(-2, 3)])
+        cand = np.union1d(near[j], picked[j])
+        best = np.einsum("shw,chw->cs", _centred(moved), xn[cand]).max(1)
+        own[j], other[j] = best[cand == picked[j]][0], best[cand != picked[j]].max()
+    return {"shortlist": shortlist, "beaten_share": float((other >= own).mean()),
+            "own_correlation_quantiles": np.quantile(own, [0.05, 0.1, 0.5]).round(4).tolist(),
+            "best_other_quantiles": np.quantile(other, [0.5, 0.9]).round(4).tolist()}
+
+
 def pair_counts(groups, n: int, picked: np.ndarray) -> tuple[int, int, int]:
     """(pairs found, pairs found that involve a planted copy, planted pairs found) without listing the pairs: a found
     pair is two items of one group; copies are items n.. (copy j of item picked[j])."""
@@ -66,6 +103,8 @@ def main() -> None:
     ap.add_argument("--scores", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995, 0.998, 0.999])
     ap.add_argument("--million", action="store_true", help="also time dedup on the ~1M copies database")
     ap.add_argument("--photometric", action="store_true", help="copies altered by brightness and JPEG only")
+    ap.add_argument("--pixel-ceiling", action="store_true",
+                    help="also measure how often another image is likelier than a copy's own original by pixels")
     args = ap.parse_args()
     print(load_note(), flush=True)
     enc = Encoder.open(Path(args.run) / "model.onnx")
@@ -99,6 +138,12 @@ def main() -> None:
               f"{seconds:.2f} |{' (default)' if row['default'] else ''}", flush=True)
     result: dict = {"database": n + len(copies), "copies": args.copies, "bits": enc.bits, "grid": rows,
                     "alterations": "brightness, JPEG 70" if args.photometric else "shift, resize, brightness, JPEG 70"}
+    if args.pixel_ceiling:
+        result["pixel_ceiling"] = ceiling = pixel_ceiling(train.images, enc.to_array(copies), picked)
+        print(f"pixel ceiling: for {ceiling['beaten_share']:.1%} of the copies another training image correlates "
+              f"better (best of 25 shifts) than the copy's own original; own correlation 5/10/50%: "
+              f"{ceiling['own_correlation_quantiles']}, best other 50/90%: {ceiling['best_other_quantiles']}",
+              flush=True)
     if args.million:
         codes, feats, _ = copies_database(args.run, enc, train.images, train.labels, 15)
         big = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
