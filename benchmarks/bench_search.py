@@ -29,7 +29,7 @@ from numba import njit, prange
 
 from latenthash import HashIndex, kernels
 from latenthash.codes import to_words
-from latenthash.limits import default_pool
+from latenthash.limits import pool_size
 
 
 @njit(parallel=True, cache=True)
@@ -309,7 +309,7 @@ def bench_fidelity(run_dir: str, n_queries: int, pools: list[int], k: int = 10, 
         row = {"pool": pool, "ms": t * 1e3, "speedup": t_lin / t, "recall": float(np.mean(recall)),
                "precision": float(np.mean(prec)), "pool_size_median": float(np.median(sizes))}
         out["rows"].append(row)
-        print(f"| {pool}{' (default)' if pool == default_pool(k) else ''} | {row['pool_size_median']:.0f} | "
+        print(f"| {pool}{' (default)' if pool == pool_size(k) else ''} | {row['pool_size_median']:.0f} | "
               f"{t * 1e3:.3f} | {t_lin / t:.1f}x | {row['recall']:.4f} | {row['precision']:.4f} |", flush=True)
     plot_fidelity(out, Path(__file__).parent / "plots" / f"twostep_recall_{n}.png")
     return out

@@ -61,6 +61,18 @@ class Dataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
+    def metadata(self, part: Split, limit: int | None = None) -> list[dict]:
+        """What an index stores with each of the first `limit` items of `part`: its label and class name (its
+        labels, for multi-label data) and its source file where it came from one."""
+        labels = part.labels[:limit]
+        if self.multilabel:
+            out = [{"labels": [self.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
+        else:
+            out = [{"label": int(c), "class": self.class_names[c]} for c in labels]
+        for m, path in zip(out, part.paths or ()):
+            m["path"] = path
+        return out
+
 
 # ----------------------------------------------------------------------------------------------- IDX (MNIST family)
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latenthash.codes import threshold
+from latenthash.codes import THRESHOLD, bits_of, threshold
 from latenthash.encoder import Encoder
 from latenthash.export.data import Dataset, load_dataset, load_source
 from latenthash.metrics import RetrievalReport, cosine_linear_search, hamming_retrieval
@@ -86,9 +86,9 @@ def evaluate_run(run_dir: str | Path, *, dataset: Dataset | None = None, dataset
         report["accuracy"] = None
     else:
         report["accuracy"] = float((q_logits.argmax(1) == queries.labels).mean())
-    # how far thresholding moves H's activations: mean |p - 0.5| near 0.5 means nearly binary already
-    report["activation_binariness"] = float(np.abs(q_probs - 0.5).mean() * 2)
-    report["bit_balance"] = float(np.abs((db_probs >= 0.5).mean(0) - 0.5).mean())
+    # how far thresholding moves H's activations: mean |p - threshold| near 0.5 means nearly binary already
+    report["activation_binariness"] = float(np.abs(q_probs - THRESHOLD).mean() * 2)
+    report["bit_balance"] = float(np.abs(bits_of(db_probs).mean(0) - 0.5).mean())  # 0: every bit half set
     lin = cosine_linear_search(q_feats, db_feats, queries.labels, db.labels)
     report["linear_search"] = {"map_all": lin[0], "map_at_1000": lin[1]}
     if baselines:

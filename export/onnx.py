@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from latenthash import __version__
-from latenthash.codes import threshold
+from latenthash.codes import bits_of, threshold
 from latenthash.cpu import cpu_info
+from latenthash.encoder import ModelInfo
 from latenthash.errors import DataError, ExportCheckFailed, InvalidInput, require
 from latenthash.export.data import Dataset, load_source
 from latenthash.export.model import ExportWrapper, HashNet
@@ -80,27 +81,18 @@ def compare_outputs(ref: tuple[np.ndarray, np.ndarray], got: tuple[np.ndarray, n
     """Parity of (probs, features) pairs: max abs differences and the share of code bits that agree."""
     (p_ref, f_ref), (p_got, f_got) = ref, got
     return ParityReport(runtime, reference, len(p_ref), float(np.abs(p_ref - p_got).max()),
-                        float(np.abs(f_ref - f_got).max()), float(((p_ref >= 0.5) == (p_got >= 0.5)).mean()),
+                        float(np.abs(f_ref - f_got).max()), float((bits_of(p_ref) == bits_of(p_got)).mean()),
                         atol, min_bit_agreement)
 
 
 def model_metadata(model: HashNet, checkpoint: dict) -> dict[str, str]:
+    """What the exported file says about itself: the keys `ModelInfo` reads, and what only people read."""
     c = model.config
-    return {
-        "latenthash_version": __version__,
-        "bits": str(c.bits),
-        "feature_dim": str(c.feature_dim),
-        "input_height": str(c.image_size[0]),
-        "input_width": str(c.image_size[1]),
-        "input_channels": str(c.in_channels),
-        "input_layout": "NHWC uint8",
-        "class_names": json.dumps(checkpoint.get("class_names", [])),
-        "multilabel": json.dumps(bool(checkpoint.get("multilabel", False))),
-        "dataset": str(checkpoint.get("dataset", "")),
-        "data_source": json.dumps(run_source(checkpoint)),
-        "backbone": c.backbone,
-        "precision": "fp32",
-    }
+    info = ModelInfo(c.bits, c.feature_dim, c.image_size[0], c.image_size[1], c.in_channels,
+                     tuple(checkpoint.get("class_names", [])), str(checkpoint.get("dataset", "")), __version__,
+                     "fp32", run_source(checkpoint))
+    return info.to_metadata() | {"input_layout": "NHWC uint8", "backbone": c.backbone,
+                                 "multilabel": json.dumps(bool(checkpoint.get("multilabel", False)))}
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: np.ndarray | None = None,
@@ -192,7 +184,7 @@ def derive_precisions(fp32: Path, ds: Dataset, precisions: list[str], *, calibra
                 raise
             raise ExportCheckFailed(f"the {precision} copy of {fp32} failed: {exc}") from exc
         rep = {"path": str(path), "bytes": path.stat().st_size, **got["figures"],
-               "bit_agreement": float(((got["probs"] >= 0.5) == (reference["probs"] >= 0.5)).mean()),
+               "bit_agreement": float((bits_of(got["probs"]) == bits_of(reference["probs"])).mean()),
                "held_out_images": len(queries), "database_images": len(db), **PRECISION_BARS[precision]}
         rep["map_drop"] = out["fp32"]["map_all"] - rep["map_all"]
         failed = []

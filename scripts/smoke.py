@@ -24,13 +24,13 @@ def step(name: str, t0: float, text: str) -> None:
 
 def kernel_parity(rng: np.random.Generator) -> str:
     """Exact top-k, radius search and the two-step search by the kernels against the numpy versions."""
-    from latenthash import HashIndex
+    from latenthash import open_index
 
     n, bits, dim = 10_000, 64, 32  # under buckets.MIN_ROWS: the kernels scan, exactly as numpy does
     centres = rng.random((50, bits)) < 0.5
     codes = centres[rng.integers(0, 50, n)] ^ (rng.random((n, bits)) < 0.03)
     feats = rng.standard_normal((n, dim)).astype(np.float32)
-    index = HashIndex(bits=bits, feature_dim=dim)
+    index = open_index(tempfile.mkdtemp(), create=True, save_new=False, bits=bits, feature_dim=dim)  # in memory
     index.add(np.arange(n), codes, feats)
     q, qf = codes[:4], feats[:4]
     calls = [dict(k=10), dict(k=5, radius=4), dict(k=10, features=qf)]
@@ -58,7 +58,7 @@ def main() -> None:
     t0 = time.perf_counter()
     step("kernel parity", t0, kernel_parity(np.random.default_rng(0)))
 
-    from latenthash import Encoder, HashIndex
+    from latenthash import Encoder, open_index
 
     images = np.load(args.images)
     t0 = time.perf_counter()
@@ -69,7 +69,8 @@ def main() -> None:
                        f"first code {enc.codes[0].tobytes().hex()}")
 
     t0 = time.perf_counter()
-    index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim)
+    index = open_index(tempfile.mkdtemp(), create=True, save_new=False, bits=encoder.bits,
+                       feature_dim=encoder.feature_dim)
     index.add(np.arange(len(images)), enc.codes, enc.features, metadata=[{"row": i} for i in range(len(images))])
     hits = index.search(enc.codes[3], k=5, features=enc.features[3])
     if hits.ids[0, 0] != 3:

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -28,7 +28,17 @@ CodesLike = Sequence | np.ndarray  # packed uint8 rows (n, bits / 8), or 0/1 or 
 FeaturesLike = Sequence | np.ndarray  # float features (n, feature_dim), or one row
 
 
-@dataclass
+class Hit(NamedTuple):
+    """One hit: the item's id, its code's Hamming distance to the query, its cosine score (None when the search did
+    not re-rank) and its metadata (None when not asked for or none stored)."""
+
+    id: int
+    distance: int
+    score: float | None
+    metadata: Any
+
+
+@dataclass(repr=False)
 class SearchResult:
     """Hits of a batch of queries, one row per query, best first; rows shorter than the widest are padded with
     id -1, distance -1 and score NaN (`counts` says how many hits each row has).
@@ -45,11 +55,24 @@ class SearchResult:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def hits(self, query: int = 0) -> list[tuple[int, int, float | None]]:
-        """(id, distance, score) triples of one query, without padding."""
+    def hits(self, query: int = 0) -> list[Hit]:
+        """The hits of one query, best first, without padding: (id, distance, score, metadata) rows."""
         n = int(self.counts[query])
         scores = self.scores[query, :n].tolist() if self.scores is not None else [None] * n
-        return list(zip(self.ids[query, :n].tolist(), self.distances[query, :n].tolist(), scores))
+        meta = self.metadata[query][:n] if self.metadata is not None else [None] * n
+        return [Hit(*row) for row in zip(self.ids[query, :n].tolist(), self.distances[query, :n].tolist(), scores,
+                                         meta)]
+
+    def to_list(self) -> list[list[dict]]:
+        """Every query's hits as plain dicts (id, distance, score, metadata), for JSON."""
+        return [[hit._asdict() for hit in self.hits(q)] for q in range(len(self))]
+
+    def __repr__(self) -> str:
+        first = ", ".join(f"{h.id}@{h.distance}" + ("" if h.score is None else f" {h.score:.3f}")
+                          for h in self.hits(0)[:5]) if len(self) else ""
+        more = " ..." if len(self) and self.counts[0] > 5 else ""
+        return (f"SearchResult({len(self)} queries, up to {self.ids.shape[1]} hits each"
+                f"{', re-ranked' if self.scores is not None else ''}; query 0: [{first}{more}])")
 
 
 def padded(ids: np.ndarray, distances: np.ndarray, counts: np.ndarray, scores: np.ndarray | None,
@@ -307,11 +330,13 @@ def _open_dir(uri: str, *, bits: int | None = None, feature_dim: int | None = No
     path = index_directory(uri)
     assert path is not None  # BACKENDS sends only directory URIs here
     feature_dtype = options.pop("feature_dtype", "float16")
-    if create and not (path / "CURRENT").exists():
+    save_new = options.pop("save_new", True)
+    if create and not saved_index_at(path):
         if bits is None:
             raise InvalidInput(f"no index at {path}: pass bits= (and feature_dim=) to create one")
         index = HashIndex(bits=bits, feature_dim=feature_dim, feature_dtype=feature_dtype, path=path)
-        index.save(path)
+        if save_new:
+            index.save(path)
         return index
     index = HashIndex.open(path, **options)
     if bits is not None and bits != index.bits or feature_dim is not None and feature_dim != index.feature_dim:
@@ -368,10 +393,18 @@ def index_directory(uri: str | os.PathLike) -> Path | None:
     return Path(uri.removeprefix("file://")) if uri_scheme(uri) == "file" else None
 
 
+def saved_index_at(uri: str | os.PathLike) -> bool:
+    """Whether a directory URI holds a saved index (its CURRENT file); False for URIs of other backends, whose
+    collections are created or found when opened. The one "is there an index here?" check."""
+    root = index_directory(uri)
+    return root is not None and (root / "CURRENT").exists()
+
+
 def open_index(uri: str | os.PathLike, **options) -> IndexBackend:
     """Open an index named by URI: a directory path (or file://...) opens the embedded `HashIndex`;
     milvus://host:port/collection (or milvus-lite:///file.db/collection) a `MilvusIndex`.
 
     `bits=` and `feature_dim=` check an existing index (ModelMismatch when they differ); with `create=True` they
-    create the index when it does not exist yet. Other options go to the backend."""
+    create the index when it does not exist yet (a directory index is saved at once unless `save_new=False`: then
+    its first save() writes it, so an interrupted first run leaves none). Other options go to the backend."""
     return BACKENDS[uri_scheme(uri)](os.fspath(uri), **options)

@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -196,17 +195,10 @@ def build_index(
         source = encoder.info.data_source or {"kind": encoder.info.dataset or "fashion-mnist"}
         ds = load_dataset(dataset, data_dir) if dataset else load_source(source, data_dir, what=f"the model {model}")
         part = ds.train if split == "train" else ds.test
-        arrays, labels = part.images[:limit], part.labels[:limit]
+        arrays = part.images[:limit]
         with _index_for_writing(out, encoder, add=add, feature_dtype=feature_dtype, create=not add) as index:
             start = int(index.ids.max()) + 1 if add and len(index) else 0
-            metadata: list[dict[str, Any]]
-            if ds.multilabel:
-                metadata = [{"labels": [ds.class_names[j] for j in np.flatnonzero(row)]} for row in labels]
-            else:
-                metadata = [{"label": int(c), "class": ds.class_names[c]} for c in labels]
-            if part.paths:
-                for m, p in zip(metadata, part.paths):
-                    m["path"] = p
+            metadata = ds.metadata(part, limit)
             ids = np.arange(start, start + len(arrays))
             if ray:
                 from latenthash.ray_ingest import add_images_ray
@@ -228,19 +220,14 @@ def _index_for_writing(out: str, encoder, *, add: bool, feature_dtype: str, crea
     """The index an indexing run writes to, under the directory's lock until the run ends (no server or other
     indexer writes meanwhile). An existing one is refused without --add; a directory index not saved yet is built
     in memory and saved by the run, so an interrupted first run leaves none."""
-    from latenthash.backend import index_directory, open_index
-    from latenthash.index import HashIndex
+    from latenthash.backend import index_directory, open_index, saved_index_at
     from latenthash.storage import DirLock
 
-    root = index_directory(out)
-    if root is not None and not add and (root / "CURRENT").exists():
+    if not add and saved_index_at(out):
         raise LatentHashError(f"an index already exists at {out}: pass --add to append{hint}, or another --out")
-    with DirLock(root):
-        if create and root is not None and not (root / "CURRENT").exists():
-            index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim, feature_dtype=feature_dtype,
-                              path=root)
-        else:
-            index = open_index(out, create=create, bits=encoder.bits, feature_dim=encoder.feature_dim)
+    with DirLock(index_directory(out)):
+        index = open_index(out, create=create, bits=encoder.bits, feature_dim=encoder.feature_dim,
+                           **({"feature_dtype": feature_dtype, "save_new": False} if index_directory(out) else {}))
         index.model_info = encoder.info.to_dict()
         yield index
 
@@ -305,10 +292,7 @@ def search(
 
             searcher = Searcher(open_index(index), Encoder.open(model))
             result = searcher.search(images=blobs, k=k, pool=pool)
-        hits = [[{"id": int(result.ids[q, j]), "distance": int(result.distances[q, j]),
-                  "score": None if result.scores is None else float(result.scores[q, j]),
-                  "metadata": result.metadata[q][j] if result.metadata else None}
-                 for j in range(int(result.counts[q]))] for q in range(len(queries))]
+        hits = result.to_list()
         if as_json:
             typer.echo(json.dumps([{"query": str(q), "hits": h} for q, h in zip(queries, hits)], indent=1))
         else:
@@ -434,7 +418,7 @@ def quickstart(
     """The main job: train, export, index, serve, query through the client, report quality and speed."""
     try:
         _need_torch("the main job")
-        from latenthash.export.quickstart import run
+        from latenthash.quickstart import run
 
         run(out, dataset=dataset, bits=bits, epochs=epochs)
     except (LatentHashError, OSError) as exc:

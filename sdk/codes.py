@@ -64,10 +64,17 @@ def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
     return np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, count=bits).astype(bool)
 
 
+THRESHOLD = 0.5  # a code bit is 1 where the latent layer's sigmoid activation is at least this
+
+
+def bits_of(probs: np.ndarray) -> np.ndarray:
+    """The latent layer's sigmoid activations -> code bits, bool (N, bits)."""
+    return np.asarray(probs) >= THRESHOLD
+
+
 def threshold(probs: np.ndarray) -> np.ndarray:
-    """The latent layer's sigmoid activations -> packed codes: bit = activation >= 0.5."""
-    probs = np.asarray(probs)
-    return np.packbits(probs >= 0.5, axis=1)
+    """The latent layer's sigmoid activations -> packed codes."""
+    return np.packbits(bits_of(probs), axis=1)
 
 
 def to_words(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from latenthash.codes import threshold
+from latenthash.codes import n_bytes, threshold
 from latenthash.errors import InvalidInput, ModelMismatch
 from latenthash.limits import MAX_IMAGE_PIXELS
 from latenthash.precision import precision_of
@@ -60,6 +60,15 @@ class ModelInfo:
             raise ModelMismatch(f"{path} lacks latenthash metadata ({exc}): export it with `latenthash export`") \
                 from None
 
+    def to_metadata(self) -> dict[str, str]:
+        """The ONNX metadata `from_metadata` reads this from: the one place its keys are written."""
+        import json
+
+        return {"latenthash_version": self.version, "bits": str(self.bits), "feature_dim": str(self.feature_dim),
+                "input_height": str(self.height), "input_width": str(self.width),
+                "input_channels": str(self.channels), "class_names": json.dumps(list(self.class_names)),
+                "dataset": self.dataset, "precision": self.precision, "data_source": json.dumps(self.data_source)}
+
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "feature_dim": self.feature_dim, "input_shape": [self.height, self.width,
                 self.channels], "class_names": list(self.class_names), "dataset": self.dataset,
@@ -83,7 +92,6 @@ class Encoder:
     @classmethod
     def open(cls, path: str | os.PathLike, *, runtime: str = "auto", batch_size: int = 64, **options) -> Encoder:
         from latenthash.runtimes import create_runtime
-        from latenthash.runtimes.onnxruntime import OnnxRuntime
 
         path = os.fspath(path)
         if not os.path.isfile(path):
@@ -91,9 +99,7 @@ class Encoder:
 
             raise NotFound(f"model file not found: {path}")
         rt = create_runtime(runtime, path, **options)
-        meta = rt.metadata if isinstance(rt, OnnxRuntime) else OnnxRuntime(
-            path, providers=["CPUExecutionProvider"]).metadata
-        return cls(rt, ModelInfo.from_metadata(meta, path), path, batch_size=batch_size)
+        return cls(rt, ModelInfo.from_metadata(rt.metadata, path), path, batch_size=batch_size)
 
     @property
     def bits(self) -> int:
@@ -163,7 +169,7 @@ class Encoder:
         """Codes (packed uint8) and L2-normalized features of a batch, run in chunks of `batch_size`."""
         batch = self.to_array(images)
         if not len(batch):  # an empty batch encodes to empty arrays of the right shapes
-            return EncodeResult(np.zeros((0, (self.bits + 7) // 8), np.uint8), np.zeros((0, self.feature_dim),
+            return EncodeResult(np.zeros((0, n_bytes(self.bits)), np.uint8), np.zeros((0, self.feature_dim),
                                 np.float32), np.zeros((0, self.bits), np.float32) if return_probs else None)
         probs, feats = [], []
         for i in range(0, len(batch), self.batch_size):

@@ -47,7 +47,11 @@ class NotFound(LatentHashError, KeyError, grpc_code="NOT_FOUND"):
     __str__ = LatentHashError.__str__  # KeyError quotes its message; keep it readable
 
 
-class DataError(LatentHashError, grpc_code="FAILED_PRECONDITION"):
+class FailedPrecondition(LatentHashError, grpc_code="FAILED_PRECONDITION"):
+    """The call is well formed but the state it needs is not there (the kinds below)."""
+
+
+class DataError(FailedPrecondition):
     """A data file is missing, truncated or not in the format its name promises."""
 
 
@@ -55,7 +59,7 @@ class IndexCorrupt(LatentHashError, grpc_code="DATA_LOSS"):
     """An index directory fails its header or checksum checks."""
 
 
-class ModelMismatch(LatentHashError, grpc_code="FAILED_PRECONDITION"):
+class ModelMismatch(FailedPrecondition):
     """A model and an index (or a code and an index) disagree on bits, feature size or input shape."""
 
 
@@ -75,7 +79,15 @@ class Unavailable(LatentHashError, grpc_code="UNAVAILABLE"):
     """The service cannot be reached (after retries) or is shutting down."""
 
 
-class StorageFull(LatentHashError, grpc_code="RESOURCE_EXHAUSTED"):
+class DeadlineExceeded(Unavailable, grpc_code="DEADLINE_EXCEEDED"):
+    """The call's deadline passed before it was answered."""
+
+
+class ResourceExhausted(LatentHashError, grpc_code="RESOURCE_EXHAUSTED"):
+    """A size or space limit was reached: a gRPC message over its limit, or the disk (below)."""
+
+
+class StorageFull(ResourceExhausted):
     """The disk is full (or a quota or file-size limit is reached): nothing of the refused write was stored."""
 
 
@@ -96,19 +108,32 @@ def require(module: str, *, extra: str | None, purpose: str):
             from exc
 
 
+def class_for_status(code: str) -> type[LatentHashError]:
+    """The class a gRPC status code stands for when no trailer names one (a status from gRPC itself, or from an
+    older server): the most general class answered with that code, derived from the classes' `grpc_code`."""
+    found: type[LatentHashError] = LatentHashError
+    todo = list(LatentHashError.__subclasses__())
+    while todo:
+        cls = todo.pop(0)  # breadth first
+        if vars(cls).get("grpc_code") == code:  # declared by the class, not inherited
+            return cls  # breadth first, so the most general class with this code
+        todo += cls.__subclasses__()
+    return found
+
+
 def to_trailers(exc: LatentHashError) -> tuple[tuple[str, str], ...]:
     """The class (and request index) of an error as gRPC trailing metadata."""
     out = ((CLASS_KEY, type(exc).__name__),)
     return out + (((INDEX_KEY, str(exc.request_index)),) if exc.request_index is not None else ())
 
 
-def from_status(code: str, details: str, trailers, default: type[LatentHashError]) -> LatentHashError:
-    """The error a server sent: its own class and request index when the trailers name them (else `default`, the
-    class for the status code), with the server's message."""
+def from_status(code: str, details: str, trailers) -> LatentHashError:
+    """The error a server sent: its own class and request index when the trailers name them (else the class for
+    the status code), with the server's message."""
     meta = {k: v for k, v in trailers or ()}
     cls = globals().get(meta.get(CLASS_KEY, ""))
     if not (isinstance(cls, type) and issubclass(cls, LatentHashError)):
-        cls = default
+        cls = class_for_status(code)
     index = meta.get(INDEX_KEY)
     index = int(index) if index is not None and index.lstrip("-").isdigit() else None
     if index is not None:

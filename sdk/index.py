@@ -46,7 +46,7 @@ from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_wor
 from latenthash.dedup import DuplicateGroup, find_duplicates
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
 from latenthash.generations import read_generation, write_generation
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, default_pool
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, pool_size
 from latenthash.storage import DirLock
 
 FEATURE_DTYPES = ("float32", "float16", "int8")
@@ -243,7 +243,7 @@ class HashIndex:
         """Two-step search for one query code or a batch.
 
         Step 1 takes the Hamming candidate pool by distance: every item at distance <= d*, the smallest distance at
-        which at least `pool` items are covered (default `limits.default_pool`): whole distance shells, so a tie at the
+        which at least `pool` items are covered (default `limits.pool_size`): whole distance shells, so a tie at the
         boundary is never cut by storage order; or every item within `radius`. Step 2 (when `features` are given
         and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine similarity and keeps
         the best k (a large index first ranks its pool by feature sketches laid out by code, and re-scores exactly
@@ -262,7 +262,7 @@ class HashIndex:
         if threads is not None:
             _kernels().set_threads(threads)
         snap = self._snap  # one consistent view for the whole call
-        target = default_pool(k) if pool is None else pool
+        target = pool_size(k, pool)
         if bool(snap.words.flags.writeable) in self._pending:  # its kernels are compiling: answer without them
             return padded(*numpy_search.search(snap.words, snap.ids[: snap.n], snap.features, snap.scales, qw, qf,
                                                k=k, radius=radius, target=target, bits=self.bits), k)

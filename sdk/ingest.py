@@ -14,6 +14,7 @@ import numpy as np
 
 from latenthash.backend import IndexBackend
 from latenthash.encoder import Encoder
+from latenthash.search import Searcher
 
 
 def add_images(index: IndexBackend, encoder: Encoder, images: np.ndarray, *, ids: np.ndarray,
@@ -25,12 +26,12 @@ def add_images(index: IndexBackend, encoder: Encoder, images: np.ndarray, *, ids
         from latenthash.errors import InvalidInput
 
         raise InvalidInput(f"{len(ids)} ids for {len(images)} images")
+    searcher = Searcher(index, encoder)
     with progress_bar(total=len(images), show=progress, desc="index", unit="img") as bar:
         for lo in range(0, len(images), batch_size):
             hi = min(len(images), lo + batch_size)
-            enc = encoder.encode(images[lo:hi])
-            index.add(ids[lo:hi], enc.codes, enc.features if index.feature_dim else None,
-                      list(metadata[lo:hi]) if metadata is not None else None)
+            searcher.upsert(ids[lo:hi], images=images[lo:hi],
+                            metadata=list(metadata[lo:hi]) if metadata is not None else None)
             bar.update(hi - lo)
     return len(images)
 
@@ -88,9 +89,8 @@ def add_image_files(index: IndexBackend, encoder: Encoder, paths: Sequence[str],
                 except (InvalidInput, OSError) as exc:
                     out.bad.append((path, str(exc)))
             if kept:
-                enc = encoder.encode(np.stack(arrays))
-                ids = np.arange(next_id, next_id + len(kept))
-                index.add(ids, enc.codes, enc.features if index.feature_dim else None, [{"path": p} for p in kept])
+                Searcher(index, encoder).upsert(np.arange(next_id, next_id + len(kept)), images=np.stack(arrays),
+                                                metadata=[{"path": p} for p in kept])
                 next_id += len(kept)
                 out.added += len(kept)
                 since += len(kept)

@@ -19,7 +19,7 @@ DEDUP_RADIUS = 2
 DEDUP_MIN_SCORE = 0.998
 
 
-def default_pool(k: int) -> int:
-    """Step 1's pool target when a search names none: max(100 k, 10,000) (recall against time at 60k and ~1M
-    items: benchmarks/RESULTS.md)."""
-    return min(max(100 * k, 10_000), MAX_POOL)
+def pool_size(k: int, pool: int | None = None) -> int:
+    """Step 1's pool target: `pool` when a search names one, else max(100 k, 10,000) (recall against time at 60k
+    and ~1M items: benchmarks/RESULTS.md). The one place the default is applied."""
+    return min(max(100 * k, 10_000), MAX_POOL) if pool is None else pool

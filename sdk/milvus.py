@@ -39,7 +39,7 @@ import numpy as np
 from latenthash import backend as seam  # the seam's types, validators and URI parser
 from latenthash.codes import check_bits
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
-from latenthash.limits import MAX_K, default_pool
+from latenthash.limits import MAX_K, pool_size
 
 MAX_TOPK = 16384  # Milvus's limit on hits per query
 INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
@@ -127,9 +127,6 @@ class MilvusIndex:
         if bits % 8:
             raise InvalidInput(f"Milvus binary vectors need a multiple of 8 bits, got {bits}")
         pm = _pymilvus()
-        schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
-                                               description=json.dumps({"latenthash": 1, "bits": bits}))
-        schema.add_field("id", pm.DataType.INT64, is_primary=True)
         self.bits, self.feature_dim = bits, int(feature_dim) if feature_dim else None
         try:
             self._create_with(pm, vector_features=True)
@@ -288,7 +285,7 @@ class MilvusIndex:
         packed, qf = seam.check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
                                  feature_dim=self.feature_dim, max_k=self.max_k, max_pool=MAX_TOPK)
         do_rerank = qf is not None
-        step1 = (min(default_pool(k), MAX_TOPK) if pool is None else pool) if do_rerank else k
+        step1 = min(pool_size(k, pool), MAX_TOPK) if do_rerank else k
         hits = self._hamming(packed, step1, radius)
         if not do_rerank:
             return seam.from_hits(hits, k, False)

@@ -18,6 +18,7 @@ import numpy as np
 
 from latenthash.backend import IndexBackend
 from latenthash.errors import DataError, InvalidInput, require
+from latenthash.search import Searcher
 
 
 class EncodeBatches:
@@ -116,12 +117,12 @@ def add_images_ray(index: IndexBackend, model: str | os.PathLike, *, ids, images
             compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads_per_worker, num_gpus=gpus_per_worker,
             fn_constructor_kwargs={"model": os.fspath(model), "source": source, "runtime": runtime,
                                    "threads": threads_per_worker})
-        done = 0
+        done, searcher = 0, Searcher(index)
         with progress_bar(total=n, show=progress, desc=f"index (ray, {workers} workers)", unit="img") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 pos = batch["pos"]
-                index.add(ids[pos], batch["codes"], batch["features"] if index.feature_dim else None,
-                          [metadata[p] for p in pos.tolist()] if metadata is not None else None)
+                searcher.upsert(ids[pos], codes=batch["codes"], features=batch["features"],
+                                metadata=[metadata[p] for p in pos.tolist()] if metadata is not None else None)
                 done += len(pos)
                 bar.update(len(pos))
         return done

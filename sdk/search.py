@@ -8,18 +8,19 @@ congruence tests check that both return the same hits).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from latenthash.backend import IndexBackend, Items, SearchResult, check_k, from_flat
+from latenthash.api import Query, SearchOptions
+from latenthash.backend import IndexBackend, Items, SearchResult, from_flat
 from latenthash.codes import pack_codes
 from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, default_pool
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, pool_size
 
 
 class Searcher:
@@ -36,8 +37,13 @@ class Searcher:
 
     def _require_encoder(self) -> Encoder:
         if self.encoder is None:
-            raise InvalidInput("this searcher has no model: query by code, or open it with a model")
+            raise InvalidInput("this searcher has no model (a server: --model): query by code instead of image, or "
+                               "open it with a model")
         return self.encoder
+
+    def decode(self, images) -> np.ndarray:
+        """Images (arrays, encoded bytes, PIL) checked and decoded to the model's input, uint8 (N, H, W, C)."""
+        return self._require_encoder().to_array(images)
 
     def encode(self, images) -> EncodeResult:
         return self._require_encoder().encode(images)
@@ -54,6 +60,42 @@ class Searcher:
                       min_score=DEDUP_MIN_SCORE if min_score is None else min_score, progress=progress)
         return [replace(g, metadata=self.index.metadata(g.ids)) for g in groups] if metadata else groups
 
+    # ------------------------------------------------------------------------------------------ what it holds
+    @property
+    def bits(self) -> int:
+        return self.index.bits
+
+    @property
+    def feature_dim(self) -> int | None:
+        return self.index.feature_dim
+
+    @property
+    def max_k(self) -> int:
+        return self.index.max_k
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def metadata_json(self, ids) -> list[str | None]:
+        """The stored metadata of `ids` as JSON text, as stored (what the server sends on without decoding)."""
+        return self.index.metadata_json(ids)
+
+    def warmup(self) -> float:
+        return self.index.warmup()
+
+    def save(self) -> bool:
+        """Persist the index where it lives; False for an index with nowhere to save to."""
+        if self.index.path is None:
+            return False
+        self.index.save()
+        return True
+
+    def _stored(self, features):
+        """The features to search or store with: the given ones when the index stores features, else None (the
+        one place that decides)."""
+        return features if self.index.feature_dim else None
+
+    # ------------------------------------------------------------------------------------------ searches
     def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
                radius: int | None = None, rerank: bool | None = None, label: str | None = None,
                metadata: bool = True) -> SearchResult:
@@ -62,49 +104,72 @@ class Searcher:
         step-1 pool. Hits carry their metadata unless `metadata=False` (then `result.metadata` is None)."""
         if (images is None) == (codes is None):
             raise InvalidInput("search needs exactly one of images= or codes=")
-        check_k(k, self.index.max_k)
-        if images is not None:
-            enc = self.encode(images)
-            codes, features = enc.codes, (enc.features if self.index.feature_dim else None)
-        if label is None:
-            result = self.index.search(codes, k, features=features, pool=pool, radius=radius, rerank=rerank)
-        else:
-            result = self._search_label(codes, k, features, pool, radius, rerank, str(label))
+        options = SearchOptions(k, pool, radius, rerank, None if label is None else str(label), metadata)
+        result = self.search_many([Query(codes, features, images, options)])[0]
+        if isinstance(result, LatentHashError):
+            raise result
         return self.with_metadata(result) if metadata else result
 
-    def search_many(self, requests: Sequence[tuple]) -> list:
-        """Many queries at once, as a server receives them: each request is (codes (m, nb), features (m, D) or None,
-        options) with options as `search` takes them (k, pool, radius, rerank, label). One index search per
-        distinct set of options and shapes; a labelled request is searched on its own. Returns each request's
-        `SearchResult` (the rows a search of its own would return; no metadata) or the `LatentHashError` it raised:
-        a bad request is searched alone, so it never fails its neighbours."""
-        groups: dict[tuple, list[int]] = {}
-        out: list[Any] = [None] * len(requests)
-        for i, (codes, features, options) in enumerate(requests):
-            if options.get("label") is not None:
+    def encode_queries(self, queries: Sequence[Query | LatentHashError], encode: Callable | None = None) -> list:
+        """Image queries encoded, all of a call's images in one encoder call (`encode`: the server's batcher, else
+        the model), with their features when the index stores them. Each query as codes, or the
+        `LatentHashError` that its images raised (decoded one query at a time, so a bad image fails its own);
+        errors passed in are passed on."""
+        out: list[Any] = list(queries)
+        arrays, todo = [], []
+        for i, q in enumerate(queries):
+            if isinstance(q, Query) and q.codes is None:
                 try:
-                    out[i] = self.search(codes=codes, features=features, metadata=False, **options)
+                    arrays.append(self.decode(q.images))
+                    todo.append(i)
                 except LatentHashError as exc:
                     out[i] = exc
+        if arrays:
+            enc = (encode or self.encode)(np.concatenate(arrays))
+            lo = 0
+            for i, a in zip(todo, arrays):
+                out[i] = replace(out[i], codes=enc.codes[lo:lo + len(a)], images=None,
+                                 features=self._stored(enc.features[lo:lo + len(a)]))
+                lo += len(a)
+        return out
+
+    def search_many(self, queries: Sequence[Query | LatentHashError], encode: Callable | None = None) -> list:
+        """Many queries at once, as a server receives them (image queries are encoded first, see
+        `encode_queries`). One index search per distinct set of options and shapes; a labelled query is searched
+        on its own. Returns each query's `SearchResult` (the rows a search of its own would return; no metadata)
+        or the `LatentHashError` it raised: a bad query is searched alone, so it never fails its neighbours; an
+        error passed in is passed on."""
+        queries = self.encode_queries(queries, encode)
+        groups: dict[tuple, list[int]] = {}
+        out: list[Any] = list(queries)
+        for i, q in enumerate(queries):
+            if isinstance(q, LatentHashError):
                 continue
-            shape = None if features is None else np.shape(features)[1:]  # unlike shapes never share a search
-            plain = tuple(sorted((k, v) for k, v in options.items() if k != "label"))
-            groups.setdefault((shape, np.shape(codes)[1:], plain), []).append(i)
+            try:
+                q.options.checked(self.index.max_k)
+                if q.options.label is not None:
+                    out[i] = self._search_label(q)
+                    continue
+            except LatentHashError as exc:
+                out[i] = exc
+                continue
+            shape = None if q.features is None else np.shape(q.features)[1:]  # unlike shapes never share a search
+            groups.setdefault((shape, np.shape(q.codes)[1:], replace(q.options, metadata=True)), []).append(i)
         for (shape, _, options), members in groups.items():
             if len(members) == 1:  # the common case of one query: no copies
-                codes, feats = requests[members[0]][:2]
+                codes, feats = queries[members[0]].codes, queries[members[0]].features
             else:
-                codes = np.concatenate([requests[i][0] for i in members])
-                feats = None if shape is None else np.concatenate([requests[i][1] for i in members])
+                codes = np.concatenate([queries[i].codes for i in members])
+                feats = None if shape is None else np.concatenate([queries[i].features for i in members])
             try:
-                res = self.index.search(codes, features=feats, **dict(options))
+                res = self.index.search(codes, features=feats, **options.index_options())
             except LatentHashError as exc:
                 for i in members:
-                    out[i] = exc if len(members) == 1 else self.search_many([requests[i]])[0]
+                    out[i] = exc if len(members) == 1 else self.search_many([queries[i]])[0]
                 continue
             lo = 0
             for i in members:
-                hi = lo + len(requests[i][0])
+                hi = lo + len(queries[i])
                 width = max(int(res.counts[lo:hi].max(initial=0)), 1) if len(members) > 1 else res.ids.shape[1]
                 out[i] = SearchResult(res.ids[lo:hi, :width], res.distances[lo:hi, :width], res.counts[lo:hi],
                                       None if res.scores is None else res.scores[lo:hi, :width])
@@ -116,10 +181,12 @@ class Searcher:
         result.metadata = [self.index.metadata(row[:n]) for row, n in zip(result.ids, result.counts)]
         return result
 
-    def _search_label(self, codes, k, features, pool, radius, rerank, label: str) -> SearchResult:
+    def _search_label(self, q: Query) -> SearchResult:
         """Filter the step-1 pool by label, then keep the best k (re-ranked order when re-ranking)."""
-        width = max(k, min(default_pool(k) if pool is None else pool, self.index.max_k))  # the pool, as hits
-        full = self.index.search(codes, width, features=features, pool=width, radius=radius, rerank=rerank)
+        k, label = q.options.k, str(q.options.label)
+        width = max(k, min(pool_size(k, q.options.pool), self.index.max_k))  # the pool, as hits
+        full = self.index.search(q.codes, width, features=q.features, pool=width, radius=q.options.radius,
+                                 rerank=q.options.rerank)
         counts, rows, cols = [], [], []
         for i in range(len(full.ids)):
             keep = self._first_with_label(full.ids[i, :int(full.counts[i])], label, k)
@@ -149,8 +216,8 @@ class Searcher:
             raise InvalidInput("upsert needs exactly one of images= or codes=")
         if images is not None:
             enc = self.encode(images)
-            codes, features = enc.codes, enc.features if self.index.feature_dim else None
-        replaced = self.index.add(ids, pack_codes(codes, self.index.bits), features, metadata)
+            codes, features = enc.codes, enc.features
+        replaced = self.index.add(ids, pack_codes(codes, self.index.bits), self._stored(features), metadata)
         return len(ids), replaced
 
     def delete(self, ids) -> tuple[int, int]:

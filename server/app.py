@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from latenthash.backend import index_directory, open_index
+from latenthash.backend import index_directory, open_index, saved_index_at
 from latenthash.errors import InvalidInput, LatentHashError, NotFound
 from latenthash.limits import MAX_MESSAGE_MB
 from latenthash.search import Searcher
@@ -32,6 +32,8 @@ from latenthash.server.service import HashSearchService
 from latenthash.server.wal import WriteAheadLog
 from latenthash.storage import DirLock
 from latenthash.v1 import search_pb2
+
+CHECKPOINT_WAL_BYTES = 64 << 20  # log replayed after a crash at most (start-up time), between checkpoints
 
 log = logging.getLogger("latenthash.server")
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["HashSearch"].full_name
@@ -92,15 +94,32 @@ class LatentHashServer:
             if batcher is not None:
                 batcher.close()
         with self.service.write_lock:  # a write still running finishes (and is logged) before the checkpoint
-            saved = self.service.checkpoint()
+            saved = checkpoint(self.searcher, self.service.wal)
             if self.service.wal is not None:
                 self.service.wal.close()
         self.metrics.close()
         self.lock.release()
-        log.info(json.dumps({"event": "stopped", "items": len(self.searcher.index), "checkpointed": saved}))
+        log.info(json.dumps({"event": "stopped", "items": len(self.searcher), "checkpointed": saved}))
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
+
+
+def checkpoint(searcher: Searcher, wal: WriteAheadLog | None, min_log_bytes: int = 0) -> bool:
+    """The checkpoint policy: once the log holds at least `min_log_bytes`, save the index, then empty the log (the
+    caller holds the write lock or the server is stopped). A save that fails (full or read-only disk) is logged and
+    leaves the log as it is: nothing is lost, and the next checkpoint tries again. Returns whether it saved."""
+    if wal is not None and wal.size() < min_log_bytes:
+        return False
+    try:
+        if not searcher.save():
+            return False
+    except (OSError, LatentHashError) as exc:
+        log.error(json.dumps({"event": "checkpoint_failed", "error": str(exc), "wal_bytes": wal.size() if wal else 0}))
+        return False
+    if wal is not None:
+        wal.truncate()
+    return True
 
 
 def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None, DirLock]:
@@ -119,7 +138,7 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
         index = open_index(config.index, create=config.create and encoder is not None, **shape)
         index.defer_warmup()
         return Searcher(index, encoder), None, DirLock(None)
-    if not (root / "CURRENT").exists():
+    if not saved_index_at(root):
         if not config.create:
             raise NotFound(f"no index at {root}: check the path, or pass --create (with --model) to start an "
                            f"empty one")
@@ -160,7 +179,9 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
                if searcher.encoder is not None and config.batch_max > 1 else None)
     searches = (search_batcher(searcher, max_batch=config.search_batch_max,
                                max_delay_ms=config.search_batch_delay_ms) if config.search_batch_max > 1 else None)
-    service = HashSearchService(searcher, batcher=batcher, search_batcher=searches, wal=wal, metrics=metrics)
+    policy = None if wal is None else lambda: checkpoint(searcher, wal, CHECKPOINT_WAL_BYTES)
+    service = HashSearchService(searcher, batcher=batcher, search_batcher=searches, wal=wal, metrics=metrics,
+                                after_write=policy)
     size = config.max_message_mb << 20
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="latenthash-rpc"),
@@ -181,11 +202,11 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     server.start()
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    log.info(json.dumps({"event": "started", "address": f"{config.host}:{port}", "items": len(searcher.index),
+    log.info(json.dumps({"event": "started", "address": f"{config.host}:{port}", "items": len(searcher),
                          "tls": bool(config.tls_cert), "auth": bool(config.token), "metrics_port": metrics.port}))
     running = LatentHashServer(server, service, health_servicer, metrics, lock)
     try:  # serving already (without compiled kernels); compiled in this thread, as it runs on (see warmup)
-        log.info(json.dumps({"event": "warm", "seconds": round(searcher.index.warmup(), 3)}))
+        log.info(json.dumps({"event": "warm", "seconds": round(searcher.warmup(), 3)}))
     except BaseException:
         running.stop(0)
         raise

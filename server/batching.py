@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from latenthash.api import Query
 from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import Unavailable
 from latenthash.search import Searcher
@@ -113,5 +114,6 @@ def encode_batcher(encoder: Encoder, *, max_batch: int = 64, max_delay_ms: float
 
 def search_batcher(searcher: Searcher, *, max_batch: int = 64, max_delay_ms: float = 0.0) -> DynamicBatcher:
     """Concurrent queries merged into as few index searches as their options allow (`Searcher.search_many`)."""
-    return DynamicBatcher(searcher.search_many, rows=lambda r: len(r[0]), max_batch=max_batch,
+    return DynamicBatcher(searcher.search_many, rows=lambda q: len(q) if isinstance(q, Query) else 1,
+                          max_batch=max_batch,
                           max_delay_ms=max_delay_ms, name="search-batcher")

@@ -1,7 +1,8 @@
-"""The HashSearch servicer: protobuf in, `Searcher` calls, protobuf out; errors mapped to status codes.
+"""The HashSearch servicer: each RPC decodes its request (wire.py), calls the `Searcher`, encodes the answer.
 
 Every `LatentHashError` becomes its class's gRPC status with the message (the client maps it back to the same
-exception); anything unexpected is logged and answered INTERNAL, and the server keeps serving.
+exception); anything unexpected is logged and answered INTERNAL, and the server keeps serving. Writes go to the
+write-ahead log before they are applied; `after_write` (the server's checkpoint policy) runs after each.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 
 from latenthash import wire
-from latenthash.backend import check_features, check_items, parse_metadata_json
-from latenthash.errors import InvalidInput, LatentHashError, to_trailers
-from latenthash.limits import MAX_BATCH_QUERIES, MAX_UPSERT_ITEMS
+from latenthash.backend import check_features, check_items
+from latenthash.errors import LatentHashError, to_trailers
 from latenthash.search import Searcher
 from latenthash.server.batching import DynamicBatcher
 from latenthash.server.wal import WriteAheadLog
@@ -30,17 +30,12 @@ from latenthash.v1 import search_pb2_grpc as pb_grpc
 log = logging.getLogger("latenthash.server")
 STREAM_WINDOW = 1024  # unanswered requests a SearchStream buffers before it stops reading
 _END = object()
-CHECKPOINT_WAL_BYTES = 64 << 20  # log replayed after a crash at most (start-up time), between checkpoints
-
-
-def status_of(exc: LatentHashError) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
 
 def abort(context, exc: LatentHashError):
     """End the call with the error's status, message, class and request index (see errors.to_trailers)."""
     context.set_trailing_metadata(to_trailers(exc))
-    context.abort(status_of(exc), str(exc))
+    context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), str(exc))
 
 
 def rpc(method):
@@ -91,165 +86,77 @@ def _read_stream(request_iterator, inbox: queue.Queue, stop: threading.Event) ->
         put(exc)
 
 
+def _first_error(responses: list) -> list:
+    """The responses, or the first request's error raised (naming the request when there are several)."""
+    for i, r in enumerate(responses):
+        if isinstance(r, BaseException):
+            raise r.at(i) if len(responses) > 1 and isinstance(r, LatentHashError) else r
+    return responses
+
+
 class HashSearchService(pb_grpc.HashSearchServicer):
     def __init__(self, searcher: Searcher, *, batcher: DynamicBatcher | None, wal: WriteAheadLog | None,
-                 metrics, search_batcher: DynamicBatcher | None = None):
+                 metrics, search_batcher: DynamicBatcher | None = None, after_write: Callable | None = None):
         self.searcher = searcher
         self.batcher = batcher
         self.search_batcher = search_batcher
         self.wal = wal
         self.metrics = metrics
-        self.max_k = searcher.index.max_k  # the backend's own limit (limits.MAX_K or lower)
+        self.after_write = after_write
         self.write_lock = threading.Lock()  # WAL order == apply order
         if metrics.enabled:
-            metrics.set_items(len(searcher.index))
+            metrics.set_items(len(searcher))
 
-    # -------------------------------------------------------------------------------------------- helpers
-    def _encoder(self):
-        if self.searcher.encoder is None:
-            raise InvalidInput("this server has no model (--model): query by code instead of image")
-        return self.searcher.encoder
-
-    def _encode(self, images) -> Any:
-        """Decoded and checked here (errors stay the caller's), encoded in a shared batch when batching is on."""
-        arrays = self._encoder().to_array(images)
+    def _encode(self, arrays: np.ndarray):
+        """Decoded images encoded in a batch shared with concurrent calls when batching is on."""
         return self.batcher.submit(arrays) if self.batcher is not None else self.searcher.encode(arrays)
 
-    @staticmethod
-    def _tensor(t: pb.ImageTensor) -> np.ndarray:
-        if t.channels not in (1, 3) or not t.height or not t.width:
-            raise InvalidInput("tensor needs height, width > 0 and channels 1 or 3, "
-                               f"got {t.height}x{t.width}x{t.channels}")
-        if len(t.data) != t.height * t.width * t.channels:
-            raise InvalidInput(f"tensor data holds {len(t.data)} bytes; {t.height}x{t.width}x{t.channels} needs "
-                               f"{t.height * t.width * t.channels}")
-        return wire.from_tensor(t)
-
-    def _code(self, data: bytes) -> np.ndarray:
-        nb = (self.searcher.index.bits + 7) // 8
-        if len(data) != nb:
-            raise InvalidInput(f"code has {len(data)} bytes; this index holds {self.searcher.index.bits}-bit codes "
-                               f"({nb} bytes, packed MSB-first)")
-        return np.frombuffer(data, np.uint8).reshape(1, nb)
-
-    def _options(self, req) -> dict:
-        """k, pool, radius and rerank of a SearchRequest or SearchCodesRequest (the fields they share), k checked."""
-        if not 1 <= req.k <= self.max_k:
-            raise InvalidInput(f"k must be from 1 to {self.max_k}, got {req.k}")
-        return {"k": req.k, "pool": req.pool or None, "radius": req.radius if req.HasField("radius") else None,
-                "rerank": req.rerank if req.HasField("rerank") else None}
-
-    def _parse(self, req: pb.SearchRequest) -> dict:
-        """A request checked and unpacked: codes (1, nb) or an image to encode, features, options, label."""
-        if not req.HasField("query") or req.query.WhichOneof("kind") is None:
-            raise InvalidInput("empty request: set query.image, query.tensor or query.code")
-        q = req.query
-        kind = q.WhichOneof("kind")
-        parsed = {"codes": None, "features": None, "image": None, "label": req.label if req.HasField("label") else None,
-                  "options": self._options(req)}
-        if kind == "code":
-            parsed["codes"] = self._code(q.code)
-            if q.feature:
-                parsed["features"] = np.asarray(q.feature, np.float32)[None]
-        else:  # decoded and checked now, so a bad image fails its own request only
-            parsed["image"] = self._encoder().to_array([q.image] if kind == "image" else self._tensor(q.tensor))
-        return parsed
-
-    def _encode_queries(self, queries: list) -> float:
-        """Encode every image query of a call in one encoder call; returns its milliseconds."""
-        rows = [q for q in queries if isinstance(q, dict) and q["image"] is not None]
-        if not rows:
-            return 0.0
-        t0 = time.perf_counter()
-        enc = self._encode(np.concatenate([q["image"] for q in rows]))
-        with_features = bool(self.searcher.index.feature_dim)
-        for j, q in enumerate(rows):
-            q["codes"], q["features"] = enc.codes[j:j + 1], enc.features[j:j + 1] if with_features else None
-        return (time.perf_counter() - t0) * 1e3
-
-    def _search_many(self, requests) -> list:
-        """Answer a call's queries together: one encoder call for its images, one index search per distinct set of
-        options (merged with other calls' queries by the search batcher). Each request's response, or the
+    def _search_many(self, queries: list) -> list:
+        """A call's queries answered together: their images in one encoder call, one index search per distinct set
+        of options (merged with other calls' queries by the search batcher). Each query's SearchResponse, or the
         `LatentHashError` it raised, in order. Timings of shared steps are the shared step's."""
         t0 = time.perf_counter()
-        queries: list = []
-        for req in requests:
-            try:
-                queries.append(self._parse(req))
-            except LatentHashError as exc:
-                queries.append(exc)
-        encode_ms = self._encode_queries(queries)
+        queries = self.searcher.encode_queries(queries, self._encode)
         t1 = time.perf_counter()
-        valid = [i for i, q in enumerate(queries) if isinstance(q, dict)]
-        batch = [(queries[i]["codes"], queries[i]["features"], queries[i]["options"] | {"label": queries[i]["label"]})
-                 for i in valid]
-        found = self.search_batcher.submit_many(batch) if self.search_batcher is not None \
-            else self.searcher.search_many(batch)
-        results: list = [q if isinstance(q, LatentHashError) else None for q in queries]
-        for i, res in zip(valid, found):
-            results[i] = res
-        search_ms = (time.perf_counter() - t1) * 1e3
-        return [res if isinstance(res, BaseException) else self._response(res, encode_ms, search_ms, t0)
-                for res in results]
+        found = (self.search_batcher.submit_many if self.search_batcher is not None
+                 else self.searcher.search_many)(queries)
+        timings = {"encode_ms": (t1 - t0) * 1e3, "search_ms": (time.perf_counter() - t1) * 1e3}
+        out = []
+        for res in found:
+            if isinstance(res, BaseException):
+                out.append(res)
+                continue
+            resp = wire.to_search_response(res, self.searcher.metadata_json(res.ids[0, :res.counts[0]]))
+            resp.timings.CopyFrom(pb.Timings(total_ms=(time.perf_counter() - t0) * 1e3, **timings))
+            out.append(resp)
+        return out
 
-    def _response(self, result, encode_ms: float, search_ms: float, t0: float) -> pb.SearchResponse:
-        texts = self.searcher.index.metadata_json(result.ids[0, :result.counts[0]])  # sent on as stored
-        resp = wire.to_search_response(result, texts)
-        resp.timings.CopyFrom(pb.Timings(encode_ms=encode_ms, search_ms=search_ms,
-                                         total_ms=(time.perf_counter() - t0) * 1e3))
-        return resp
-
-    @staticmethod
-    def _first_error(responses: list) -> list:
-        """The responses, or the first request's error raised (naming the request when there are several)."""
-        for i, r in enumerate(responses):
-            if isinstance(r, BaseException):
-                if len(responses) > 1 and isinstance(r, LatentHashError):
-                    raise r.at(i)
-                raise r
-        return responses
+    def _decode(self, request):
+        try:
+            return wire.from_search_request(request, self.searcher.bits)
+        except LatentHashError as exc:
+            return exc
 
     # -------------------------------------------------------------------------------------------- RPCs
     @rpc
     def Search(self, request, context):
-        return self._first_error(self._search_many([request]))[0]
+        return _first_error(self._search_many([self._decode(request)]))[0]
 
     @rpc
     def SearchBatch(self, request, context):
-        if not request.requests:
-            raise InvalidInput("empty batch: add at least one request")
-        if len(request.requests) > MAX_BATCH_QUERIES:
-            raise InvalidInput(f"one SearchBatch takes at most {MAX_BATCH_QUERIES} requests; split it")
-        return pb.SearchBatchResponse(responses=self._first_error(self._search_many(request.requests)))
+        queries = wire.from_batch_request(request, self.searcher.bits)
+        return pb.SearchBatchResponse(responses=_first_error(self._search_many(queries)))
 
     @rpc
     def SearchCodes(self, request, context):
         """Columnar: one frombuffer for the codes, one index search, flat hit arrays out (no message per hit).
         Searched directly, not through the search batcher: the call is a batch already."""
         t0 = time.perf_counter()
-        index = self.searcher.index
-        nb = (index.bits + 7) // 8
-        n, extra = divmod(len(request.codes), nb)
-        if n == 0 or extra:
-            raise InvalidInput(f"codes holds {len(request.codes)} bytes: send n >= 1 packed {index.bits}-bit codes "
-                               f"back to back, {nb} bytes each (MSB-first)")
-        if n > MAX_BATCH_QUERIES:
-            raise InvalidInput(f"one SearchCodes takes at most {MAX_BATCH_QUERIES} codes, got {n}; split it")
-        features = None
-        if request.features:
-            dim = index.feature_dim or 0
-            if not dim:
-                raise InvalidInput("this index stores no features: leave features empty")
-            if len(request.features) != n * dim * 4:
-                raise InvalidInput(f"features holds {len(request.features)} bytes; {n} codes need {n} x {dim} "
-                                   f"float32 values ({n * dim * 4} bytes, little-endian)")
-            features = np.frombuffer(request.features, "<f4").reshape(n, dim)
+        query = wire.from_codes_request(request, self.searcher.bits, self.searcher.feature_dim)
         t1 = time.perf_counter()
-        result = self.searcher.search(codes=np.frombuffer(request.codes, np.uint8).reshape(n, nb), features=features,
-                                      label=request.label if request.HasField("label") else None, metadata=False,
-                                      **self._options(request))
+        result = _first_error(self.searcher.search_many([query]))[0]
         search_ms = (time.perf_counter() - t1) * 1e3
-        resp = wire.to_codes_response(result, None if request.skip_metadata else index.metadata_json)
+        resp = wire.to_codes_response(result, self.searcher.metadata_json if query.options.metadata else None)
         resp.timings.search_ms = search_ms
         resp.timings.total_ms = (time.perf_counter() - t0) * 1e3
         return resp
@@ -284,7 +191,7 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                         return  # the client went away or cancelled: nothing left to answer
                 t0 = time.perf_counter()
                 try:
-                    responses = self._search_many(batch) if batch else []
+                    responses = self._search_many([self._decode(r) for r in batch]) if batch else []
                 except Exception as exc:
                     responses = [exc]
                 seconds = (time.perf_counter() - t0) / max(len(batch), 1)
@@ -305,72 +212,44 @@ class HashSearchService(pb_grpc.HashSearchServicer):
     def Upsert(self, request_iterator, context):
         """Items are checked as they arrive and all together (the same checks the index makes) before the log is
         written: what was acknowledged can always be replayed."""
-        ids, codes, features, metadata, image_rows, images = [], [], [], [], [], []
-        index = self.searcher.index
-        for n, item in enumerate(request_iterator):
-            if n >= MAX_UPSERT_ITEMS:
-                raise InvalidInput(f"one Upsert stream takes at most {MAX_UPSERT_ITEMS} items; split the stream")
-            try:
-                kind = item.WhichOneof("content")
-                if kind is None:
-                    raise InvalidInput(f"item {n} (id {item.id}): set image, tensor or code")
-                ids.append(item.id)
-                metadata.append(parse_metadata_json(item.metadata_json, n) if item.metadata_json else None)
-                if kind == "code":
-                    codes.append(self._code(item.code)[0])
-                    if index.feature_dim and len(item.feature) != index.feature_dim:
-                        raise InvalidInput(f"item {n} (id {item.id}): this index stores {index.feature_dim}-d "
-                                           f"features; got {len(item.feature)} values")
-                    features.append(np.asarray(item.feature, np.float32) if index.feature_dim else None)
-                else:
-                    codes.append(None)
-                    features.append(None)
-                    image_rows.append(n)
-                    images.append(item.image if kind == "image" else self._tensor(item.tensor)[0])
-            except LatentHashError as exc:
-                raise exc.at(n) from None
-        if not ids:
-            raise InvalidInput("empty Upsert stream: send at least one item")
-        if images:
-            enc = self._encode(images)
-            for j, row in enumerate(image_rows):
-                codes[row], features[row] = enc.codes[j], enc.features[j]
-        id_arr, code_arr, meta_texts = check_items(ids, np.stack(codes), metadata, index.bits)
-        feat_arr = check_features(np.stack(features), len(ids), index.feature_dim) if index.feature_dim else None
+        s = self.searcher
+        items = wire.from_upsert_items(request_iterator, s.bits, s.feature_dim)
+        if items.images:
+            enc = self._encode(s.decode(list(items.images.values())))
+            for j, row in enumerate(items.images):
+                items.codes[row], items.features[row] = enc.codes[j], enc.features[j]
+        ids, codes, meta_texts = check_items(items.ids, np.stack(items.codes), items.metadata, s.bits)
+        features = check_features(np.stack(items.features), len(ids), s.feature_dim) if s.feature_dim else None
         with self.write_lock:
             if self.wal is not None:  # durable before applied and acknowledged
-                self.wal.append_upsert(id_arr, code_arr, feat_arr, meta_texts)
-            _, replaced = self.searcher.upsert(id_arr, codes=code_arr, features=feat_arr, metadata=metadata)
-            self._maybe_checkpoint()
+                self.wal.append_upsert(ids, codes, features, meta_texts)
+            _, replaced = s.upsert(ids, codes=codes, features=features, metadata=items.metadata)
+            if self.after_write is not None:
+                self.after_write()
         if self.metrics.enabled:  # len() of a remote index is a round trip: only when someone reads it
-            self.metrics.set_items(len(index))
+            self.metrics.set_items(len(s))
         return pb.UpsertResponse(upserted=len(ids), replaced=replaced)
 
     @rpc
     def Delete(self, request, context):
-        if not request.ids:
-            raise InvalidInput("empty Delete: pass at least one id")
-        ids = np.asarray(request.ids, np.int64)
+        ids = wire.from_ids(request, "Delete")
         with self.write_lock:
             if self.wal is not None:
                 self.wal.append_delete(ids)
             deleted, missing = self.searcher.delete(ids)
         if self.metrics.enabled:
-            self.metrics.set_items(len(self.searcher.index))
+            self.metrics.set_items(len(self.searcher))
         return pb.DeleteResponse(deleted=deleted, missing=missing)
 
     @rpc
     def Get(self, request, context):
-        if not request.ids:
-            raise InvalidInput("empty Get: pass at least one id")
-        return wire.to_items(self.searcher.get(np.asarray(request.ids, np.int64)))
+        return wire.to_items(self.searcher.get(wire.from_ids(request, "Get")))
 
     @rpc
     def Duplicates(self, request, context):
         """Found in full before the first group is sent, so any error is the call's status."""
-        groups = self.searcher.duplicates(radius=request.radius if request.HasField("radius") else None,
-                                          min_score=request.min_score if request.HasField("min_score") else None)
-        return iter([wire.to_duplicate_group(g) for g in groups])
+        return iter([wire.to_duplicate_group(g) for g in self.searcher.duplicates(
+            **wire.from_duplicates_request(request))])
 
     @rpc
     def Stats(self, request, context):
@@ -378,29 +257,5 @@ class HashSearchService(pb_grpc.HashSearchServicer):
 
     @rpc
     def Encode(self, request, context):
-        inputs = list(request.images) + [self._tensor(t)[0] for t in request.tensors]
-        if not inputs:
-            raise InvalidInput("empty Encode: pass images or tensors")
-        enc = self._encode(inputs)
-        return wire.to_encoded(enc)
-
-    # -------------------------------------------------------------------------------------------- persistence
-    def _maybe_checkpoint(self) -> None:
-        if self.wal is not None and self.wal.size() > CHECKPOINT_WAL_BYTES:
-            self.checkpoint()
-
-    def checkpoint(self) -> bool:
-        """Save the index, then empty the log (the caller holds the write lock or the server is stopped). A save
-        that fails (full or read-only disk) is logged and leaves the log as it is: nothing is lost, and the next
-        checkpoint tries again. Returns whether the index is saved."""
-        if self.searcher.index.path is None:
-            return False
-        try:
-            self.searcher.index.save()
-        except (OSError, LatentHashError) as exc:
-            log.error(json.dumps({"event": "checkpoint_failed", "error": str(exc),
-                                  "wal_bytes": self.wal.size() if self.wal else 0}))
-            return False
-        if self.wal is not None:
-            self.wal.truncate()
-        return True
+        inputs = wire.from_encode_request(request)
+        return wire.to_encoded(self._encode(self.searcher.decode(inputs)))

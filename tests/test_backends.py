@@ -62,6 +62,7 @@ def test_every_backend_enforces_its_own_k_limit(backend, rng):
 def test_search_many_answers_each_request_as_its_own_search(rng):
     """What the server calls: mixed options, a labelled request and a bad one in one list; each answer equals the
     request searched alone, and the bad request fails alone."""
+    from latenthash.api import Query, SearchOptions
     from latenthash.search import Searcher
 
     index = HashIndex(bits=BITS, feature_dim=DIM)
@@ -72,7 +73,7 @@ def test_search_many_answers_each_request_as_its_own_search(rng):
     requests = [(codes[:2], feats[:2], {"k": 5}), (codes[2:3], None, {"k": 5}), (codes[3:4], feats[3:4], {"k": 5}),
                 (codes[4:5], feats[4:5], {"k": 7, "label": "1"}), (codes[5:6], feats[5:6, :3], {"k": 5}),
                 (codes[6:7], None, {"k": 3, "radius": 20})]
-    got = searcher.search_many(requests)
+    got = searcher.search_many([Query(c, f, options=SearchOptions(**o)) for c, f, o in requests])
     assert isinstance(got[4], InvalidInput)
     for (c, f, options), res in zip(requests, got):
         if isinstance(res, Exception):

@@ -211,7 +211,7 @@ def test_searches_never_see_half_written_items(rng):
             for _ in range(40):
                 res = index.search(q, k=10, features=qf, pool=200)
                 for i in range(len(q)):
-                    for id_, dist, score in res.hits(i):
+                    for id_, dist, score, _ in res.hits(i):
                         try:  # one call: a check-then-get would race the writer's removals
                             item = index.get([id_])
                         except NotFound:

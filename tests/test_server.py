@@ -12,6 +12,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from helpers import assert_same_results
 from PIL import Image
 
 from latenthash import HashIndex
@@ -62,28 +63,17 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def assert_same(a, b):
-    np.testing.assert_array_equal(a.counts, b.counts)
-    np.testing.assert_array_equal(a.ids, b.ids)
-    np.testing.assert_array_equal(a.distances, b.distances)
-    if a.scores is None:
-        assert b.scores is None
-    else:
-        np.testing.assert_allclose(a.scores, b.scores, atol=1e-6)
-    assert a.metadata == b.metadata
-
-
 def test_congruence_embedded_and_remote(served, small_fashion):
     server, client, embedded, _ = served
     queries = small_fashion.test.images[:12]
     for kwargs in ({"k": 10}, {"k": 5, "rerank": False}, {"k": 20, "pool": 50}, {"k": 50, "radius": 3},
                    {"k": 10, "label": "7"}):
-        assert_same(embedded.search(images=queries, **kwargs), client.search(images=queries, **kwargs))
+        assert_same_results(embedded.search(images=queries, **kwargs), client.search(images=queries, **kwargs))
     one = client.search(images=[png(queries[0])], k=10)  # encoded bytes: same pixels, same hits
-    assert_same(embedded.search(images=queries[:1], k=10), one)
+    assert_same_results(embedded.search(images=queries[:1], k=10), one)
     enc = embedded.encode(queries[:4])
     for kwargs in ({"k": 10}, {"k": 10, "features": enc.features}):
-        assert_same(embedded.search(codes=enc.codes, **kwargs), client.search(codes=enc.codes, **kwargs))
+        assert_same_results(embedded.search(codes=enc.codes, **kwargs), client.search(codes=enc.codes, **kwargs))
     remote_enc = client.encode(list(queries[:4]))
     np.testing.assert_array_equal(remote_enc.codes, enc.codes)
     np.testing.assert_allclose(remote_enc.features, enc.features, atol=1e-6)
@@ -106,7 +96,7 @@ def test_writes_are_congruent_too(served, small_fashion):
     np.testing.assert_array_equal(got.codes, ref.codes)
     np.testing.assert_allclose(got.features, ref.features, atol=1e-6)
     assert got.metadata == ref.metadata and got.metadata[1] == {"label": "new", "n": 9}
-    assert_same(embedded.search(images=new, k=15), client.search(images=new, k=15))
+    assert_same_results(embedded.search(images=new, k=15), client.search(images=new, k=15))
     stats = client.stats()
     assert stats["count"] == N_DB + 8 and stats["bits"] == 24 and stats["model"]["bits"] == 24
 
@@ -133,8 +123,8 @@ def test_async_client(served, small_fashion):
         return res, by_codes, stats, encoded, written, got, deleted, after
 
     res, by_codes, stats, encoded, written, got, deleted, after = asyncio.run(run())
-    assert_same(embedded.search(images=small_fashion.test.images[:3], k=5), res)
-    assert_same(embedded.search(codes=enc.codes, features=enc.features, k=4), by_codes)
+    assert_same_results(embedded.search(images=small_fashion.test.images[:3], k=5), res)
+    assert_same_results(embedded.search(codes=enc.codes, features=enc.features, k=4), by_codes)
     assert stats["count"] == N_DB == after["count"]
     np.testing.assert_array_equal(encoded.codes, enc.codes)
     np.testing.assert_allclose(encoded.features, enc.features, atol=1e-6)
@@ -299,15 +289,15 @@ def test_stream_and_batch_answer_up_to_a_bad_request(served, small_fashion):
 
 
 def test_many_queries_travel_in_chunks(served, small_fashion):
-    from latenthash import client as client_module
+    from latenthash import wire
 
     server, client, embedded, _ = served
     enc = embedded.encode(small_fashion.test.images[:250])
     codes = np.concatenate([enc.codes] * 10)  # 2500 queries: three SearchCodes calls
-    assert len(codes) > 2 * client_module.SEARCH_CHUNK
-    assert_same(embedded.search(codes=codes, k=5), client.search(codes=codes, k=5))
+    assert len(codes) > 2 * wire.SEARCH_CHUNK
+    assert_same_results(embedded.search(codes=codes, k=5), client.search(codes=codes, k=5))
     images = np.concatenate([small_fashion.test.images[:250]] * 5)  # three SearchBatch calls
-    assert_same(embedded.search(images=images, k=3), client.search(images=images, k=3))
+    assert_same_results(embedded.search(images=images, k=3), client.search(images=images, k=3))
 
 
 def test_columnar_code_search_is_congruent(served, small_fashion):
@@ -319,7 +309,7 @@ def test_columnar_code_search_is_congruent(served, small_fashion):
                    "features": enc.features, "label": "3"}, {"k": 4, "rerank": False, "features": enc.features},
                    {"k": 6, "metadata": False}):
         ref, got = embedded.search(codes=enc.codes, **kwargs), client.search(codes=enc.codes, **kwargs)
-        assert_same(ref, got)
+        assert_same_results(ref, got)
     assert got.metadata is None
     resp = stub_call(client, "SearchCodes", pb.SearchCodesRequest(codes=enc.codes[:3].tobytes(), k=4,
                                                                   features=enc.features[:3].astype("<f4").tobytes()))
@@ -346,7 +336,7 @@ def test_dynamic_batching_merges_concurrent_image_queries(served, small_fashion)
     assert 64 / batcher.max_batch <= calls < 64  # some calls shared an encoder run, no run exceeded its limit
     embedded = server.searcher  # the same index and model, called directly (no batching)
     for i, remote in enumerate(got):  # each caller got the answer to its own image, not a neighbour's
-        assert_same(embedded.search(images=small_fashion.test.images[i:i + 1], k=3), remote)
+        assert_same_results(embedded.search(images=small_fashion.test.images[i:i + 1], k=3), remote)
 
 
 def test_concurrent_queries_share_one_search_and_keep_their_own_errors(served, small_fashion):
@@ -369,8 +359,8 @@ def test_concurrent_queries_share_one_search_and_keep_their_own_errors(served, s
     assert batcher.batches - before < 64  # some queries shared a search
     for i, remote in enumerate(got):
         if remote is not None:
-            assert_same(embedded.search(codes=enc.codes[i:i + 1], features=enc.features[i:i + 1] if i % 2 else None,
-                                        k=5), remote)
+            alone = embedded.search(codes=enc.codes[i:i + 1], features=enc.features[i:i + 1] if i % 2 else None, k=5)
+            assert_same_results(alone, remote)
 
 
 def test_auth(index_dir, onnx_model, tmp_path):
@@ -562,7 +552,7 @@ def test_error_class_and_request_index_travel_both_ways(served):
     back = _error(info.value)
     assert type(back) is InvalidInput and back.request_index == 2 and "code has 2 bytes" in str(back)
     classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.LatentHashError)]
-    assert len(classes) == 12  # every class of the family, the base included
+    assert len(classes) == 15  # every class of the family, the base included
     for cls in classes:
         exc = cls("boom").at(7)
 
@@ -578,3 +568,40 @@ def test_error_class_and_request_index_travel_both_ways(served):
 
         back = _error(Fake())
         assert type(back) is cls and back.request_index == 7 and str(back).startswith("request 7: boom")
+
+
+def test_one_interface_one_answer(served, small_fashion):
+    """The same script of calls through `SearchAPI` on the embedded Searcher, the Client and the AsyncClient
+    (awaited): every answer equal, hit for hit."""
+    import asyncio
+
+    from latenthash.api import SearchAPI
+
+    server, client, embedded, _ = served
+    queries = small_fashion.test.images[:6]
+    enc = embedded.encode(queries)
+
+    def script(api: SearchAPI) -> list:
+        return [api.search(images=queries, k=8), api.search(images=queries, k=5, label="3"),
+                api.search(codes=enc.codes, features=enc.features, k=10, pool=40),
+                api.search(codes=enc.codes[:1], k=4, rerank=False), api.get([1, 2]), api.encode(list(queries[:2])),
+                api.stats()]
+
+    def plain(answers: list) -> list:
+        *results, items, encoded, stats = answers
+        return results + [items.metadata, encoded.codes, stats["count"]]
+
+    async def remote_async() -> list:
+        async with AsyncClient(f"127.0.0.1:{server_port}") as aclient:
+            assert isinstance(aclient, SearchAPI)
+            return plain([await call for call in script(aclient)])
+
+    server_port = client.channel._channel.target().decode().rsplit(":", 1)[1]
+    assert isinstance(embedded, SearchAPI) and isinstance(client, SearchAPI)
+    want = plain(script(embedded))
+    for got in (plain(script(client)), asyncio.run(remote_async())):
+        for a, b in zip(want, got):
+            if hasattr(a, "ids"):
+                assert_same_results(a, b)
+            else:
+                np.testing.assert_array_equal(np.asarray(a, dtype=object), np.asarray(b, dtype=object))

@@ -25,6 +25,7 @@ RUNTIMES = {
 class EncoderRuntime(Protocol):
     name: str
     max_batch: int
+    metadata: dict[str, str]  # the exported file's metadata (`ModelInfo.from_metadata` reads it)
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, C) -> (probs float32 (N, bits), features float32 (N, feature_dim), L2-normalized)."""

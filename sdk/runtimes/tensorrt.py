@@ -57,10 +57,15 @@ def engine_key(onnx_path: Path, trt_version: str, capability: str, precision: st
     return f"{digest}-trt{trt_version}-sm{capability}-{precision}"
 
 
+def file_metadata(onnx_path: Path) -> dict[str, str]:
+    """The metadata an exported file carries (read with the onnx package: no inference session needed)."""
+    onnx = require("onnx", extra="tensorrt", purpose="reading the model's metadata")
+    return {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+
+
 def file_precision(onnx_path: Path) -> str:
     """The precision an exported file declares in its metadata (fp32 for older files)."""
-    onnx = require("onnx", extra="tensorrt", purpose="reading the model's precision")
-    return precision_of({p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props})
+    return precision_of(file_metadata(onnx_path))
 
 
 def build_engine(onnx_path: str | os.PathLike, *, precision: str = "fp16", profile: tuple[int, int, int] = PROFILE,
@@ -122,7 +127,8 @@ class TensorRTRuntime:
         if int(_check(self._cudart.cudaGetDeviceCount())) < 1:
             raise MissingDependency("the TensorRT runtime needs an NVIDIA GPU; none is visible")
         self.max_batch = profile[2]
-        declared = file_precision(Path(model_path))
+        self.metadata = file_metadata(Path(model_path))
+        declared = precision_of(self.metadata)
         self.precision = precision if declared == "fp32" else declared
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(
             build_engine(model_path, precision=precision, profile=profile, cache_dir=cache_dir))

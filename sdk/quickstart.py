@@ -1,5 +1,9 @@
 """The main job, end to end: train -> export -> index -> serve -> query through the client -> report.
 
+It orchestrates the packages as an application would: training and export from `latenthash.export` (the train
+extra), the index through the backend seam, the service from `latenthash.server`, queries through the client; the
+training package itself depends on neither the server nor the client.
+
 Each step writes its output into the work directory and is skipped on a rerun when its output is there, so an
 interrupted run continues where it stopped. Fashion-MNIST is used where Debian's package provides it; otherwise
 scikit-learn's bundled digits (no download).
@@ -26,12 +30,12 @@ def _step(title: str) -> None:
 
 def run(out: str | Path = "runs/quickstart", *, dataset: str | None = None, bits: int = 48,
         epochs: int | None = None, queries: int = 1000) -> dict:
+    from latenthash.backend import open_index, saved_index_at
     from latenthash.client import Client
     from latenthash.encoder import Encoder
     from latenthash.export.evaluate import evaluate_run
     from latenthash.export.onnx import export_onnx
     from latenthash.export.train import TrainConfig, default_model_config, train
-    from latenthash.index import HashIndex
     from latenthash.ingest import add_images
     from latenthash.server.app import ServerConfig, create_server
 
@@ -74,14 +78,14 @@ def run(out: str | Path = "runs/quickstart", *, dataset: str | None = None, bits
 
     _step("4/6 index the database with the ONNX encoder")
     encoder = Encoder.open(model_path)
-    if (index_dir / "CURRENT").exists():
+    if saved_index_at(index_dir):
         print(f"reusing {index_dir}")
     else:
-        index = HashIndex(bits=encoder.bits, feature_dim=encoder.feature_dim)
+        index = open_index(index_dir, create=True, save_new=False, bits=encoder.bits,
+                           feature_dim=encoder.feature_dim)
         index.model_info = encoder.info.to_dict()
-        meta = [{"label": int(c), "class": ds.class_names[c]} for c in ds.train.labels]
-        add_images(index, encoder, ds.train.images, ids=np.arange(len(ds.train)), metadata=meta)
-        index.save(index_dir)
+        add_images(index, encoder, ds.train.images, ids=np.arange(len(ds.train)), metadata=ds.metadata(ds.train))
+        index.save()
 
     _step("5/6 serve over gRPC and query through the client")
     server, port = create_server(ServerConfig(index=str(index_dir), model=str(model_path), port=0))
@@ -91,7 +95,7 @@ def run(out: str | Path = "runs/quickstart", *, dataset: str | None = None, bits
         server.stop(5)
 
     _step("6/6 results")
-    index = HashIndex.open(index_dir, warmup=False)
+    index = open_index(index_dir, warmup=False)
     index.warmup()  # as the server does before it serves: kernels compiled, codes grouped into buckets
     speed.update(_search_speed(index, encoder, ds))
     grid = _sample_grid(out / "samples.png", ds, index, encoder)
