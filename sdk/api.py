@@ -17,6 +17,7 @@ import numpy as np
 from latenthash.backend import Items, SearchResult, check_k
 from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import EncodeResult
+from latenthash.errors import InvalidInput
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,14 @@ class Query:
     features: np.ndarray | None = None
     images: Any = None
     options: SearchOptions = field(default_factory=SearchOptions)
+
+    @classmethod
+    def of(cls, *, images, codes, features, k, pool, radius, rerank, label, metadata) -> Query:
+        """A query from `search()`'s keyword arguments: exactly one of images and codes; the label as text."""
+        if (images is None) == (codes is None):
+            raise InvalidInput("search needs exactly one of images= or codes=")
+        label = None if label is None else str(label)
+        return cls(codes, features, images, SearchOptions(k, pool, radius, rerank, label, metadata))
 
     def __len__(self) -> int:
         if self.codes is not None:

@@ -1,68 +1,46 @@
 """Thin gRPC clients, sync (`Client`) and asyncio (`AsyncClient`), implementing `SearchAPI` as the embedded
 `Searcher` does, with the same exception family: a status code from the server is raised as the class it came from.
 
-Each call is written once, as a plan: a generator that yields (method, request) and receives the response, built
-and read by the wire codec. `Client` runs plans with blocking calls, `AsyncClient` awaits them, so the two cannot
-drift apart. Retries: calls that fail with UNAVAILABLE are retried with exponential backoff by gRPC's own retry
-policy. Deadlines: every call has one (`timeout`, seconds).
+Each call is written once, as a plan: a generator that yields its calls' messages (built and read by the wire
+codec) and receives their responses. `Client` runs plans blocking, `AsyncClient` awaits them, so the two cannot
+drift apart. Deadlines: every call has one (`timeout`, seconds); retries: see channel.py.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Generator, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import grpc
 
 from latenthash import errors, wire
-from latenthash.api import Query, SearchOptions
+from latenthash.api import Query
 from latenthash.backend import Items, SearchResult
+from latenthash.channel import connect, rpc_error
 from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import EncodeResult
 from latenthash.limits import MAX_MESSAGE_MB
 from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
 
-Plan = Generator[tuple[str, Any, float | None], Any, Any]  # yields (method, request, timeout), returns the result
-
-
-def _error(exc: grpc.RpcError) -> errors.LatentHashError:
-    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    return errors.from_status(exc.code().name, exc.details(), trailers)
-
-
-def _channel_args(token, tls, retries, max_message_mb):
-    options = [("grpc.max_receive_message_length", max_message_mb << 20),
-               ("grpc.max_send_message_length", max_message_mb << 20)]
-    if retries > 0:  # gRPC's policy counts attempts, at least 2
-        config = {"methodConfig": [{"name": [{"service": "latenthash.v1.HashSearch"}], "retryPolicy": {
-            "maxAttempts": retries + 1, "initialBackoff": "0.1s", "maxBackoff": "2s", "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"]}}]}
-        options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
-    else:
-        options.append(("grpc.enable_retries", 0))
-    creds = None
-    if tls:
-        root = Path(tls).read_bytes() if isinstance(tls, (str, Path)) else None
-        creds = grpc.ssl_channel_credentials(root_certificates=root)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    return options, creds, metadata
+T = TypeVar("T")
+P = ParamSpec("P")
+Plan = Generator[tuple[str, Any, "float | None"], Any, T]  # yields (method, request, timeout); returns the result
 
 
 class _Plans:
-    """Every call of `SearchAPI` as a plan (see the module docstring); subclasses drive them."""
+    """Every call of `SearchAPI` written once, as a plan (see the module docstring); `_blocking` and `_awaited` turn
+    them into the clients' methods, and each client's `_run` drives them."""
 
-    _bits: int | None = None
-
-    def _bits_plan(self) -> Plan:
-        if self._bits is None:
-            self._bits = wire.from_stats((yield "Stats", pb.StatsRequest(), None))["bits"]
-        return self._bits
-
-    def _search_plan(self, query: Query) -> Plan:
-        bits = (yield from self._bits_plan()) if query.codes is not None else 0
+    def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
+               radius: int | None = None, rerank: bool | None = None, label: str | None = None,
+               metadata: bool = True) -> Plan[SearchResult]:
+        """As `Searcher.search`. Several codes go in SearchCodes calls (columnar), images in SearchBatch calls."""
+        query = Query.of(images=images, codes=codes, features=features, k=k, pool=pool, radius=radius, rerank=rerank,
+                         label=label, metadata=metadata)
+        bits = (yield from _bits_plan(self)) if codes is not None else 0
         responses: list = []
         for method, request, first in wire.to_search_calls(query, bits):
             try:
@@ -71,91 +49,102 @@ class _Plans:
                 if first and exc.request_index is not None:
                     exc.request_index += first
                 raise
-        return wire.from_search_responses(responses, query.options.metadata)
+        return wire.from_search_responses(responses, metadata)
 
-    def _upsert_plan(self, ids, images, codes, features, metadata) -> Plan:
-        bits = (yield from self._bits_plan()) if codes is not None else 0
+    def upsert(self, ids, *, images=None, codes=None, features=None,
+               metadata: Sequence[Any] | None = None) -> Plan[tuple[int, int]]:
+        bits = (yield from _bits_plan(self)) if codes is not None else 0
         items = wire.to_upsert_items(ids, bits, images=images, codes=codes, features=features, metadata=metadata)
         resp = yield "Upsert", iter(items), None
         return resp.upserted, resp.replaced
 
-    def _plan(self, name: str, *args, timeout: float | None = None) -> Plan:
-        """The one-message calls: (request, response decoder) by name."""
-        request, decode = {
-            "delete": lambda: (wire.to_ids(pb.DeleteRequest, *args), lambda r: (r.deleted, r.missing)),
-            "get": lambda: (wire.to_ids(pb.GetRequest, *args), wire.from_items),
-            "stats": lambda: (pb.StatsRequest(), wire.from_stats),
-            "encode": lambda: (wire.to_encode_request(*args), wire.from_encoded),
-            "duplicates": lambda: (wire.to_duplicates_request(*args), wire.from_duplicate_groups),
-        }[name]()
-        return decode((yield name.capitalize(), request, timeout))
+    def delete(self, ids) -> Plan[tuple[int, int]]:
+        resp = yield "Delete", wire.to_ids(pb.DeleteRequest, ids), None
+        return resp.deleted, resp.missing
 
-    def _run(self, plan: Plan):
-        raise NotImplementedError
+    def get(self, ids) -> Plan[Items]:
+        return wire.from_items((yield "Get", wire.to_ids(pb.GetRequest, ids), None))
 
+    def stats(self) -> Plan[dict]:
+        return wire.from_stats((yield "Stats", pb.StatsRequest(), None))
 
-def _search_query(images, codes, features, k, pool, radius, rerank, label, metadata) -> Query:
-    if (images is None) == (codes is None):
-        raise errors.InvalidInput("search needs exactly one of images= or codes=")
-    return Query(codes, features, images, SearchOptions(k, pool, radius, rerank,
-                                                        None if label is None else str(label), metadata))
+    def encode(self, images) -> Plan[EncodeResult]:
+        return wire.from_encoded((yield "Encode", wire.to_encode_request(images), None))
+
+    def duplicates(self, *, radius: int | None = None, min_score: float | None = None,
+                   timeout: float | None = None) -> Plan[list[DuplicateGroup]]:
+        """As `Searcher.duplicates`; `timeout` (default: the client's) bounds the whole call, which at a million
+        items takes minutes."""
+        return wire.from_duplicate_groups((yield "Duplicates", wire.to_duplicates_request(radius, min_score), timeout))
 
 
-class Client(_Plans):
+def _bits_plan(client) -> Plan[int]:
+    if client._bits is None:
+        client._bits = wire.from_stats((yield "Stats", pb.StatsRequest(), None))["bits"]
+    return client._bits
+
+
+class _Steps(Generic[T]):
+    """A plan's calls, one at a time: each iteration gives the next (method, request, timeout); set `reply` to its
+    response, or to the error it failed with (raised inside the plan, where it may name a batch's query). `value`
+    is the plan's result once the iteration ends."""
+
+    def __init__(self, plan: Plan[T]):
+        self.plan = plan
+        self.reply: Any = None
+        self.value: T
+
+    def __iter__(self) -> _Steps[T]:
+        return self
+
+    def __next__(self) -> tuple[str, Any, float | None]:
+        reply, self.reply = self.reply, None
+        try:
+            return self.plan.throw(reply) if isinstance(reply, errors.LatentHashError) else self.plan.send(reply)
+        except StopIteration as done:
+            self.value = done.value
+            raise
+
+
+def _blocking(plan: Callable[P, Plan[T]]) -> Callable[P, T]:
+    @functools.wraps(plan)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return args[0]._run(plan(*args, **kwargs))  # type: ignore[attr-defined]
+
+    return call
+
+
+def _awaited(plan: Callable[P, Plan[T]]) -> Callable[P, Awaitable[T]]:
+    @functools.wraps(plan)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await args[0]._run(plan(*args, **kwargs))  # type: ignore[attr-defined]
+
+    return call
+
+
+class Client:
     """`Client("host:port", token=..., tls=True | "ca.pem")`: the Searcher's calls over gRPC."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
                  timeout: float = 30.0, retries: int = 3, max_message_mb: int = MAX_MESSAGE_MB):
-        options, creds, self._metadata = _channel_args(token, tls, retries, max_message_mb)
-        self.channel = (grpc.secure_channel(target, creds, options) if creds
-                        else grpc.insecure_channel(target, options))
+        self.channel, self._metadata = connect(target, token, tls, retries, max_message_mb, aio=False)
         self._stub = pb_grpc.HashSearchStub(self.channel)
         self.timeout = timeout
 
-    def _run(self, plan: Plan):
-        step, send, fail = plan.send, None, None
-        try:
-            while True:
-                method, request, timeout = step(send) if fail is None else plan.throw(fail)
-                send, fail = None, None
-                try:
-                    send = getattr(self._stub, method)(request, timeout=timeout or self.timeout,
-                                                       metadata=self._metadata)
-                    if method == "Duplicates":  # a server stream: read it here, where its errors are caught
-                        send = list(send)
-                except grpc.RpcError as exc:
-                    fail = _error(exc)
-        except StopIteration as done:
-            return done.value
+    _bits: int | None = None
+    search, upsert, delete, get = (_blocking(_Plans.search), _blocking(_Plans.upsert), _blocking(_Plans.delete),
+                                   _blocking(_Plans.get))
+    stats, encode, duplicates = _blocking(_Plans.stats), _blocking(_Plans.encode), _blocking(_Plans.duplicates)
 
-    def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
-               radius: int | None = None, rerank: bool | None = None, label: str | None = None,
-               metadata: bool = True) -> SearchResult:
-        """As `Searcher.search`. Several codes go in SearchCodes calls (columnar), images in SearchBatch calls."""
-        return self._run(self._search_plan(_search_query(images, codes, features, k, pool, radius, rerank, label,
-                                                         metadata)))
-
-    def upsert(self, ids, *, images=None, codes=None, features=None,
-               metadata: Sequence[Any] | None = None) -> tuple[int, int]:
-        return self._run(self._upsert_plan(ids, images, codes, features, metadata))
-
-    def delete(self, ids) -> tuple[int, int]:
-        return self._run(self._plan("delete", ids))
-
-    def get(self, ids) -> Items:
-        return self._run(self._plan("get", ids))
-
-    def stats(self) -> dict:
-        return self._run(self._plan("stats"))
-
-    def encode(self, images) -> EncodeResult:
-        return self._run(self._plan("encode", images))
-
-    def duplicates(self, *, radius: int | None = None, min_score: float | None = None,
-                   timeout: float | None = None) -> list[DuplicateGroup]:
-        """As `Searcher.duplicates`; `timeout` (default: the client's) bounds the whole call, which at a million
-        items takes minutes."""
-        return self._run(self._plan("duplicates", radius, min_score, timeout=timeout))
+    def _run(self, plan: Plan[T]) -> T:
+        steps = _Steps(plan)
+        for method, request, timeout in steps:
+            try:
+                call = getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                steps.reply = list(call) if method == "Duplicates" else call  # a server stream is read here
+            except grpc.RpcError as exc:
+                steps.reply = rpc_error(exc)
+        return steps.value
 
     def close(self) -> None:
         self.channel.close()
@@ -167,57 +156,29 @@ class Client(_Plans):
         self.close()
 
 
-class AsyncClient(_Plans):
+class AsyncClient:
     """The asyncio variant of `Client`: the same methods, awaited."""
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
                  timeout: float = 30.0, retries: int = 3, max_message_mb: int = MAX_MESSAGE_MB):
-        options, creds, self._metadata = _channel_args(token, tls, retries, max_message_mb)
-        self.channel = (grpc.aio.secure_channel(target, creds, options) if creds
-                        else grpc.aio.insecure_channel(target, options))
+        self.channel, self._metadata = connect(target, token, tls, retries, max_message_mb, aio=True)
         self._stub = pb_grpc.HashSearchStub(self.channel)
         self.timeout = timeout
 
-    async def _run(self, plan: Plan):  # type: ignore[override]
-        step, send, fail = plan.send, None, None
-        try:
-            while True:
-                method, request, timeout = step(send) if fail is None else plan.throw(fail)
-                send, fail = None, None
-                try:
-                    call = getattr(self._stub, method)(request, timeout=timeout or self.timeout,
-                                                       metadata=self._metadata)
-                    send = [m async for m in call] if method == "Duplicates" else await call
-                except grpc.RpcError as exc:
-                    fail = _error(exc)
-        except StopIteration as done:
-            return done.value
+    _bits: int | None = None
+    search, upsert, delete, get = (_awaited(_Plans.search), _awaited(_Plans.upsert), _awaited(_Plans.delete),
+                                   _awaited(_Plans.get))
+    stats, encode, duplicates = _awaited(_Plans.stats), _awaited(_Plans.encode), _awaited(_Plans.duplicates)
 
-    async def search(self, *, images=None, codes=None, features=None, k: int = 10, pool: int | None = None,
-                     radius: int | None = None, rerank: bool | None = None, label: str | None = None,
-                     metadata: bool = True) -> SearchResult:
-        return await self._run(self._search_plan(_search_query(images, codes, features, k, pool, radius, rerank,
-                                                               label, metadata)))
-
-    async def upsert(self, ids, *, images=None, codes=None, features=None,
-                     metadata: Sequence[Any] | None = None) -> tuple[int, int]:
-        return await self._run(self._upsert_plan(ids, images, codes, features, metadata))
-
-    async def delete(self, ids) -> tuple[int, int]:
-        return await self._run(self._plan("delete", ids))
-
-    async def get(self, ids) -> Items:
-        return await self._run(self._plan("get", ids))
-
-    async def stats(self) -> dict:
-        return await self._run(self._plan("stats"))
-
-    async def encode(self, images) -> EncodeResult:
-        return await self._run(self._plan("encode", images))
-
-    async def duplicates(self, *, radius: int | None = None, min_score: float | None = None,
-                         timeout: float | None = None) -> list[DuplicateGroup]:
-        return await self._run(self._plan("duplicates", radius, min_score, timeout=timeout))
+    async def _run(self, plan: Plan[T]) -> T:
+        steps = _Steps(plan)
+        for method, request, timeout in steps:
+            try:
+                call = getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                steps.reply = [m async for m in call] if method == "Duplicates" else await call
+            except grpc.RpcError as exc:
+                steps.reply = rpc_error(exc)
+        return steps.value
 
     async def close(self) -> None:
         await self.channel.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from latenthash.api import Query, SearchOptions
+from latenthash.api import Query
 from latenthash.backend import IndexBackend, Items, SearchResult, from_flat
 from latenthash.codes import pack_codes
 from latenthash.dedup import DuplicateGroup
@@ -102,10 +102,8 @@ class Searcher:
         """Search by images (encoded by the model; re-ranked by their features) or by packed codes (re-ranked when
         `features` are given). `label` keeps only items whose metadata "label" equals it (as text), applied to the
         step-1 pool. Hits carry their metadata unless `metadata=False` (then `result.metadata` is None)."""
-        if (images is None) == (codes is None):
-            raise InvalidInput("search needs exactly one of images= or codes=")
-        options = SearchOptions(k, pool, radius, rerank, None if label is None else str(label), metadata)
-        result = self.search_many([Query(codes, features, images, options)])[0]
+        result = self.search_many([Query.of(images=images, codes=codes, features=features, k=k, pool=pool,
+                                            radius=radius, rerank=rerank, label=label, metadata=metadata)])[0]
         if isinstance(result, LatentHashError):
             raise result
         return self.with_metadata(result) if metadata else result
@@ -139,7 +137,8 @@ class Searcher:
         on its own. Returns each query's `SearchResult` (the rows a search of its own would return; no metadata)
         or the `LatentHashError` it raised: a bad query is searched alone, so it never fails its neighbours; an
         error passed in is passed on."""
-        queries = self.encode_queries(queries, encode)
+        if any(isinstance(q, Query) and q.codes is None for q in queries):
+            queries = self.encode_queries(queries, encode)
         groups: dict[tuple, list[int]] = {}
         out: list[Any] = list(queries)
         for i, q in enumerate(queries):
@@ -154,8 +153,10 @@ class Searcher:
                 out[i] = exc
                 continue
             shape = None if q.features is None else np.shape(q.features)[1:]  # unlike shapes never share a search
-            groups.setdefault((shape, np.shape(q.codes)[1:], replace(q.options, metadata=True)), []).append(i)
-        for (shape, _, options), members in groups.items():
+            o = q.options
+            groups.setdefault((shape, np.shape(q.codes)[1:], o.k, o.pool, o.radius, o.rerank), []).append(i)
+        for (shape, *_), members in groups.items():
+            options = queries[members[0]].options
             if len(members) == 1:  # the common case of one query: no copies
                 codes, feats = queries[members[0]].codes, queries[members[0]].features
             else:

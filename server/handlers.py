@@ -1,4 +1,5 @@
-"""Registering servicers so that a malformed message is the caller's error, not the server's.
+"""Registering servicers so that a malformed message is the caller's error, not the server's; and `rpc`, which
+answers every error of the family with its class's status.
 
 grpcio answers a request that fails to deserialize with INTERNAL ("Exception deserializing request!"), and on a
 stream it can leave the handler waiting for a message that never comes. Here every service (ours, health and
@@ -9,11 +10,18 @@ the handler reads that message: the messages before it are handled as usual).
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import time
+
 import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
-from latenthash.errors import InvalidInput
+from latenthash.errors import InvalidInput, LatentHashError, to_trailers
+
+log = logging.getLogger("latenthash.server")
 
 
 class Malformed:
@@ -99,3 +107,35 @@ def add_service(server: grpc.Server, servicer, service: ServiceDescriptor) -> No
             handlers[method.name] = make(_unary(behaviour), request_deserializer=request,
                                          response_serializer=response)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def abort(context, exc: LatentHashError):
+    """End the call with the error's status, message, class and request index (see errors.to_trailers)."""
+    context.set_trailing_metadata(to_trailers(exc))
+    context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), str(exc))
+
+
+def rpc(method):
+    """Map errors to status codes, record metrics, log one structured line per call."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        code = "OK"
+        try:
+            return method(self, request, context)
+        except LatentHashError as exc:
+            code = exc.grpc_code
+            abort(context, exc)
+        except Exception:
+            code = "INTERNAL"
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
+        finally:
+            seconds = time.perf_counter() - t0
+            self.metrics.observe(method.__name__, code, seconds)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(json.dumps({"event": "rpc", "method": method.__name__, "code": code,
+                                      "ms": round(seconds * 1e3, 3)}))
+
+    return wrapper

@@ -7,8 +7,6 @@ write-ahead log before they are applied; `after_write` (the server's checkpoint 
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import queue
 import threading
@@ -20,9 +18,10 @@ import numpy as np
 
 from latenthash import wire
 from latenthash.backend import check_features, check_items
-from latenthash.errors import LatentHashError, to_trailers
+from latenthash.errors import LatentHashError
 from latenthash.search import Searcher
 from latenthash.server.batching import DynamicBatcher
+from latenthash.server.handlers import abort, rpc
 from latenthash.server.wal import WriteAheadLog
 from latenthash.v1 import search_pb2 as pb
 from latenthash.v1 import search_pb2_grpc as pb_grpc
@@ -30,38 +29,6 @@ from latenthash.v1 import search_pb2_grpc as pb_grpc
 log = logging.getLogger("latenthash.server")
 STREAM_WINDOW = 1024  # unanswered requests a SearchStream buffers before it stops reading
 _END = object()
-
-
-def abort(context, exc: LatentHashError):
-    """End the call with the error's status, message, class and request index (see errors.to_trailers)."""
-    context.set_trailing_metadata(to_trailers(exc))
-    context.abort(getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL), str(exc))
-
-
-def rpc(method):
-    """Map errors to status codes, record metrics, log one structured line per call."""
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        t0 = time.perf_counter()
-        code = "OK"
-        try:
-            return method(self, request, context)
-        except LatentHashError as exc:
-            code = exc.grpc_code
-            abort(context, exc)
-        except Exception:
-            code = "INTERNAL"
-            log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}; see the server log")
-        finally:
-            seconds = time.perf_counter() - t0
-            self.metrics.observe(method.__name__, code, seconds)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(json.dumps({"event": "rpc", "method": method.__name__, "code": code,
-                                      "ms": round(seconds * 1e3, 3)}))
-
-    return wrapper
 
 
 def _read_stream(request_iterator, inbox: queue.Queue, stop: threading.Event) -> None:

@@ -542,7 +542,7 @@ def test_error_class_and_request_index_travel_both_ways(served):
     """The class a server raised comes back as that class (DataError and ModelMismatch share FAILED_PRECONDITION),
     with the failing request's index as a field, also past the client's own chunking."""
     from latenthash import errors
-    from latenthash.client import _error
+    from latenthash.channel import rpc_error as _error
 
     server, client, embedded, _ = served
     good = pb.SearchRequest(query=pb.Query(code=b"\x00" * 3), k=3)
