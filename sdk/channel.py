@@ -4,6 +4,7 @@ error family's exception."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import grpc
@@ -15,7 +16,7 @@ def connect(target: str, token: str | None, tls: bool | str | Path, retries: int
             aio: bool):
     """(channel, call metadata) for `target`: grpc.aio's channel when `aio`. Calls that fail with UNAVAILABLE are
     retried `retries` times with exponential backoff by gRPC's own retry policy; `tls` is True (system roots) or
-    the path of a CA certificate."""
+    the path of a CA certificate; `token` defaults to the LATENTHASH_TOKEN environment variable."""
     options: list[tuple[str, int | str]] = [("grpc.max_receive_message_length", max_message_mb << 20),
                                             ("grpc.max_send_message_length", max_message_mb << 20)]
     if retries > 0:  # gRPC's policy counts attempts, at least 2
@@ -25,6 +26,7 @@ def connect(target: str, token: str | None, tls: bool | str | Path, retries: int
         options += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
     else:
         options.append(("grpc.enable_retries", 0))
+    token = token if token is not None else os.environ.get("LATENTHASH_TOKEN") or None
     kind = grpc.aio if aio else grpc
     if tls:
         root = Path(tls).read_bytes() if isinstance(tls, (str, Path)) else None

@@ -368,7 +368,8 @@ def serve(
     model: Path | None = typer.Option(None, help="exported ONNX model (needed for image queries)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces"),
     port: int = typer.Option(50051),
-    token: str | None = typer.Option(None, envvar="LATENTHASH_TOKEN", help="require this bearer token"),
+    token: str | None = typer.Option(None, envvar="LATENTHASH_TOKEN", help="require this bearer token (write scope)"),
+    tokens: Path | None = typer.Option(None, help="token file: one 'TOKEN read|write' a line; re-read on SIGHUP"),
     tls_cert: Path | None = typer.Option(None),
     tls_key: Path | None = typer.Option(None),
     metrics_port: int | None = typer.Option(None, help="serve Prometheus metrics on this HTTP port"),
@@ -377,7 +378,8 @@ def serve(
     batch_delay_ms: float = typer.Option(2.0, help="longest wait to fill a dynamic batch"),
     search_batch_max: int = typer.Option(64, help="most concurrent queries merged into one search (1 disables)"),
 ) -> None:
-    """Run the gRPC service until SIGTERM / SIGINT (then finish in-flight calls and persist the index)."""
+    """Run the gRPC service until SIGTERM / SIGINT (then finish in-flight calls and persist the index); SIGHUP
+    reloads the --tokens file."""
     try:
         from latenthash.server.app import ServerConfig
         from latenthash.server.app import serve as run_server
@@ -387,7 +389,8 @@ def serve(
         if token is None and os.environ.get("LATENTHASH_TOKEN") == "":  # set but empty: refused, not ignored
             token = ""
         run_server(ServerConfig(index=index, model=str(model) if model else None, host=host, port=port,
-                                token=token, tls_cert=str(tls_cert) if tls_cert else None,
+                                token=token, tokens=str(tokens) if tokens else None,
+                                tls_cert=str(tls_cert) if tls_cert else None,
                                 tls_key=str(tls_key) if tls_key else None, runtime=runtime, metrics_port=metrics_port,
                                 batch_max=batch_max, batch_delay_ms=batch_delay_ms,
                                 search_batch_max=search_batch_max, create=create))

@@ -75,6 +75,10 @@ class Unauthenticated(LatentHashError, grpc_code="UNAUTHENTICATED"):
     """A missing or wrong bearer token."""
 
 
+class PermissionDenied(LatentHashError, grpc_code="PERMISSION_DENIED"):
+    """A known token whose scope does not cover the call (a read token sent with Upsert or Delete)."""
+
+
 class Unavailable(LatentHashError, grpc_code="UNAVAILABLE"):
     """The service cannot be reached (after retries) or is shutting down."""
 

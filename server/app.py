@@ -24,7 +24,7 @@ from latenthash.backend import index_directory, open_index, saved_index_at
 from latenthash.errors import InvalidInput, LatentHashError, NotFound
 from latenthash.limits import MAX_MESSAGE_MB
 from latenthash.search import Searcher
-from latenthash.server.auth import TokenInterceptor, server_credentials
+from latenthash.server.auth import TokenInterceptor, Tokens, server_credentials
 from latenthash.server.batching import encode_batcher, search_batcher
 from latenthash.server.handlers import add_service
 from latenthash.server.metrics import Metrics
@@ -47,7 +47,8 @@ class ServerConfig:
     model: str | None = None  # exported ONNX model; without it the server answers code queries only
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
-    token: str | None = None
+    token: str | None = None  # a write token (see auth.py)
+    tokens: str | None = None  # a token file: one "TOKEN read|write" a line, read again on SIGHUP
     tls_cert: str | None = None
     tls_key: str | None = None
     runtime: str = "auto"
@@ -65,8 +66,9 @@ class LatentHashServer:
     """A running server: the grpc.Server plus what must be closed and persisted with it."""
 
     def __init__(self, grpc_server: grpc.Server, service: HashSearchService, health, metrics: Metrics,
-                 lock: DirLock):
+                 lock: DirLock, tokens: Tokens | None = None):
         self.lock = lock
+        self.tokens = tokens
         self.grpc_server = grpc_server
         self.service = service
         self.health = health
@@ -100,6 +102,17 @@ class LatentHashServer:
         self.metrics.close()
         self.lock.release()
         log.info(json.dumps({"event": "stopped", "items": len(self.searcher), "checkpointed": saved}))
+
+    def reload_tokens(self) -> None:
+        """Read the token file again (SIGHUP): new calls see the new table, admitted calls run on. A file that fails
+        to parse is logged and the old table stays."""
+        if self.tokens is None or self.tokens.path is None:
+            log.warning(json.dumps({"event": "tokens_not_reloaded", "reason": "no --tokens file"}))
+            return
+        try:
+            log.info(json.dumps({"event": "tokens_reloaded", "tokens": self.tokens.reload()}))
+        except InvalidInput as exc:
+            log.error(json.dumps({"event": "tokens_reload_failed", "error": str(exc)}))
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
@@ -173,6 +186,7 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     from grpc_reflection.v1alpha import reflection, reflection_pb2
 
     check_token(config)
+    tokens = Tokens(config.token, config.tokens) if config.token or config.tokens else None
     searcher, wal, lock = open_searcher(config)
     metrics = Metrics(config.metrics_port, config.host) if config.metrics_port is not None else Metrics(None)
     batcher = (encode_batcher(searcher.encoder, max_batch=config.batch_max, max_delay_ms=config.batch_delay_ms)
@@ -185,7 +199,7 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     size = config.max_message_mb << 20
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="latenthash-rpc"),
-        interceptors=[TokenInterceptor(config.token)] if config.token else [],
+        interceptors=[TokenInterceptor(tokens)] if tokens else [],
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                  ("grpc.so_reuseport", 0)])
     add_service(server, service, search_pb2.DESCRIPTOR.services_by_name["HashSearch"])
@@ -203,8 +217,8 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info(json.dumps({"event": "started", "address": f"{config.host}:{port}", "items": len(searcher),
-                         "tls": bool(config.tls_cert), "auth": bool(config.token), "metrics_port": metrics.port}))
-    running = LatentHashServer(server, service, health_servicer, metrics, lock)
+                         "tls": bool(config.tls_cert), "auth": bool(tokens), "metrics_port": metrics.port}))
+    running = LatentHashServer(server, service, health_servicer, metrics, lock, tokens)
     try:  # serving already (without compiled kernels); compiled in this thread, as it runs on (see warmup)
         log.info(json.dumps({"event": "warm", "seconds": round(searcher.warmup(), 3)}))
     except BaseException:
@@ -219,7 +233,7 @@ def check_token(config: ServerConfig) -> None:
     if config.token is not None and not config.token.strip():
         raise InvalidInput("the token is empty (--token or LATENTHASH_TOKEN): pass a non-empty token, or unset it "
                            "to serve without authentication")
-    if config.token and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
+    if (config.token or config.tokens) and not config.tls_cert and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning(json.dumps({"event": "token_without_tls", "message": "the bearer token crosses the network "
                                 "in the clear: add --tls-cert and --tls-key"}))
 
@@ -255,6 +269,7 @@ def serve(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=server.reload_tokens).start())
     print(f"latenthash serving on {config.host}:{port}", flush=True)
     done.wait()
     server.stop(config.grace_s)
