@@ -312,6 +312,30 @@ def search(
 
 
 @app.command()
+def verify(index: str = typer.Argument(..., help="index directory")) -> None:
+    """Check every file of a saved index against its checksum and say which are damaged (exit 1 when any is)."""
+    try:
+        import time
+
+        from latenthash.backend import index_directory
+        from latenthash.generations import verify_files
+
+        root = index_directory(index)
+        if root is None:
+            raise LatentHashError(f"{index} is not a directory index: verify checks embedded indexes' files")
+        t0 = time.perf_counter()
+        problems, size = verify_files(root)
+        for line in problems:
+            typer.echo(f"DAMAGED: {line}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo(f"ok: every checksum of {root} holds ({size / 1e6:,.1f} MB read in "
+                   f"{time.perf_counter() - t0:.2f} s)")
+    except (LatentHashError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
 def dedup(
     index: str | None = typer.Option(None, help="index directory (searched in process)"),
     server: str | None = typer.Option(None, help="host:port of a running `latenthash serve` instead"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def read_generation(root: Path, shapes, *, verify: bool, mmap: bool) -> Generati
     sha256 when `verify`), then each array of `shapes(header)` (name -> (dtype, shape)) loaded and checked."""
     if not root.is_dir():
         raise NotFound(f"no index directory at {root}")
-    current = read_current(root)
+    current = read_current(root, strict=verify)
     if current is None:
         raise IndexCorrupt(f"{root} is not a latenthash index (no CURRENT file)")
     gen_dir = root / current[0]
@@ -94,6 +95,36 @@ def read_generation(root: Path, shapes, *, verify: bool, mmap: bool) -> Generati
     except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes the parsers raise
         raise IndexCorrupt(f"the index in {gen_dir} cannot be read ({type(exc).__name__}: {exc}); restore or "
                            f"rebuild it") from None
+
+
+def verify_files(root: Path) -> tuple[list[str], int]:
+    """Every problem of an index directory's saved files, each naming its file: CURRENT's form, the header's
+    checksum, each listed file's presence, size and sha256 (all files are read, not only up to the first problem).
+    Returns (problems, bytes read); no problems: every checksum holds."""
+    problems: list[str] = []
+    try:
+        name, digest = read_current(root, strict=True) or (None, None)
+    except IndexCorrupt as exc:
+        return [str(exc)], 0
+    if name is None:
+        return [f"{root} is not a latenthash index (no CURRENT file)"], 0
+    head = root / name / "header.json"
+    try:
+        raw = head.read_bytes()
+        if hashlib.sha256(raw).hexdigest() != digest:
+            return [f"{head} fails its checksum (named in {root / 'CURRENT'})"], len(raw)
+        files = json.loads(raw)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [f"{head} cannot be read ({type(exc).__name__}: {exc})"], 0
+    read = len(raw)
+    for fname, meta in files.items():
+        file = root / name / fname
+        if not file.is_file() or file.stat().st_size != meta["size"]:
+            problems.append(f"{file} is missing or has the wrong size (expected {meta['size']} bytes)")
+        elif _sha256(file) != meta["sha256"]:
+            problems.append(f"{file} fails its checksum")
+        read += file.stat().st_size if file.is_file() else 0
+    return problems, read
 
 
 def _read(root: Path, gen_dir: Path, header: dict, shapes, *, verify: bool, mmap: bool) -> Generation:
@@ -160,14 +191,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_current(root: Path) -> tuple[str, str | None] | None:
-    """The generation named by CURRENT and the sha256 of its header (None in indexes saved before it was kept)."""
+def read_current(root: Path, strict: bool = False) -> tuple[str, str | None] | None:
+    """The generation named by CURRENT and the sha256 of its header (None in indexes saved before it was kept).
+    `strict`: CURRENT must be exactly what a save writes (its name line and the header's checksum), so that no
+    damage to it goes unnoticed."""
     try:
-        lines = (root / "CURRENT").read_text().split("\n")
+        text = (root / "CURRENT").read_text()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         raise IndexCorrupt(f"cannot read {root / 'CURRENT'}: {exc}") from None
+    if strict and not re.fullmatch(r"gen-\d+\nheader-sha256 [0-9a-f]{64}\n", text):
+        raise IndexCorrupt(f"{root / 'CURRENT'} is damaged (or from a latenthash that kept no header checksum): "
+                           f"restore the index, or open it without verification and save it again")
+    lines = text.split("\n")
     name = lines[0].strip()
     if not name.startswith("gen-") or not name[4:].isdigit() or not (root / name).is_dir():
         raise IndexCorrupt(f"{root / 'CURRENT'} names {name!r}, which is not a generation folder of this index")

@@ -217,7 +217,11 @@ class HashIndex:
 
     def metadata(self, ids: IdsLike) -> list[Any]:
         """Metadata of the given ids (None for unknown ids, e.g. the -1 padding of a search result)."""
-        return [None if text is None else json.loads(text) for text in self.metadata_json(ids)]
+        try:
+            return [None if text is None else json.loads(text) for text in self.metadata_json(ids)]
+        except ValueError as exc:  # stored texts are checked JSON: one that does not parse was damaged on disk
+            raise IndexCorrupt(f"stored metadata does not parse ({exc}): the index's metadata.bin is damaged; run "
+                               f"latenthash verify, then restore or rebuild the index") from None
 
     def metadata_json(self, ids: IdsLike) -> list[str | None]:
         """The same as JSON text, as stored: what a server sends on without decoding and encoding it again."""
