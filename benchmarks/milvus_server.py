@@ -56,10 +56,23 @@ def milvus_server(data_dir: str | os.PathLike, *, start_timeout: float = 120.0):
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_ready(proc, ports[0], start_timeout, data_dir / "server.log")
-        yield f"milvus://127.0.0.1:{ports[0]}"
+        uri = f"milvus://127.0.0.1:{ports[0]}"
+        RUNNING[uri] = proc
+        yield uri
     finally:
+        RUNNING.pop(f"milvus://127.0.0.1:{ports[0]}", None)
         _stop_group(proc)
         log.close()
+
+
+RUNNING: dict[str, subprocess.Popen] = {}  # URI -> the server's process (group leader), while its block runs
+
+
+def kill(uri: str) -> None:
+    """SIGKILL a running server's whole process group, as a crash or an OOM kill would end it."""
+    proc = RUNNING[uri]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _wait_ready(proc: subprocess.Popen, port: int, timeout: float, log: Path) -> None:

@@ -163,6 +163,8 @@ class IndexBackend(Protocol):
 
     def stats(self) -> dict: ...
 
+    def ping(self, timeout: float = 2.0) -> None: ...  # raises Unavailable when the backend cannot be reached
+
     def close(self) -> None: ...
 
 

@@ -460,6 +460,9 @@ class HashIndex:
                 "path": str(self.path) if self.path else None, "model": self.model_info}
 
     # ------------------------------------------------------------------------------------------------ persistence
+    def ping(self, timeout: float = 2.0) -> None:
+        """An embedded index is always there (the Protocol's liveness check, for backends behind a network)."""
+
     def close(self) -> None:
         """Nothing to release: the arrays are plain or memory-mapped and go with the object (the Protocol's close
         is for backends that hold connections)."""

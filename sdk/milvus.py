@@ -38,7 +38,15 @@ import numpy as np
 
 from latenthash import backend as seam  # the seam's types, validators and URI parser
 from latenthash.codes import check_bits
-from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch, NotFound, Unavailable, require
+from latenthash.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    LatentHashError,
+    ModelMismatch,
+    NotFound,
+    Unavailable,
+    require,
+)
 from latenthash.limits import MAX_K, pool_size
 
 MAX_TOPK = 16384  # Milvus's limit on hits per query
@@ -56,9 +64,16 @@ def _pymilvus():
     return require("pymilvus", extra="milvus", purpose="the Milvus index backend")
 
 
+_GONE = ("unavailable", "connect", "timeout", "deadline", "not ready", "channel", "closed", "refused")
+
+
 @contextmanager
 def _errors(what: str):
-    """Turn pymilvus failures into the SDK's error family: unreachable -> Unavailable, rejected -> InvalidInput."""
+    """Turn pymilvus failures into the SDK's error family: a Milvus that is unreachable, restarting or too slow ->
+    Unavailable (DeadlineExceeded past the call's timeout), a request it rejects -> InvalidInput. A failure of the
+    connection never surfaces as anything else, so a server in front of Milvus answers UNAVAILABLE, not INTERNAL."""
+    import grpc
+
     pm = _pymilvus()
     try:
         yield
@@ -67,9 +82,19 @@ def _errors(what: str):
     except pm.exceptions.MilvusException as exc:
         code = getattr(exc, "code", None)
         text = f"Milvus {what} failed: {getattr(exc, 'message', exc)}"
-        if isinstance(exc, pm.exceptions.MilvusUnavailableException) or code in (2, 503) or "unavailable" in text:
+        if "deadline" in text.lower() or "timeout" in text.lower():
+            raise DeadlineExceeded(text + " (is Milvus overloaded or restarting?)") from exc
+        if isinstance(exc, pm.exceptions.MilvusUnavailableException) or code in (2, 503) or \
+                any(word in text.lower() for word in _GONE):
             raise Unavailable(text + " (is Milvus running and reachable?)") from exc
         raise InvalidInput(text) from exc
+    except grpc.RpcError as exc:
+        status = exc.code() if hasattr(exc, "code") else None
+        cls = DeadlineExceeded if status == grpc.StatusCode.DEADLINE_EXCEEDED else Unavailable
+        raise cls(f"Milvus {what} failed: {status}: {exc}") from exc
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise Unavailable(f"Milvus {what} failed: {type(exc).__name__}: {exc} (is Milvus running and reachable?)") \
+            from exc
 
 
 class MilvusIndex:
@@ -374,6 +399,11 @@ class MilvusIndex:
                 "index_bytes": int(nbytes), "bytes_per_item": nbytes / n if n else 0.0, "path": self.uri,
                 "backend": "milvus", "index_type": self.index_type, "rerank": self.effective_rerank,
                 "model": self.model_info}
+
+    def ping(self, timeout: float = 2.0) -> None:
+        """Whether Milvus answers now: returns, or raises Unavailable (DeadlineExceeded) within about `timeout`."""
+        with _errors("ping"):
+            self._client.has_collection(self.collection, timeout=timeout)
 
     def close(self) -> None:
         self._client.close()

@@ -80,6 +80,10 @@ class Searcher:
         """The stored metadata of `ids` as JSON text, as stored (what the server sends on without decoding)."""
         return self.index.metadata_json(ids)
 
+    def ping(self, timeout: float = 2.0) -> None:
+        """Raises Unavailable when the index's backend cannot be reached (a Milvus that is down)."""
+        self.index.ping(timeout)
+
     def warmup(self) -> float:
         return self.index.warmup()
 

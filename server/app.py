@@ -66,14 +66,14 @@ class LatentHashServer:
     """A running server: the grpc.Server plus what must be closed and persisted with it."""
 
     def __init__(self, grpc_server: grpc.Server, service: HashSearchService, health, metrics: Metrics,
-                 lock: DirLock, tokens: Tokens | None = None):
+                 lock: DirLock, tokens: Tokens | None = None, stopped: threading.Event | None = None):
         self.lock = lock
         self.tokens = tokens
         self.grpc_server = grpc_server
         self.service = service
         self.health = health
         self.metrics = metrics
-        self._stopped = threading.Event()
+        self._stopped = stopped or threading.Event()
 
     @property
     def searcher(self) -> Searcher:
@@ -116,6 +116,28 @@ class LatentHashServer:
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
         return self.grpc_server.wait_for_termination(timeout)
+
+
+def watch_backend(searcher: Searcher, health, stopped: threading.Event, every_s: float = 1.0) -> None:
+    """Health follows the backend (a Milvus behind the server): NOT_SERVING while it does not answer a ping,
+    SERVING again once it does, each change logged. Calls meanwhile are answered UNAVAILABLE by the backend's
+    own errors; nothing here restarts anything: the backend's client reconnects by itself."""
+    from grpc_health.v1 import health_pb2
+
+    serving = True
+    while not stopped.wait(every_s):
+        try:
+            searcher.ping(timeout=every_s)
+            ok = True
+        except LatentHashError as exc:
+            ok, reason = False, str(exc)
+        if ok != serving and not stopped.is_set():
+            serving = ok
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in (SERVICE_NAME, ""):
+                health.set(name, status)
+            log.warning(json.dumps({"event": "backend_back" if ok else "backend_unreachable",
+                                    **({} if ok else {"error": reason})}))
 
 
 def checkpoint(searcher: Searcher, wal: WriteAheadLog | None, min_log_bytes: int = 0) -> bool:
@@ -186,6 +208,7 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     from grpc_reflection.v1alpha import reflection, reflection_pb2
 
     check_token(config)
+    stopped = threading.Event()
     tokens = Tokens(config.token, config.tokens) if config.token or config.tokens else None
     searcher, wal, lock = open_searcher(config)
     metrics = Metrics(config.metrics_port, config.host) if config.metrics_port is not None else Metrics(None)
@@ -216,9 +239,12 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
     server.start()
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if index_directory(config.index) is None:  # a backend behind a network: health follows it
+        threading.Thread(target=watch_backend, args=(searcher, health_servicer, stopped), daemon=True,
+                         name="latenthash-backend-watch").start()
     log.info(json.dumps({"event": "started", "address": f"{config.host}:{port}", "items": len(searcher),
                          "tls": bool(config.tls_cert), "auth": bool(tokens), "metrics_port": metrics.port}))
-    running = LatentHashServer(server, service, health_servicer, metrics, lock, tokens)
+    running = LatentHashServer(server, service, health_servicer, metrics, lock, tokens, stopped)
     try:  # serving already (without compiled kernels); compiled in this thread, as it runs on (see warmup)
         log.info(json.dumps({"event": "warm", "seconds": round(searcher.warmup(), 3)}))
     except BaseException:
