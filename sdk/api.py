@@ -69,6 +69,20 @@ class Query:
         return len(self.images) if isinstance(self.images, (list, tuple)) else 1
 
 
+@dataclass(frozen=True)
+class Stats:
+    """What `stats()` says about a searcher, embedded or remote alike: items, code length, feature size (None: codes
+    only), the index's bytes, the model that made the codes (`ModelInfo.to_dict()`, {} without one) and the
+    latenthash version answering."""
+
+    count: int
+    bits: int
+    feature_dim: int | None
+    index_bytes: int
+    model: dict
+    version: str
+
+
 @runtime_checkable
 class SearchAPI(Protocol):
     """What `Searcher`, `Client` and `AsyncClient` (awaited) all offer, with the same arguments and results;
@@ -85,7 +99,7 @@ class SearchAPI(Protocol):
 
     def get(self, ids) -> Items: ...
 
-    def stats(self) -> dict: ...
+    def stats(self) -> Stats: ...
 
     def encode(self, images) -> EncodeResult: ...
 

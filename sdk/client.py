@@ -16,7 +16,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 import grpc
 
 from latenthash import errors, wire
-from latenthash.api import Query
+from latenthash.api import Query, Stats
 from latenthash.backend import Items, SearchResult
 from latenthash.channel import connect, rpc_error
 from latenthash.dedup import DuplicateGroup
@@ -65,7 +65,7 @@ class _Plans:
     def get(self, ids) -> Plan[Items]:
         return wire.from_items((yield "Get", wire.to_ids(pb.GetRequest, ids), None))
 
-    def stats(self) -> Plan[dict]:
+    def stats(self) -> Plan[Stats]:
         return wire.from_stats((yield "Stats", pb.StatsRequest(), None))
 
     def encode(self, images) -> Plan[EncodeResult]:
@@ -80,7 +80,7 @@ class _Plans:
 
 def _bits_plan(client) -> Plan[int]:
     if client._bits is None:
-        client._bits = wire.from_stats((yield "Stats", pb.StatsRequest(), None))["bits"]
+        client._bits = wire.from_stats((yield "Stats", pb.StatsRequest(), None)).bits
     return client._bits
 
 

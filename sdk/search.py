@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from latenthash.api import Query
+from latenthash.api import Query, Stats
 from latenthash.backend import IndexBackend, Items, SearchResult, from_flat
 from latenthash.codes import pack_codes
 from latenthash.dedup import DuplicateGroup
@@ -234,13 +234,12 @@ class Searcher:
     def get(self, ids) -> Items:
         return self.index.get(ids)
 
-    def stats(self) -> dict:
+    def stats(self) -> Stats:
         from latenthash import __version__
 
-        out = dict(self.index.stats())
-        out["model"] = self.encoder.info.to_dict() if self.encoder else {}
-        out["version"] = __version__
-        return out
+        raw = self.index.stats()
+        return Stats(int(raw["count"]), int(raw["bits"]), raw["feature_dim"], int(raw["index_bytes"]),
+                     self.encoder.info.to_dict() if self.encoder else {}, __version__)
 
 
 def _label_of(meta: Any) -> str | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latenthash.api import Query, SearchOptions
+from latenthash.api import Query, SearchOptions, Stats
 from latenthash.backend import Items, SearchResult, from_flat, parse_metadata_json
 from latenthash.codes import n_bytes, pack_codes
 from latenthash.dedup import DuplicateGroup
@@ -304,16 +304,15 @@ def from_encoded(resp: pb.EncodeResponse) -> EncodeResult:
                         np.asarray([list(e.feature) for e in resp.items], np.float32))
 
 
-def to_stats(stats: dict) -> pb.StatsResponse:
-    return pb.StatsResponse(count=stats["count"], bits=stats["bits"], feature_dim=stats["feature_dim"] or 0,
-                            index_bytes=stats["index_bytes"],
-                            model_json=json.dumps(stats["model"]) if stats["model"] else "", version=stats["version"])
+def to_stats(stats: Stats) -> pb.StatsResponse:
+    return pb.StatsResponse(count=stats.count, bits=stats.bits, feature_dim=stats.feature_dim or 0,
+                            index_bytes=stats.index_bytes, model_json=json.dumps(stats.model) if stats.model else "",
+                            version=stats.version)
 
 
-def from_stats(resp: pb.StatsResponse) -> dict:
-    return {"count": resp.count, "bits": resp.bits, "feature_dim": resp.feature_dim or None,
-            "index_bytes": resp.index_bytes, "model": json.loads(resp.model_json) if resp.model_json else {},
-            "version": resp.version}
+def from_stats(resp: pb.StatsResponse) -> Stats:
+    return Stats(resp.count, resp.bits, resp.feature_dim or None, resp.index_bytes,
+                 json.loads(resp.model_json) if resp.model_json else {}, resp.version)
 
 
 def to_codes_response(result: SearchResult, metadata_json) -> pb.SearchCodesResponse:

@@ -285,7 +285,7 @@ def test_the_service_on_milvus_answers_like_the_embedded_searcher(tmp_path, onnx
             e, r = embedded.search(images=queries, k=20, rerank=False), client.search(images=queries, k=20,
                                                                                           rerank=False)
             assert_same_results(e, r, ties_in_any_order=True)  # 24-bit codes of a trained model: many ties
-            assert client.stats()["count"] == len(embedded.index) == 398
+            assert client.stats().count == len(embedded.index) == 398
             with pytest.raises(NotFound):
                 client.get([7])
         finally:

@@ -98,7 +98,7 @@ def test_writes_are_congruent_too(served, small_fashion):
     assert got.metadata == ref.metadata and got.metadata[1] == {"label": "new", "n": 9}
     assert_same_results(embedded.search(images=new, k=15), client.search(images=new, k=15))
     stats = client.stats()
-    assert stats["count"] == N_DB + 8 and stats["bits"] == 24 and stats["model"]["bits"] == 24
+    assert stats.count == N_DB + 8 and stats.bits == 24 and stats.model["bits"] == 24
 
 
 def test_async_client(served, small_fashion):
@@ -125,7 +125,7 @@ def test_async_client(served, small_fashion):
     res, by_codes, stats, encoded, written, got, deleted, after = asyncio.run(run())
     assert_same_results(embedded.search(images=small_fashion.test.images[:3], k=5), res)
     assert_same_results(embedded.search(codes=enc.codes, features=enc.features, k=4), by_codes)
-    assert stats["count"] == N_DB == after["count"]
+    assert stats.count == N_DB == after.count
     np.testing.assert_array_equal(encoded.codes, enc.codes)
     np.testing.assert_allclose(encoded.features, enc.features, atol=1e-6)
     assert written == (2, 0) and deleted == (2, 1)
@@ -148,7 +148,7 @@ def test_a_server_without_a_model_serves_codes_and_refuses_images_clearly(index_
                          lambda: client.encode(small_fashion.test.images[:1])):
                 with pytest.raises(InvalidInput, match="model"):
                     call()
-            assert client.stats()["count"] == N_DB  # nothing was written
+            assert client.stats().count == N_DB  # nothing was written
     finally:
         server.stop(1)
 
@@ -185,7 +185,7 @@ def test_bad_input_is_invalid_argument_and_server_keeps_serving(served, method, 
         stub_call(client, method, request_)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert match in info.value.details()
-    assert client.stats()["count"] == N_DB  # still serving
+    assert client.stats().count == N_DB  # still serving
 
 
 def test_bad_upserts_and_unknown_ids(served):
@@ -206,7 +206,7 @@ def test_bad_upserts_and_unknown_ids(served):
         client.get([123456])
     with pytest.raises(InvalidInput):
         client.search(codes=np.zeros((1, 24), bool), k=0)
-    assert client.stats()["count"] == N_DB  # nothing half-applied
+    assert client.stats().count == N_DB  # nothing half-applied
 
 
 def test_health_and_reflection(served):
@@ -377,7 +377,7 @@ def test_auth(index_dir, onnx_model, tmp_path):
         with pytest.raises(Unauthenticated):
             Client(f"127.0.0.1:{port}", token="wrong").upsert([1], codes=np.zeros((1, 24), bool),
                                                                features=np.ones((1, 64)))
-        assert Client(f"127.0.0.1:{port}", token="s3cret").stats()["count"] == N_DB
+        assert Client(f"127.0.0.1:{port}", token="s3cret").stats().count == N_DB
     finally:
         server.stop(1)
 
@@ -413,7 +413,7 @@ def test_tls(index_dir, onnx_model, tmp_path):
                                               host="localhost", tls_cert=str(cert), tls_key=str(key), token="t"))
     try:
         with Client(f"localhost:{port}", tls=cert, token="t") as c:
-            assert c.stats()["count"] == N_DB
+            assert c.stats().count == N_DB
         with pytest.raises(Unavailable):  # plaintext against a TLS port
             Client(f"localhost:{port}", token="t", timeout=2, retries=0).stats()
     finally:
@@ -445,7 +445,7 @@ time.sleep(600)
     server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), model=str(onnx_model), port=0))
     try:
         with Client(f"127.0.0.1:{port}") as c:
-            assert c.stats()["count"] == N_DB + 20 - 2
+            assert c.stats().count == N_DB + 20 - 2
             assert len(c.get(np.arange(7000, 7020)).ids) == 20
             with pytest.raises(NotFound):
                 c.get([0])
@@ -535,7 +535,7 @@ def test_hostile_images_are_invalid_argument_on_every_image_path(served):
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
-    assert client.stats()["count"] == N_DB
+    assert client.stats().count == N_DB
 
 
 def test_error_class_and_request_index_travel_both_ways(served):
@@ -589,7 +589,7 @@ def test_one_interface_one_answer(served, small_fashion):
 
     def plain(answers: list) -> list:
         *results, items, encoded, stats = answers
-        return results + [items.metadata, encoded.codes, stats["count"]]
+        return results + [items.metadata, encoded.codes, stats.count]
 
     async def remote_async() -> list:
         async with AsyncClient(f"127.0.0.1:{server_port}") as aclient:
