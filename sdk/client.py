@@ -122,16 +122,22 @@ def _awaited(plan: Callable[P, Plan[T]]) -> Callable[P, Awaitable[T]]:
     return call
 
 
-class Client:
-    """`Client("host:port", token=..., tls=True | "ca.pem")`: the Searcher's calls over gRPC."""
+class _Connection:
+    """A channel to `target` (see channel.py), its stub, the calls' deadline and the server's code length."""
+
+    aio = False
+    _bits: int | None = None
 
     def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
                  timeout: float = 30.0, retries: int = 3, max_message_mb: int = MAX_MESSAGE_MB):
-        self.channel, self._metadata = connect(target, token, tls, retries, max_message_mb, aio=False)
+        self.channel, self._metadata = connect(target, token, tls, retries, max_message_mb, aio=self.aio)
         self._stub = pb_grpc.HashSearchStub(self.channel)
         self.timeout = timeout
 
-    _bits: int | None = None
+
+class Client(_Connection):
+    """`Client("host:port", token=..., tls=True | "ca.pem")`: the Searcher's calls over gRPC."""
+
     search, upsert, delete, get = (_blocking(_Plans.search), _blocking(_Plans.upsert), _blocking(_Plans.delete),
                                    _blocking(_Plans.get))
     stats, encode, duplicates = _blocking(_Plans.stats), _blocking(_Plans.encode), _blocking(_Plans.duplicates)
@@ -156,16 +162,10 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """The asyncio variant of `Client`: the same methods, awaited."""
 
-    def __init__(self, target: str, *, token: str | None = None, tls: bool | str | Path = False,
-                 timeout: float = 30.0, retries: int = 3, max_message_mb: int = MAX_MESSAGE_MB):
-        self.channel, self._metadata = connect(target, token, tls, retries, max_message_mb, aio=True)
-        self._stub = pb_grpc.HashSearchStub(self.channel)
-        self.timeout = timeout
-
-    _bits: int | None = None
+    aio = True
     search, upsert, delete, get = (_awaited(_Plans.search), _awaited(_Plans.upsert), _awaited(_Plans.delete),
                                    _awaited(_Plans.get))
     stats, encode, duplicates = _awaited(_Plans.stats), _awaited(_Plans.encode), _awaited(_Plans.duplicates)

@@ -39,6 +39,16 @@ def health(port: int) -> int:
             health_pb2.HealthCheckRequest(service="latenthash.v1.HashSearch"), timeout=3).status
 
 
+def reaches(port: int, status: int, within: float) -> bool:
+    """Whether the server's health shows `status` within `within` seconds."""
+    deadline = time.monotonic() + within
+    while health(port) != status:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_milvus_outages_under_load(milvus_server_uri):
     from grpc_health.v1 import health_pb2
 
@@ -94,16 +104,10 @@ def test_milvus_outages_under_load(milvus_server_uri):
         for _ in range(CUTS):
             time.sleep(1.5)
             link.cut()
-            t0 = time.monotonic()
-            while health(port) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() - t0 < 10:
-                time.sleep(0.1)
-            seen_down += health(port) == health_pb2.HealthCheckResponse.NOT_SERVING
+            seen_down += reaches(port, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
             time.sleep(1.0)
             link.restore()
-            t0 = time.monotonic()
-            while health(port) != health_pb2.HealthCheckResponse.SERVING and time.monotonic() - t0 < 20:
-                time.sleep(0.1)
-            seen_up += health(port) == health_pb2.HealthCheckResponse.SERVING
+            seen_up += reaches(port, health_pb2.HealthCheckResponse.SERVING, within=20)
         time.sleep(2.0)
     finally:
         stop.set()
