@@ -14,6 +14,7 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -30,7 +31,8 @@ def kernel_parity(rng: np.random.Generator) -> str:
     centres = rng.random((50, bits)) < 0.5
     codes = centres[rng.integers(0, 50, n)] ^ (rng.random((n, bits)) < 0.03)
     feats = rng.standard_normal((n, dim)).astype(np.float32)
-    index = open_index(tempfile.mkdtemp(), create=True, save_new=False, bits=bits, feature_dim=dim)  # in memory
+    index = open_index(Path(tempfile.gettempdir()) / "latenthash-smoke-unsaved", create=True, save_new=False,
+                       bits=bits, feature_dim=dim)  # in memory: never saved, so nothing is written there
     index.add(np.arange(n), codes, feats)
     q, qf = codes[:4], feats[:4]
     calls = [dict(k=10), dict(k=5, radius=4), dict(k=10, features=qf)]
@@ -69,8 +71,8 @@ def main() -> None:
                        f"first code {enc.codes[0].tobytes().hex()}")
 
     t0 = time.perf_counter()
-    index = open_index(tempfile.mkdtemp(), create=True, save_new=False, bits=encoder.bits,
-                       feature_dim=encoder.feature_dim)
+    index = open_index(Path(tempfile.gettempdir()) / "latenthash-smoke-unsaved", create=True, save_new=False,
+                       bits=encoder.bits, feature_dim=encoder.feature_dim)  # saved below, into a folder of its own
     index.add(np.arange(len(images)), enc.codes, enc.features, metadata=[{"row": i} for i in range(len(images))])
     hits = index.search(enc.codes[3], k=5, features=enc.features[3])
     if hits.ids[0, 0] != 3:

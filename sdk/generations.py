@@ -118,13 +118,21 @@ def verify_files(root: Path) -> tuple[list[str], int]:
         return [f"{head} cannot be read ({type(exc).__name__}: {exc})"], 0
     read = len(raw)
     for fname, meta in files.items():
-        file = root / name / fname
-        if not file.is_file() or file.stat().st_size != meta["size"]:
-            problems.append(f"{file} is missing or has the wrong size (expected {meta['size']} bytes)")
-        elif _sha256(file) != meta["sha256"]:
-            problems.append(f"{file} fails its checksum")
-        read += file.stat().st_size if file.is_file() else 0
+        problem = _file_problem(root / name / fname, meta, verify=True)
+        if problem:
+            problems.append(problem)
+        else:
+            read += meta["size"]
     return problems, read
+
+
+def _file_problem(file: Path, meta: dict, *, verify: bool) -> str | None:
+    """What is wrong with one listed file: missing or of the wrong size, or (`verify`) failing its sha256."""
+    if not file.is_file() or file.stat().st_size != meta["size"]:
+        return f"{file} is missing or truncated (expected {meta['size']} bytes)"
+    if verify and _sha256(file) != meta["sha256"]:
+        return f"{file} fails its checksum"
+    return None
 
 
 def _read(root: Path, gen_dir: Path, header: dict, shapes, *, verify: bool, mmap: bool) -> Generation:
@@ -135,11 +143,9 @@ def _read(root: Path, gen_dir: Path, header: dict, shapes, *, verify: bool, mmap
                            f"version {VERSION}: upgrade latenthash or rebuild the index")
     files = header["files"]
     for name, meta in files.items():
-        file = gen_dir / name
-        if not file.is_file() or file.stat().st_size != meta["size"]:
-            raise IndexCorrupt(f"{file} is missing or truncated (expected {meta['size']} bytes)")
-        if verify and _sha256(file) != meta["sha256"]:
-            raise IndexCorrupt(f"{file} fails its checksum: the index is corrupt; restore or rebuild it")
+        problem = _file_problem(gen_dir / name, meta, verify=verify)
+        if problem:
+            raise IndexCorrupt(f"{problem}: the index is corrupt; restore or rebuild it")
     mode: Literal["r"] | None = "r" if mmap else None
 
     def load(name: str, dtype, shape) -> np.ndarray:

@@ -145,12 +145,13 @@ def from_batch_request(req: pb.SearchBatchRequest, bits: int) -> list:
         raise InvalidInput("empty batch: add at least one request")
     if len(req.requests) > MAX_BATCH_QUERIES:
         raise InvalidInput(f"one SearchBatch takes at most {MAX_BATCH_QUERIES} requests; split it")
-    return [_or_error(from_search_request, r, bits) for r in req.requests]
+    return [query_or_error(r, bits) for r in req.requests]
 
 
-def _or_error(fn, *args):
+def query_or_error(req: pb.SearchRequest, bits: int):
+    """`from_search_request`, or the `LatentHashError` it raised: one bad request of many fails alone."""
     try:
-        return fn(*args)
+        return from_search_request(req, bits)
     except LatentHashError as exc:
         return exc
 

@@ -98,16 +98,10 @@ class HashSearchService(pb_grpc.HashSearchServicer):
             out.append(resp)
         return out
 
-    def _decode(self, request):
-        try:
-            return wire.from_search_request(request, self.searcher.bits)
-        except LatentHashError as exc:
-            return exc
-
     # -------------------------------------------------------------------------------------------- RPCs
     @rpc
     def Search(self, request, context):
-        return _first_error(self._search_many([self._decode(request)]))[0]
+        return _first_error(self._search_many([wire.query_or_error(request, self.searcher.bits)]))[0]
 
     @rpc
     def SearchBatch(self, request, context):
@@ -158,7 +152,8 @@ class HashSearchService(pb_grpc.HashSearchServicer):
                         return  # the client went away or cancelled: nothing left to answer
                 t0 = time.perf_counter()
                 try:
-                    responses = self._search_many([self._decode(r) for r in batch]) if batch else []
+                    bits = self.searcher.bits
+                    responses = self._search_many([wire.query_or_error(r, bits) for r in batch]) if batch else []
                 except Exception as exc:
                     responses = [exc]
                 seconds = (time.perf_counter() - t0) / max(len(batch), 1)
