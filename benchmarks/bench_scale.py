@@ -7,13 +7,15 @@ latency next to the embedded backend's.
 
 ingest: the first N Fashion-MNIST training images into an embedded index, `add_images` (one ONNX Runtime session
 using every core) against `add_images_ray` (a local Ray, one single-threaded encoder actor per core); Ray's start-up
-is timed apart. search: N random 48-bit codes with 256-d features in milvus-lite (BIN_FLAT) and in HashIndex;
-medians over single queries for the exact Hamming top-100 and the two-step search (pool 1000, k 10) with both Milvus
-re-rank modes. server: the ~1M database of bench_search.py's fidelity part (the training images and mirrored /
-shifted copies, encoded by the run's model) on a real Milvus server (benchmarks/milvus_server.py) with BIN_FLAT and
-BIN_IVF_FLAT at several nprobe, against the embedded index: exact Hamming top-100 (recall: the share of returned
-distances equal to the exact ones, since learned codes tie heavily) and the two-step search (recall@10 against
-exhaustive cosine), medians over single queries. Prints markdown tables and writes results/scale_*.json.
+is timed apart. search: N random 48-bit codes with 256-d features in milvus-lite and in HashIndex; medians over
+single queries for the exact Hamming top-100 and the two-step search (pool 1000, k 10). server: the ~1M database of
+bench_search.py's fidelity part (the training images and mirrored / shifted copies, encoded by the run's model) on a
+real Milvus server (benchmarks/milvus_server.py, or --uri) against the embedded index: the load, a new client's
+open (the codeword dictionary read back), exact Hamming top-100 (recall: the share of returned distances equal to
+the exact ones, since learned codes tie heavily) and the two-step search (recall@10 against exhaustive cosine, and
+the share of queries answered with fewer than k hits, which a filtered approximate index can do) at several pools
+with the default FLAT feature index, Strong reads, then IVF_FLAT and HNSW feature indexes at several nprobe / ef;
+medians over single queries. Prints markdown tables and writes results/scale_*.json.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -87,27 +90,18 @@ def search(args) -> None:
             mil.add(np.arange(lo, min(n, lo + 20000)), codes[lo:lo + 20000], feats[lo:lo + 20000])
         mil.save()
         load_s = time.perf_counter() - t0
-        mil.warmup()
         rows = []
         for name, call in (
             ("exact Hamming top-100", lambda ix: lambda q: ix.search(qc[q], 100)),
             ("two-step, pool 1000, k 10", lambda ix: lambda q: ix.search(qc[q], 10, features=qf[q], pool=1000)),
         ):
-            e = median_ms(call(emb), len(qc))
-            modes = {}
-            for mode in ("fetch", "milvus") if "two-step" in name else ("milvus",):
-                mil.rerank_mode = mode
-                modes[mode] = median_ms(call(mil), len(qc))
-            rows.append((name, e, modes))
+            rows.append((name, median_ms(call(emb), len(qc)), median_ms(call(mil), len(qc))))
         mil.close()
     print(f"N = {n:,} random {bits}-bit codes with {dim}-d features; {args.queries} single queries, medians; "
           f"Milvus load {load_s:.0f} s\n")
-    print("| query | embedded ms | milvus-lite ms (re-rank: fetch) | milvus-lite ms (re-rank: milvus) | "
-          "milvus / embedded |\n|---|---|---|---|---|")
-    for name, e, modes in rows:
-        best = min(modes.values())
-        print(f"| {name} | {e:.3f} | {modes.get('fetch', float('nan')):.2f} | {modes['milvus']:.2f} | "
-              f"{best / e:.0f}x |")
+    print("| query | embedded ms | milvus-lite ms | milvus / embedded |\n|---|---|---|---|")
+    for name, e, m in rows:
+        print(f"| {name} | {e:.3f} | {m:.2f} | {m / e:.0f}x |")
     save("scale_search", {"n": n, "load_s": load_s, "rows": rows})
 
 
@@ -122,7 +116,7 @@ def server(args) -> None:
     from latenthash.encoder import Encoder
     from latenthash.export.data import load_dataset
     from latenthash.export.train import load_model
-    from latenthash.milvus import MilvusIndex
+    from latenthash.milvus import HNSW_BUILD, MilvusIndex
 
     _, ckpt = load_model(args.run)
     ds = load_dataset(ckpt["dataset"])
@@ -140,59 +134,78 @@ def server(args) -> None:
     exact100 = emb.search(q.codes, 100).distances
     del stored
 
-    def measure(ix, label: str) -> list[dict]:
+    def measure(ix, label: str, queries: list[tuple[str, dict]], count: int = len(q.codes)) -> list[dict]:
         out = []
-        for what, call in (("exact Hamming top-100", lambda i: ix.search(q.codes[i], 100)),
-                           ("two-step k 10 (default pool)", lambda i: ix.search(q.codes[i], 10,
-                                                                                  features=q.features[i]))):
-            times, recall = [], []
+        for what, kwargs in queries:
+            def call(i: int, kwargs: dict = kwargs):
+                if "pool" in kwargs:
+                    return ix.search(q.codes[i], 10, features=q.features[i], pool=kwargs["pool"])
+                return ix.search(q.codes[i], kwargs["k"])
+            times, recall, short = [], [], 0
             call(0)
-            for i in range(len(q.codes)):
+            for i in range(count):
                 t0 = time.perf_counter()
                 res = call(i)
                 times.append(time.perf_counter() - t0)
-                if what.startswith("exact"):
+                short += int(res.counts[0] < res.ids.shape[1])
+                if "pool" not in kwargs:
                     recall.append(float((np.sort(res.distances[0]) == exact100[i]).mean()))
                 else:
                     recall.append(len(np.intersect1d(res.ids[0], truth10[i])) / 10)
             row = {"backend": label, "query": what, "ms": statistics.median(times) * 1e3,
-                   "recall": float(np.mean(recall))}
-            print(f"| {label} | {what} | {row['ms']:.2f} | {row['recall']:.4f} |", flush=True)
+                   "recall": float(np.mean(recall)), "short": short / count, "queries": count}
+            print(f"| {label} | {what} | {row['ms']:.2f} | {row['recall']:.4f} | {row['short']:.3f} |", flush=True)
             out.append(row)
         return out
 
+    exact = [("exact Hamming top-100", {"k": 100})]
+    twostep = [("two-step k 10, default pool", {"pool": None}), ("two-step k 10, pool 1,000", {"pool": 1000}),
+               ("two-step k 10, pool 30,000", {"pool": 30000})]
     print(f"{n:,} items ({bits}-bit learned codes, {dim}-d features), {len(q.codes)} single queries, medians; "
-          f"Milvus reads at {args.consistency} consistency\n")
-    print("| backend | query | ms/query | recall vs exact |\n|---|---|---|---|")
-    rows = measure(emb, "embedded HashIndex")
-    with tempfile.TemporaryDirectory() as tmp, milvus_server(tmp) as uri:
+          f"recall: exact Hamming = share of the exact top-100's distances, two-step = recall@10 against "
+          f"exhaustive cosine\n")
+    print("| backend | query | ms/query | recall | queries short of k |\n|---|---|---|---|---|")
+    rows = measure(emb, "embedded HashIndex", exact + twostep)
+    with tempfile.TemporaryDirectory() as tmp, \
+            (nullcontext(args.uri.rstrip("/")) if args.uri else milvus_server(tmp)) as uri:
         t0 = time.perf_counter()
-        mil = open_index(f"{uri}/bench?index=BIN_FLAT&consistency={args.consistency}", bits=bits, feature_dim=dim,
-                         create=True)
+        mil = open_index(f"{uri}/bench", bits=bits, feature_dim=dim, create=True)
         for lo in range(0, n, 10000):
             mil.add(np.arange(lo, min(n, lo + 10000)), codes[lo:lo + 10000], feats[lo:lo + 10000])
         mil.save()
         load_s = time.perf_counter() - t0
-        print(f"| (Milvus server load of {n:,} rows: {load_s:.0f} s) | | | |", flush=True)
-        rows += measure(mil, "Milvus server BIN_FLAT")
-        for nlist in args.nlist:
+        t0 = time.perf_counter()
+        again = MilvusIndex(f"{uri}/bench")  # a restarted client: reads the codeword dictionary back
+        open_s = time.perf_counter() - t0
+        assert again.codebook.counts() == mil.codebook.counts()
+        again.close()
+        print(f"| (load of {n:,} rows through the SDK: {load_s:.0f} s; a new client's open, the codeword "
+              f"dictionary ({len(mil.codebook):,} codewords) read back: {open_s:.1f} s) | | | | |", flush=True)
+        rows += measure(mil, "Milvus FLAT (default)", exact + twostep)
+        strong = MilvusIndex(f"{uri}/bench", consistency="Strong")
+        rows += measure(strong, "Milvus FLAT, Strong reads", twostep[:1], count=min(50, len(q.codes)))
+        strong.close()
+        client = mil._client
+        for kind, build, searches in (("IVF_FLAT", {"nlist": args.nlist}, [{"nprobe": p} for p in args.nprobe]),
+                                      ("HNSW", HNSW_BUILD, [{"ef": e} for e in args.ef])):
+            if kind not in args.feature_index:
+                continue
             t0 = time.perf_counter()
-            client = mil._client
             client.release_collection("bench")
-            client.drop_index("bench", "code")
+            client.drop_index("bench", "feature")
             params = client.prepare_index_params()
-            params.add_index("code", index_type="BIN_IVF_FLAT", metric_type="HAMMING", params={"nlist": nlist})
+            params.add_index("feature", index_type=kind, metric_type="IP", params=build)
             client.create_index("bench", params)
             client.load_collection("bench")
             build_s = time.perf_counter() - t0
-            ivf = MilvusIndex(f"{uri}/bench", index="BIN_IVF_FLAT", consistency=args.consistency)
-            for nprobe in args.nprobe:
-                ivf.nprobe = nprobe
-                rows += [r | {"nlist": nlist, "nprobe": nprobe, "build_s": build_s}
-                         for r in measure(ivf, f"Milvus server BIN_IVF_FLAT nlist {nlist} nprobe {nprobe}")]
-            ivf.close()
+            for search in searches:
+                ix = MilvusIndex(f"{uri}/bench", **search)
+                label = f"Milvus {kind} {build}, {search} (build {build_s:.0f} s)"
+                rows += [r | {"build_s": build_s} for r in measure(ix, label, twostep[:2])]
+                ix.close()
         mil.close()
-    save("scale_server", {"n": n, "load_s": load_s, "rows": rows})
+    save("scale_server", {"n": n, "load_s": load_s, "open_s": open_s, "codewords": len(mil.codebook),
+                          "rows": rows})
 
 
 def main() -> None:
@@ -210,9 +223,12 @@ def main() -> None:
     c.add_argument("--copies", type=int, default=15)
     c.add_argument("--n", type=int, default=1_000_000, help="at most this many items of the database")
     c.add_argument("--queries", type=int, default=200)
-    c.add_argument("--nlist", type=int, nargs="+", default=[1024])
-    c.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
-    c.add_argument("--consistency", default="Session", help="of the Milvus reads (Strong waits for the time tick)")
+    c.add_argument("--uri", help="a running Milvus server (milvus://host:port) instead of starting one")
+    c.add_argument("--feature-index", nargs="*", default=["IVF_FLAT", "HNSW"], choices=["IVF_FLAT", "HNSW"],
+                   help="feature index types measured after FLAT (each rebuilds the feature index)")
+    c.add_argument("--nlist", type=int, default=1024, help="IVF_FLAT lists")
+    c.add_argument("--nprobe", type=int, nargs="+", default=[16, 128])
+    c.add_argument("--ef", type=int, nargs="+", default=[64, 512])
     args = ap.parse_args()
     {"ingest": ingest, "search": search, "server": server}[args.what](args)
 

@@ -5,31 +5,35 @@ URIs (through `latenthash.open_index`, `latenthash index --out` and `latenthash 
     milvus://host:19530/collection          a Milvus server (standalone or distributed); milvus+https:// for TLS
     milvus-lite:///abs/path/file.db/coll    a local milvus-lite file (tests, laptops; BIN_FLAT only)
 
-Options go in the query string or as keyword arguments: `index=BIN_FLAT|BIN_IVF_FLAT`, `nlist` (at build),
-`nprobe` (per search), `rerank=fetch|milvus`, `token`, `timeout` (seconds), `consistency` (of reads:
-Strong, the default, sees every acknowledged write from any client; on a Milvus server it waits for the time tick,
-about 200 ms a read in benchmarks/RESULTS.md; Session sees this client's own writes at once, enough where one
-latenthash server is the only writer).
+Options go in the query string or as keyword arguments (`OPTIONS`; an unknown one is refused): `index` of the code
+field (BIN_FLAT or BIN_IVF_FLAT), `feature_index` (FLAT, IVF_FLAT or HNSW, at build), `nlist` (at build), `nprobe`
+and `ef` (per search), `token`, `timeout` (seconds), `consistency` of reads (Session, the default, sees this
+client's own writes at once; Strong sees every client's but waits for the server's time tick, about 200 ms a read),
+`refresh` (seconds between rebuilds of the codeword dictionary from the collection; 0: only at open).
 
-Schema: `id` INT64 primary key, `code` BINARY_VECTOR (dim = bits, a multiple of 8) indexed with metric HAMMING,
-`feature` FLOAT_VECTOR (L2-normalized, metric IP = cosine) when the index has features, `metadata` JSON (wrapped as
-{"v": value}, since milvus-lite has no nullable fields). Milvus before 2.4 allows one vector field per collection:
-there `feature` is an ARRAY of FLOAT (chosen when the server refuses the vector schema, read back from an existing
-collection), and step 2 always runs in the SDK (`rerank=fetch`). Writes are upserts, so re-adding an id replaces it,
-as in the embedded index. Reads use Strong consistency by default: a search sees every acknowledged write.
+Layout 2 (`LAYOUT`): `id` INT64 primary key, `codeword` (the packed code as INT64 for codes of up to 64 bits, else
+hex VARCHAR; scalar-indexed), `feature` FLOAT_VECTOR (L2-normalized, metric IP = cosine) when the index has
+features, `code` BINARY_VECTOR (metric HAMMING) where the server allows a second vector field (Milvus >= 2.4) or the
+index has no features, `metadata` JSON (wrapped as {"v": value}, since milvus-lite has no nullable fields). Writes
+are upserts, so re-adding an id replaces it, as in the embedded index.
 
-Two-step search: step 1 is a Milvus Hamming search (top-`pool`, or a range search for `radius`); step 2 re-ranks
-the pool by cosine, either `milvus` (a Milvus search of the feature field filtered to the pool's ids: the default,
-7x faster at pool 1000 in benchmarks/RESULTS.md) or `fetch` (get the pool's features and re-rank them with the SDK's
-Numba kernel; moving 1000 x 256 floats through pymilvus per query is what makes it slower).
-Milvus returns hits of equal distance in no set order; this backend sorts them by (distance, id), so results are
-deterministic, but ties may resolve differently from the embedded index (which keeps insertion order).
+Two-step search runs in Milvus: the backend keeps a codeword dictionary (`latenthash.codebook`: codeword -> rows,
+read from the collection at open, kept exact by this client's writes), picks the codewords of the query's nearest
+distance shells locally, and asks Milvus for one search of the features filtered to those codewords, limit k. The
+pool is whole distance shells, as on the embedded index, never cut by Milvus's hit limit, and no features travel.
+Exact Hamming search uses Milvus's search of the `code` field where it exists, else the dictionary's shells and a
+query by codeword. Milvus returns hits of equal distance (or score) in no set order; this backend sorts them by
+id, so results are deterministic, but ties may resolve differently from the embedded index (insertion order).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import threading
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,9 +41,11 @@ from typing import Any
 import numpy as np
 
 from latenthash import backend as seam  # the seam's types, validators and URI parser
+from latenthash.codebook import Codebook, codes_of, int_keys, keys_of
 from latenthash.codes import check_bits
 from latenthash.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     InvalidInput,
     LatentHashError,
     ModelMismatch,
@@ -49,11 +55,16 @@ from latenthash.errors import (
 )
 from latenthash.limits import MAX_K, pool_size
 
+LAYOUT = 2  # 1: code BINARY_VECTOR and features, no codeword (latenthash before the codeword dictionary)
 MAX_TOPK = 16384  # Milvus's limit on hits per query
-INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")
-RERANK_MODES = ("milvus", "fetch")
+INDEX_TYPES = ("BIN_FLAT", "BIN_IVF_FLAT")  # of the code field
+FEATURE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
 CONSISTENCY = ("Strong", "Session", "Bounded", "Eventually")
-_FIELDS = {"id", "code", "feature", "metadata"}
+OPTIONS = ("index", "feature_index", "nlist", "nprobe", "ef", "token", "timeout", "consistency", "refresh")
+DELETE_SETTLE_S = 1.0  # see MilvusIndex._level
+HNSW_BUILD = {"M": 16, "efConstruction": 200}
+_FIELDS = {"id", "codeword", "code", "feature", "metadata"}
+log = logging.getLogger("latenthash.milvus")
 
 
 def _pymilvus():
@@ -101,30 +112,34 @@ class MilvusIndex:
     """Codes, features and metadata in a Milvus collection; same calls and result types as `HashIndex`."""
 
     def __init__(self, uri: str, *, bits: int | None = None, feature_dim: int | None = None, create: bool = False,
-                 index: str | None = None, nlist: int | None = None, nprobe: int | None = None,
-                 rerank: str | None = None, token: str | None = None, timeout: float | None = None,
-                 consistency: str | None = None):
+                 **options: Any):
         spec = seam.parse_uri(uri)
-        opts = spec["options"]
+        opts = spec["options"] | {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(opts) - set(OPTIONS))
+        if unknown:
+            raise InvalidInput(f"unknown Milvus index options {unknown}: the options are {', '.join(OPTIONS)} "
+                               "(docs/scale.md)")
         self.uri = uri.split("?", 1)[0]
         self.collection = spec["collection"]
-        self.index_type = (index or opts.get("index", "BIN_FLAT")).upper()
-        self.nlist = int(nlist or opts.get("nlist", 1024))
-        self.nprobe = int(nprobe or opts.get("nprobe", 16))
-        self.rerank_mode = rerank or opts.get("rerank", "milvus")
-        self.timeout = float(timeout or opts.get("timeout", 10.0))
-        self.consistency = (consistency or opts.get("consistency", "Strong")).capitalize()
-        if self.consistency not in CONSISTENCY:
-            raise InvalidInput(f"consistency must be one of {CONSISTENCY}, got {self.consistency!r}")
-        if self.index_type not in INDEX_TYPES:
-            raise InvalidInput(f"index must be one of {INDEX_TYPES}, got {self.index_type!r}")
-        if self.rerank_mode not in RERANK_MODES:
-            raise InvalidInput(f"rerank must be one of {RERANK_MODES}, got {self.rerank_mode!r}")
+        self.index_type = str(opts.get("index", "BIN_FLAT")).upper()
+        self.feature_index = str(opts.get("feature_index", "FLAT")).upper()
+        self.nlist = int(opts.get("nlist", 1024))
+        self.nprobe = int(opts.get("nprobe", 16))
+        self.ef = int(opts.get("ef", 64))
+        self.timeout = float(opts.get("timeout", 10.0))
+        self.refresh = float(opts.get("refresh", 300.0))
+        self.consistency = str(opts.get("consistency", "Session")).capitalize()
+        for name, value, allowed in (("consistency", self.consistency, CONSISTENCY),
+                                     ("index", self.index_type, INDEX_TYPES),
+                                     ("feature_index", self.feature_index, FEATURE_INDEX_TYPES)):
+            if value not in allowed:
+                raise InvalidInput(f"{name} must be one of {allowed}, got {value!r}")
         if spec["lite"] and self.index_type != "BIN_FLAT":
             raise InvalidInput("milvus-lite supports only BIN_FLAT; use a Milvus server for BIN_IVF_FLAT")
+        self._lite = spec["lite"]
         pm = _pymilvus()
         try:
-            self._client = pm.MilvusClient(spec["client_uri"], token=token or opts.get("token", ""),
+            self._client = pm.MilvusClient(spec["client_uri"], token=str(opts.get("token", "")),
                                            timeout=self.timeout)
         except Exception as exc:  # pymilvus raises several types for an unreachable server
             raise Unavailable(f"cannot reach Milvus at {spec['client_uri']} within {self.timeout:g} s: {exc}; "
@@ -145,55 +160,87 @@ class MilvusIndex:
         self.path = self.uri  # where the server's checkpoint goes: save() flushes the collection
         self.model_info: dict = {}  # the encoder that made the codes, for stats(); not stored in Milvus
         self.max_k = min(MAX_K, MAX_TOPK)
+        self.codebook = Codebook(self.bits)
+        self._refreshed = 0.0
+        self._deleted = -DELETE_SETTLE_S
+        self._refreshing = threading.Lock()
+        if exists:
+            self.refresh_codewords()
+        else:
+            self._refreshed = time.monotonic()  # a new collection's dictionary is exact: empty
 
     # ------------------------------------------------------------------------------------------------ schema
     def _create(self, bits: int, feature_dim: int | None) -> None:
         bits = check_bits(bits)
         if bits % 8:
             raise InvalidInput(f"Milvus binary vectors need a multiple of 8 bits, got {bits}")
-        pm = _pymilvus()
         self.bits, self.feature_dim = bits, int(feature_dim) if feature_dim else None
-        try:
-            self._create_with(pm, vector_features=True)
-        except InvalidInput as exc:
-            if not feature_dim or "multiple vector fields" not in str(exc):
-                raise
-            self._create_with(pm, vector_features=False)  # Milvus < 2.4: one vector field per collection
+        # Milvus < 2.4 allows one vector field per collection: there the features are it
+        self._create_with(code_field=not self.feature_dim or self._lite or self._server_version() >= (2, 4))
 
-    def _create_with(self, pm, *, vector_features: bool) -> None:
+    def _server_version(self) -> tuple[int, int]:
+        """(major, minor) of the Milvus server ((9, 9) where the answer has no version: assume a recent one)."""
+        with _errors("get_server_version"):
+            found = re.search(r"(\d+)\.(\d+)", str(self._client.get_server_version(timeout=self.timeout)))
+        return (int(found[1]), int(found[2])) if found else (9, 9)
+
+    def _create_with(self, *, code_field: bool) -> None:
+        pm = _pymilvus()
         schema = pm.MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False,
-                                               description=json.dumps({"latenthash": 1, "bits": self.bits}))
+                                               description=json.dumps({"latenthash": LAYOUT, "bits": self.bits}))
         schema.add_field("id", pm.DataType.INT64, is_primary=True)
-        schema.add_field("code", pm.DataType.BINARY_VECTOR, dim=self.bits)
-        if self.feature_dim and vector_features:
+        if int_keys(self.bits):
+            schema.add_field("codeword", pm.DataType.INT64)
+        else:
+            schema.add_field("codeword", pm.DataType.VARCHAR, max_length=self.bits // 4)
+        if code_field:
+            schema.add_field("code", pm.DataType.BINARY_VECTOR, dim=self.bits)
+        if self.feature_dim:
             schema.add_field("feature", pm.DataType.FLOAT_VECTOR, dim=self.feature_dim)
-        elif self.feature_dim:
-            schema.add_field("feature", pm.DataType.ARRAY, element_type=pm.DataType.FLOAT,
-                             max_capacity=self.feature_dim)
         schema.add_field("metadata", pm.DataType.JSON)
         params = self._client.prepare_index_params()
-        build = {"nlist": self.nlist} if self.index_type == "BIN_IVF_FLAT" else {}
-        params.add_index("code", index_type=self.index_type, metric_type="HAMMING", params=build)
-        if self.feature_dim and vector_features:
-            params.add_index("feature", index_type="FLAT", metric_type="IP")
+        if code_field:
+            build = {"nlist": self.nlist} if self.index_type == "BIN_IVF_FLAT" else {}
+            params.add_index("code", index_type=self.index_type, metric_type="HAMMING", params=build)
+        if self.feature_dim:
+            params.add_index("feature", index_type=self.feature_index, metric_type="IP",
+                             params={"IVF_FLAT": {"nlist": self.nlist}, "HNSW": HNSW_BUILD}.get(self.feature_index,
+                                                                                                 {}))
         with _errors("create_collection"):
             self._client.create_collection(self.collection, schema=schema, index_params=params,
                                            consistency_level="Strong", timeout=self.timeout)
-        self._vector_features = vector_features
+        # a scalar index on the codeword: Milvus 2.3 servers know STL_SORT (INT64) and Trie (VARCHAR), milvus-lite
+        # 2.5 only INVERTED (loaded again by __init__)
+        scalar = self._client.prepare_index_params()
+        scalar.add_index("codeword", index_type="INVERTED" if self._lite else
+                         ("STL_SORT" if int_keys(self.bits) else "Trie"))
+        with _errors("create_index"):
+            self._client.release_collection(self.collection, timeout=self.timeout)  # loaded: indexes are fixed
+            self._client.create_index(self.collection, scalar, timeout=self.timeout)
+        self._code_field = code_field
 
     def _adopt(self, bits: int | None, feature_dim: int | None) -> None:
-        """Read bits and feature_dim from an existing collection; refuse one that is not ours or does not match."""
+        """Read bits and feature_dim from an existing collection; refuse one that is not ours, is of an older
+        layout, or does not match."""
         with _errors("describe"):
             desc = self._client.describe_collection(self.collection, timeout=self.timeout)
         fields = {f["name"]: f for f in desc["fields"]}
-        if not {"id", "code", "metadata"} <= set(fields) or not set(fields) <= _FIELDS:
+        if {"id", "code", "metadata"} <= set(fields) and "codeword" not in fields:
+            raise FailedPrecondition(
+                f"collection {self.collection!r} has layout 1 (no codeword field: written by an earlier "
+                "latenthash), on which two-step search cannot run in Milvus: copy it into a new collection with "
+                f"`python -m latenthash.milvus upgrade {self.uri} {self.uri}_v{LAYOUT}` and use that one (or "
+                "index the images again with `latenthash index --out NEW_URI`)")
+        if not {"id", "codeword", "metadata"} <= set(fields) or not set(fields) <= _FIELDS:
             raise ModelMismatch(f"collection {self.collection!r} is not a latenthash collection "
-                                f"(fields {sorted(fields)}; expected id, code, [feature,] metadata)")
-        self.bits = int(fields["code"]["params"]["dim"])
-        feature = fields.get("feature")
-        self.feature_dim = None if feature is None else int(feature["params"].get("dim")
-                                                               or feature["params"]["max_capacity"])
-        self._vector_features = feature is None or "dim" in feature["params"]  # else an ARRAY (Milvus < 2.4)
+                                f"(fields {sorted(fields)}; expected id, codeword, [code,] [feature,] metadata)")
+        self.bits = int(json.loads(desc.get("description") or "{}").get("bits") or fields["code"]["params"]["dim"])
+        self.feature_dim = int(fields["feature"]["params"]["dim"]) if "feature" in fields else None
+        self._code_field = "code" in fields
+        if self.feature_dim:
+            with _errors("describe_index"):
+                self.feature_index = str(self._client.describe_index(self.collection, "feature",
+                                                                     timeout=self.timeout)["index_type"])
         if bits is not None and bits != self.bits:
             raise ModelMismatch(f"collection {self.collection!r} holds {self.bits}-bit codes, not {bits}-bit: "
                                 "use another collection for this model")
@@ -201,15 +248,52 @@ class MilvusIndex:
             raise ModelMismatch(f"collection {self.collection!r} holds features of dim {self.feature_dim}, "
                                 f"not {feature_dim}")
 
+    # ------------------------------------------------------------------------------------------------ codewords
+    def refresh_codewords(self) -> float:
+        """Rebuild the codeword dictionary from a scan of the collection (at open, every `refresh` seconds in the
+        background, or on demand: another client's writes reach this client's two-step searches this way);
+        returns the seconds it took."""
+        t0 = time.perf_counter()
+        with self._refreshing, self.codebook.rebuilding() as scanned, _errors("query_iterator"):
+            it = self._client.query_iterator(self.collection, batch_size=16384, filter="",
+                                             output_fields=["codeword"], timeout=self.timeout,
+                                             consistency_level=self._level())
+            while batch := it.next():
+                scanned.update(r["codeword"] for r in batch)
+            it.close()
+        self._refreshed = time.monotonic()
+        return time.perf_counter() - t0
+
+    def _refresh_due(self) -> None:
+        """Start a background rebuild when the dictionary is older than `refresh` seconds (none runs twice)."""
+        if self.refresh <= 0 or time.monotonic() - self._refreshed < self.refresh or self._refreshing.locked():
+            return
+        self._refreshed = time.monotonic()  # no second start while this one scans
+
+        def rebuild() -> None:
+            try:
+                self.refresh_codewords()
+            except LatentHashError as exc:  # Milvus away: the next search due tries again
+                log.warning("codeword dictionary not refreshed: %s", exc)
+
+        threading.Thread(target=rebuild, name="latenthash-codewords", daemon=True).start()
+
     # ------------------------------------------------------------------------------------------------ writes
-    def _present(self, ids: np.ndarray) -> list[int]:
-        out: list[int] = []
+    def _level(self) -> str:
+        """The consistency of a read: Strong for a second after this client's delete, whose timestamp pymilvus does
+        not track for Session reads against a Milvus 2.3 server (a count right after it missed it), else the
+        option's."""
+        return "Strong" if time.monotonic() - self._deleted < DELETE_SETTLE_S else self.consistency
+
+    def _present(self, ids: np.ndarray) -> dict[int, Any]:
+        """The given ids that are stored, with their codeword keys."""
+        out: dict[int, Any] = {}
         for lo in range(0, len(ids), 8192):
             chunk = ids[lo:lo + 8192].tolist()
             with _errors("query"):
-                rows = self._client.query(self.collection, filter=f"id in {chunk}", output_fields=["id"],
-                                          timeout=self.timeout, consistency_level=self.consistency)
-            out += [int(r["id"]) for r in rows]
+                rows = self._client.query(self.collection, filter=f"id in {chunk}", output_fields=["codeword"],
+                                          timeout=self.timeout, consistency_level=self._level())
+            out.update((int(r["id"]), r["codeword"]) for r in rows)
         return out
 
     def add(self, ids: seam.IdsLike, codes: seam.CodesLike, features: seam.FeaturesLike | None = None,
@@ -220,23 +304,32 @@ class MilvusIndex:
         feats = seam.check_features(features, n, self.feature_dim)
         if n == 0:
             return 0
-        replaced = len(self._present(ids))
-        rows = [{"id": int(ids[i]), "code": packed[i].tobytes(),
+        old = self._present(ids)
+        keys = keys_of(packed, self.bits)
+        rows = [{"id": int(ids[i]), "codeword": keys[i],
                  "metadata": {"v": None if meta[i] is None else json.loads(meta[i])}} for i in range(n)]
-        if feats is not None:
-            for row, f in zip(rows, feats):
-                row["feature"] = f.tolist()
+        for i, row in enumerate(rows):
+            if self._code_field:
+                row["code"] = packed[i].tobytes()
+            if feats is not None:
+                row["feature"] = feats[i].tolist()
         for lo in range(0, n, 2048):
-            with _errors("upsert"):
-                self._client.upsert(self.collection, rows[lo:lo + 2048], timeout=self.timeout)
-        return replaced
+            try:
+                with _errors("upsert"):
+                    self._client.upsert(self.collection, rows[lo:lo + 2048], timeout=self.timeout)
+            finally:  # counted in even when the upsert failed (it may have landed); counted out only once it has
+                self.codebook.change(keys[lo:lo + 2048], 1)
+            self.codebook.change([old[i] for i in ids[lo:lo + 2048].tolist() if i in old], -1)
+        return len(old)
 
     def remove(self, ids: seam.IdsLike) -> int:
         """Remove items by id; returns how many were present (unknown ids are ignored)."""
         present = self._present(seam.check_ids(ids))
         if present:
             with _errors("delete"):
-                self._client.delete(self.collection, ids=present, timeout=self.timeout)
+                self._client.delete(self.collection, ids=list(present), timeout=self.timeout)
+            self.codebook.change(present.values(), -1)
+            self._deleted = time.monotonic()
         return len(present)
 
     def save(self, path: str | os.PathLike | None = None) -> str:
@@ -251,7 +344,7 @@ class MilvusIndex:
     def __len__(self) -> int:
         with _errors("count"):
             rows = self._client.query(self.collection, filter="", output_fields=["count(*)"], timeout=self.timeout,
-                                      consistency_level=self.consistency)
+                                      consistency_level=self._level())
         return int(rows[0]["count(*)"])
 
     def __contains__(self, id_: int) -> bool:
@@ -273,22 +366,20 @@ class MilvusIndex:
         for lo in range(0, len(ids), 8192):
             with _errors("get"):
                 rows = self._client.get(self.collection, ids=list(ids[lo:lo + 8192]), output_fields=fields,
-                                        timeout=self.timeout,
-                                        consistency_level=self.consistency)
+                                        timeout=self.timeout, consistency_level=self._level())
             found.update((int(r["id"]), r) for r in rows)
         return found
 
     def get(self, ids: seam.IdsLike) -> seam.Items:
         """Stored codes, features and metadata of the given ids, in the order given; NotFound names missing ids."""
         ids = seam.check_ids(ids)
-        fields = ["code", "metadata"] + (["feature"] if self.feature_dim else [])
+        fields = ["codeword", "metadata"] + (["feature"] if self.feature_dim else [])
         found = self._fetch(ids.tolist(), fields)
         missing = [i for i in ids.tolist() if i not in found]
         if missing:
             raise NotFound(f"ids not in the index: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
         rows = [found[i] for i in ids.tolist()]
-        nb = self.bits // 8
-        codes = np.frombuffer(b"".join(_code_bytes(r["code"]) for r in rows), np.uint8).reshape(len(rows), nb)
+        codes = codes_of([r["codeword"] for r in rows], self.bits)
         feats = (np.asarray([r["feature"] for r in rows], np.float32).reshape(len(rows), self.feature_dim)
                  if self.feature_dim else None)
         return seam.Items(ids, codes, feats, [r["metadata"]["v"] for r in rows])
@@ -308,17 +399,54 @@ class MilvusIndex:
                rerank: bool | None = None) -> seam.SearchResult:
         """Two-step search with the same arguments and result as `HashIndex.search` (see the module docstring)."""
         packed, qf = seam.check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
-                                 feature_dim=self.feature_dim, max_k=self.max_k, max_pool=MAX_TOPK)
-        do_rerank = qf is not None
-        step1 = min(pool_size(k, pool), MAX_TOPK) if do_rerank else k
-        hits = self._hamming(packed, step1, radius)
-        if not do_rerank:
-            return seam.from_hits(hits, k, False)
-        rerank_fn = self._rerank_fetch if self.effective_rerank == "fetch" else self._rerank_milvus
-        return seam.from_hits(rerank_fn(qf, hits, k), k, True)
+                                      feature_dim=self.feature_dim, max_k=self.max_k)
+        self._refresh_due()
+        if qf is not None:
+            target = pool_size(k, pool)
+            return seam.from_hits([self._two_step(p, f, k, target, radius) for p, f in zip(packed, qf)], k, True)
+        if self._code_field:
+            return seam.from_hits(self._hamming(packed, k, radius), k, False)
+        return seam.from_hits([self._hamming_by_codewords(p, k, radius) for p in packed], k, False)
+
+    def _in(self, keys: list) -> str:
+        return f"codeword in {json.dumps(keys)}"
+
+    def _two_step(self, packed: np.ndarray, qf: np.ndarray, k: int, target: int, radius: int | None):
+        """Step 1 in the dictionary (the codewords of the nearest shells), step 2 in Milvus (one search of the
+        features filtered to them): (id, distance, score) best first, ties by id."""
+        shells = self.codebook.shells(packed, target, radius)
+        if not shells.keys:
+            return []
+        distance = shells.distance_of()
+        params = {"metric_type": "IP", "params": {"IVF_FLAT": {"nprobe": self.nprobe},
+                                                  "HNSW": {"ef": max(self.ef, k)}}.get(self.feature_index, {})}
+        with _errors("search"):
+            res = self._client.search(self.collection, data=[qf.tolist()], anns_field="feature", limit=k,
+                                      filter=self._in(shells.keys), search_params=params,
+                                      output_fields=["codeword"], timeout=self.timeout,
+                                      consistency_level=self._level())
+        ranked = sorted(((int(h["id"]), float(h["distance"]), h["entity"]["codeword"]) for h in res[0]),
+                        key=lambda t: (-t[1], t[0]))
+        return [(i, distance[key], s) for i, s, key in ranked]
+
+    def _hamming_by_codewords(self, packed: np.ndarray, k: int, radius: int | None):
+        """Exact Hamming top-k without a code field: every row of the shells nearer than the boundary shell (fewer
+        than k), then as many rows of the boundary shell as are missing."""
+        shells = self.codebook.shells(packed, k, radius)
+        distance = shells.distance_of()
+        hits: list[tuple[int, int]] = []
+        for keys in ([key for key, d in distance.items() if d < shells.cut],
+                     [key for key, d in distance.items() if d == shells.cut]):
+            if keys and len(hits) < k:
+                with _errors("query"):
+                    rows = self._client.query(self.collection, filter=self._in(keys), output_fields=["codeword"],
+                                              limit=k - len(hits), timeout=self.timeout,
+                                              consistency_level=self._level())
+                hits += sorted(((int(r["id"]), distance[r["codeword"]]) for r in rows), key=lambda t: (t[1], t[0]))
+        return hits[:k]
 
     def _hamming(self, packed: np.ndarray, limit: int, radius: int | None) -> list[list[tuple[int, int]]]:
-        """Step 1: per query, (id, distance) pairs sorted by (distance, id)."""
+        """Milvus's search of the code field: per query, (id, distance) pairs sorted by (distance, id)."""
         params: dict = {"metric_type": "HAMMING", "params": {}}
         if self.index_type == "BIN_IVF_FLAT":
             params["params"]["nprobe"] = self.nprobe
@@ -327,78 +455,25 @@ class MilvusIndex:
         with _errors("search"):
             res = self._client.search(self.collection, data=[row.tobytes() for row in packed], anns_field="code",
                                       limit=limit, search_params=params, timeout=self.timeout,
-                                      consistency_level=self.consistency)
+                                      consistency_level=self._level())
         return [sorted(((int(h["id"]), int(round(h["distance"]))) for h in row), key=lambda t: (t[1], t[0]))
                 for row in res]
 
-    def _rerank_fetch(self, qf: np.ndarray, hits, k: int):
-        """Step 2 in the SDK: fetch the pools' features once, then the Numba cosine kernel."""
-        from latenthash import kernels as K
-
-        pool_ids = sorted({i for row in hits for i, _ in row})
-        found = self._fetch(pool_ids, ["feature"])
-        where = {i: j for j, i in enumerate(pool_ids)}
-        feats = np.asarray([found[i]["feature"] for i in pool_ids], np.float32).reshape(-1, int(self.feature_dim or 0))
-        width = max(1, max(len(row) for row in hits))
-        rows = np.full((len(hits), width), -1, np.int64)
-        for q, row in enumerate(hits):
-            rows[q, :len(row)] = [where[i] for i, _ in row]
-        counts = np.asarray([len(row) for row in hits], np.int64)
-        f, s, lut = K.rerank_args(feats, None)
-        pos, scores = K.cosine_rerank(qf, f, s, lut, rows, counts, np.int64(k))
-        return [[(hits[q][p][0], hits[q][p][1], float(scores[q, j])) for j, p in enumerate(pos[q]) if p >= 0]
-                for q in range(len(hits))]
-
-    def _rerank_milvus(self, qf: np.ndarray, hits, k: int):
-        """Step 2 in Milvus: an IP search of the feature field restricted to each pool's ids."""
-        out: list[list[tuple[int, int, float]]] = []
-        for q, row in enumerate(hits):
-            if not row:
-                out.append([])
-                continue
-            dist = dict(row)
-            with _errors("search"):
-                res = self._client.search(self.collection, data=[qf[q].tolist()], anns_field="feature", limit=k,
-                                          filter=f"id in {list(dist)}", search_params={"metric_type": "IP"},
-                                          timeout=self.timeout,
-                                          consistency_level=self.consistency)
-            ranked = sorted(((int(h["id"]), float(h["distance"])) for h in res[0]), key=lambda t: (-t[1], t[0]))
-            out.append([(i, dist[i], s) for i, s in ranked])
-        return out
-
-    @property
-    def effective_rerank(self) -> str:
-        """The step 2 that runs: `rerank_mode`, except `fetch` where features are not a vector field."""
-        return self.rerank_mode if self._vector_features else "fetch"
-
     def warmup(self, *, background: bool = False) -> float:
-        """Compile the re-rank kernel off the query path (Milvus itself needs no warm-up); returns the seconds
-        (0.0 when `background` leaves it to a thread)."""
-        import threading
-        import time
-
-        from latenthash import kernels as K
-
-        if background:
-            threading.Thread(target=self.warmup, name="latenthash-warmup", daemon=True).start()
-            return 0.0
-        t0 = time.perf_counter()
-        if self.feature_dim:
-            f, s, lut = K.rerank_args(np.zeros((1, self.feature_dim), np.float32), None)
-            K.cosine_rerank(np.zeros((1, self.feature_dim), np.float32), f, s, lut, np.zeros((1, 1), np.int64),
-                            np.ones(1, np.int64), np.int64(1))
-        return time.perf_counter() - t0
+        """Nothing to compile: searches run in Milvus and in numpy (kept for the Protocol)."""
+        return 0.0
 
     def defer_warmup(self) -> None:
-        """Nothing to defer: searches run in Milvus, and the re-rank kernel compiles on first use at worst."""
+        """Nothing to defer (kept for the Protocol)."""
 
     def stats(self) -> dict:
         n = len(self)
-        nbytes = n * (self.bits // 8 + 8 + 4 * (self.feature_dim or 0))
+        nbytes = n * (self.bits // 8 * (2 if self._code_field else 1) + 8 + 4 * (self.feature_dim or 0))
         return {"count": n, "bits": self.bits, "feature_dim": self.feature_dim, "feature_dtype": "float32",
                 "index_bytes": int(nbytes), "bytes_per_item": nbytes / n if n else 0.0, "path": self.uri,
-                "backend": "milvus", "index_type": self.index_type, "rerank": self.effective_rerank,
-                "model": self.model_info}
+                "backend": "milvus", "layout": LAYOUT, "index_type": self.index_type if self._code_field else None,
+                "feature_index": self.feature_index if self.feature_dim else None,
+                "codewords": len(self.codebook), "model": self.model_info}
 
     def ping(self, timeout: float = 2.0) -> None:
         """Whether Milvus answers now: returns, or raises Unavailable (DeadlineExceeded) within about `timeout`."""
@@ -409,6 +484,57 @@ class MilvusIndex:
         self._client.close()
 
 
+def upgrade(source: str, target: str, *, batch: int = 4096) -> int:
+    """Copy a layout-1 collection (code and features, no codeword) into a new layout-2 collection at `target`;
+    returns the rows copied. The source is only read."""
+    pm = _pymilvus()
+    spec = seam.parse_uri(source)
+    client = pm.MilvusClient(spec["client_uri"], token=spec["options"].get("token", ""))
+    try:
+        with _errors("describe"):
+            fields = {f["name"]: f for f in client.describe_collection(spec["collection"])["fields"]}
+        if "codeword" in fields or "code" not in fields:
+            raise InvalidInput(f"{source} is not a layout-1 latenthash collection (fields {sorted(fields)})")
+        bits = int(fields["code"]["params"]["dim"])
+        feature = fields.get("feature")
+        dim = None if feature is None else int(feature["params"].get("dim") or feature["params"]["max_capacity"])
+        out = MilvusIndex(target, bits=bits, feature_dim=dim, create=True)
+        copied = 0
+        with _errors("query_iterator"):
+            client.load_collection(spec["collection"])
+            it = client.query_iterator(spec["collection"], batch_size=batch, filter="",
+                                       output_fields=["code", "metadata"] + (["feature"] if dim else []))
+            while rows := it.next():
+                codes = np.frombuffer(b"".join(_code_bytes(r["code"]) for r in rows), np.uint8).reshape(len(rows),
+                                                                                                       -1)
+                feats = np.asarray([r["feature"] for r in rows], np.float32) if dim else None
+                out.add([r["id"] for r in rows], codes, feats, [r["metadata"]["v"] for r in rows])
+                copied += len(rows)
+            it.close()
+        out.save()
+        out.close()
+        return copied
+    finally:
+        client.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m latenthash.milvus upgrade OLD_URI NEW_URI`: copy a collection into the current layout."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m latenthash.milvus", description=main.__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upgrade", help="copy a layout-1 collection into a new collection of the current layout")
+    up.add_argument("source")
+    up.add_argument("target")
+    args = ap.parse_args(argv)
+    print(f"copied {upgrade(args.source, args.target):,} rows from {args.source} to {args.target}")
+
+
 def _code_bytes(value) -> bytes:
     """pymilvus returns a binary vector as bytes or as a one-element list of bytes, depending on the version."""
     return value[0] if isinstance(value, list) else bytes(value)
+
+
+if __name__ == "__main__":
+    main()
