@@ -75,7 +75,8 @@ def _pymilvus():
     return require("pymilvus", extra="milvus", purpose="the Milvus index backend")
 
 
-_GONE = ("unavailable", "connect", "timeout", "deadline", "not ready", "channel", "closed", "refused")
+_GONE = ("unavailable", "connect", "timeout", "deadline", "not ready", "channel", "closed", "refused", "not loaded",
+         "unrecoverable")  # "not loaded": a restarted Milvus that has not loaded the collection again yet
 
 
 @contextmanager
@@ -164,6 +165,7 @@ class MilvusIndex:
         self._refreshed = 0.0
         self._deleted = -DELETE_SETTLE_S
         self._refreshing = threading.Lock()
+        self._loading = threading.Lock()
         if exists:
             self.refresh_codewords()
         else:
@@ -478,7 +480,21 @@ class MilvusIndex:
     def ping(self, timeout: float = 2.0) -> None:
         """Whether Milvus answers now: returns, or raises Unavailable (DeadlineExceeded) within about `timeout`."""
         with _errors("ping"):
-            self._client.has_collection(self.collection, timeout=timeout)
+            state = str(self._client.get_load_state(self.collection, timeout=timeout)["state"])
+        if state.endswith("Loaded"):
+            return
+        if state.endswith("NotLoad") and self._loading.acquire(blocking=False):  # a restarted Milvus may not
+            threading.Thread(target=self._load, name="latenthash-load", daemon=True).start()  # load it by itself
+        raise Unavailable(f"Milvus collection {self.collection!r} is not loaded ({state}): loading it")
+
+    def _load(self) -> None:
+        try:
+            with _errors("load"):
+                self._client.load_collection(self.collection, timeout=max(self.timeout, 60.0))
+        except LatentHashError as exc:  # the next ping tries again
+            log.warning("Milvus collection not loaded: %s", exc)
+        finally:
+            self._loading.release()
 
     def close(self) -> None:
         self._client.close()

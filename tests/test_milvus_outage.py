@@ -1,11 +1,12 @@
-"""A Milvus that goes away under `serve --index milvus://...`: the suite's real Milvus server reached through a link
-that the test cuts (every connection reset, new ones refused) and restores, 10 times, while 3 writers and 2 readers
-call the latenthash server. While Milvus is gone every call ends UNAVAILABLE or DEADLINE_EXCEEDED within its
-deadline (never INTERNAL, never a hang) and health is NOT_SERVING; once it is back the same server process serves
-again, and every acknowledged upsert is in Milvus with its content.
+"""A Milvus that goes away under `serve --index milvus://...`, while 3 writers and 2 readers call the latenthash
+server: the suite's real Milvus server reached through a link that the test cuts (every connection reset, new ones
+refused) and restores 10 times, and the same server killed with SIGKILL and started again on its data 10 times.
+While Milvus is gone every call ends UNAVAILABLE or DEADLINE_EXCEEDED within its deadline (never INTERNAL, never a
+hang) and health is NOT_SERVING; once it is back the same latenthash process serves again, and every acknowledged
+upsert is in Milvus with its content.
 
-(Killing Milvus itself with SIGKILL was tried: the `milvus` package's Milvus 2.3.5-lite was not ready again 3
-minutes after a restart on its data, waiting on the dead node's sessions, so the outage is made in the network.)"""
+A restarted Milvus may listen on another port (see milvus_server.restart): the link in front of it follows, as a
+service address or load balancer would."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from extras import need
 
 need("pymilvus", "milvus")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import milvus_server  # noqa: E402
 from cuttable import CuttableLink  # noqa: E402
 
 from latenthash import open_index  # noqa: E402
@@ -28,7 +31,7 @@ from latenthash.client import Client  # noqa: E402
 from latenthash.errors import LatentHashError, Unavailable  # noqa: E402
 from latenthash.server.app import ServerConfig, create_server  # noqa: E402
 
-BITS, DIM, DEADLINE, CUTS = 48, 8, 4.0, 10
+BITS, DIM, DEADLINE, ROUNDS = 48, 8, 4.0, 10
 
 
 def health(port: int) -> int:
@@ -49,77 +52,135 @@ def reaches(port: int, status: int, within: float) -> bool:
     return True
 
 
-def test_milvus_outages_under_load(milvus_server_uri):
-    from grpc_health.v1 import health_pb2
+class Load:
+    """3 writers and 2 readers calling the latenthash server on `port` until the block ends: the upserts it
+    acknowledged (id -> code), the answers that were wrong (any error but UNAVAILABLE / DEADLINE_EXCEEDED, or a call
+    past its deadline + 1 s), and how many calls succeeded or were unavailable."""
 
-    real = f"{milvus_server_uri}/outage_{uuid.uuid4().hex[:8]}"
-    open_index(real, bits=BITS, feature_dim=DIM, create=True).close()
-    link = CuttableLink(int(milvus_server_uri.rsplit(":", 1)[1]))
-    server, port = create_server(ServerConfig(index=real.replace(milvus_server_uri.rsplit(":", 1)[1],
-                                                                 str(link.port), 1) + "?timeout=2", port=0))
-    acked: dict[int, bytes] = {}
-    wrong: list[str] = []
-    counts = {"ok": 0, "unavailable": 0}
-    stop = threading.Event()
+    def __init__(self, port: int):
+        self.port = port
+        self.acked: dict[int, bytes] = {}
+        self.wrong: list[str] = []
+        self.counts = {"ok": 0, "unavailable": 0}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._writer, args=(w,)) for w in range(3)]
+        self._threads += [threading.Thread(target=self._reader, args=(r,)) for r in range(2)]
 
-    def call(fn):
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def _call(self, fn):
         t0 = time.monotonic()
         try:
             out = fn()
-            counts["ok"] += 1
+            self.counts["ok"] += 1
             return out
         except LatentHashError as exc:
-            if not isinstance(exc, Unavailable):
-                wrong.append(f"{type(exc).__name__}: {exc}")
-            counts["unavailable"] += 1
+            if not isinstance(exc, Unavailable):  # DeadlineExceeded is one
+                self.wrong.append(f"{type(exc).__name__}: {exc}")
+            self.counts["unavailable"] += 1
         finally:
             if time.monotonic() - t0 > DEADLINE + 1:
-                wrong.append(f"a call took {time.monotonic() - t0:.1f} s, past its {DEADLINE:g} s deadline")
+                self.wrong.append(f"a call took {time.monotonic() - t0:.1f} s, past its {DEADLINE:g} s deadline")
         return None
 
-    def writer(w: int):
+    def _writer(self, w: int) -> None:
         rng = np.random.default_rng(w)
-        with Client(f"127.0.0.1:{port}", timeout=DEADLINE, retries=0) as c:
+        with Client(f"127.0.0.1:{self.port}", timeout=DEADLINE, retries=0) as c:
             for i in range(w * 100_000, w * 100_000 + 100_000):
-                if stop.is_set():
+                if self._stop.is_set():
                     return
                 code = np.packbits(rng.random((1, BITS)) < 0.5, axis=1)
-                if call(lambda: c.upsert([i], codes=code, features=rng.standard_normal((1, DIM)))) is not None:
-                    acked[i] = code.tobytes()
+                if self._call(lambda: c.upsert([i], codes=code, features=rng.standard_normal((1, DIM)))) is not None:
+                    self.acked[i] = code.tobytes()
                 time.sleep(0.02)
 
-    def reader(r: int):
+    def _reader(self, r: int) -> None:
         rng = np.random.default_rng(100 + r)
-        with Client(f"127.0.0.1:{port}", timeout=DEADLINE, retries=0) as c:
-            while not stop.is_set():
-                call(lambda: c.search(codes=rng.random((1, BITS)) < 0.5, k=5))
+        with Client(f"127.0.0.1:{self.port}", timeout=DEADLINE, retries=0) as c:
+            while not self._stop.is_set():
+                self._call(lambda: c.search(codes=rng.random((1, BITS)) < 0.5, k=5))
                 time.sleep(0.02)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(3)]
-    threads += [threading.Thread(target=reader, args=(r,)) for r in range(2)]
+    def check(self, real: str) -> None:
+        """Nothing wrong, both outcomes seen, and every acknowledged upsert in Milvus with its code."""
+        assert self.wrong == [], self.wrong[:5]
+        assert self.counts["unavailable"] > 0 and self.counts["ok"] > 0
+        direct = open_index(real)
+        ids = np.fromiter(self.acked, np.int64)
+        got = direct.get(ids)  # NotFound if any acknowledged item is missing
+        assert dict(zip(got.ids.tolist(), (c.tobytes() for c in got.codes))) == self.acked
+        direct.close()
+
+
+def serve_through_link(milvus_uri: str):
+    """A new collection, a link in front of Milvus, and a latenthash server whose index goes through the link."""
+    real = f"{milvus_uri}/outage_{uuid.uuid4().hex[:8]}"
+    open_index(real, bits=BITS, feature_dim=DIM, create=True).close()
+    milvus_port = milvus_uri.rsplit(":", 1)[1]
+    link = CuttableLink(int(milvus_port))
+    server, port = create_server(ServerConfig(index=real.replace(milvus_port, str(link.port), 1) + "?timeout=2",
+                                              port=0))
+    return real, link, server, port
+
+
+def test_milvus_outages_under_load(milvus_server_uri):
+    from grpc_health.v1 import health_pb2
+
+    real, link, server, port = serve_through_link(milvus_server_uri)
     seen_down = seen_up = 0
     try:
-        for t in threads:
-            t.start()
-        for _ in range(CUTS):
-            time.sleep(1.5)
-            link.cut()
-            seen_down += reaches(port, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
-            time.sleep(1.0)
-            link.restore()
-            seen_up += reaches(port, health_pb2.HealthCheckResponse.SERVING, within=20)
-        time.sleep(2.0)
+        with Load(port) as load:
+            for _ in range(ROUNDS):
+                time.sleep(1.5)
+                link.cut()
+                seen_down += reaches(port, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
+                time.sleep(1.0)
+                link.restore()
+                seen_up += reaches(port, health_pb2.HealthCheckResponse.SERVING, within=20)
+            time.sleep(2.0)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
         server.stop(2)
         link.close()
-    assert wrong == [], wrong[:5]
-    assert seen_down == seen_up == CUTS  # health followed every outage and every return
-    assert counts["unavailable"] > 0 and counts["ok"] > 0
-    direct = open_index(real)
-    ids = np.fromiter(acked, np.int64)
-    got = direct.get(ids)  # NotFound if any acknowledged item is missing
-    assert dict(zip(got.ids.tolist(), (c.tobytes() for c in got.codes))) == acked
-    direct.close()
+    assert seen_down == seen_up == ROUNDS  # health followed every outage and every return
+    load.check(real)
+
+
+def test_milvus_killed_and_restarted_under_load(milvus_server_uri):
+    """SIGKILL to Milvus's whole process group, then a start on its data, 10 times; the last restart waits for the
+    original port so the rest of the suite finds the server where it was."""
+    from grpc_health.v1 import health_pb2
+
+    if milvus_server_uri not in milvus_server.RUNNING:
+        pytest.skip("Milvus was not started by this suite (LATENTHASH_MILVUS_URI): it cannot be killed here")
+    real, link, server, port = serve_through_link(milvus_server_uri)
+    seen_down = seen_up = 0
+    gone: list[float] = []
+    try:
+        with Load(port) as load:
+            for i in range(ROUNDS):
+                time.sleep(3.0)  # serving: writes are acknowledged
+                t0 = time.monotonic()
+                milvus_server.kill(milvus_server_uri)
+                link.cut()  # the connections to the dead server go with it
+                seen_down += reaches(port, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
+                link.target = milvus_server.restart(milvus_server_uri, same_port=i == ROUNDS - 1)
+                link.restore()
+                seen_up += reaches(port, health_pb2.HealthCheckResponse.SERVING, within=120)
+                gone.append(time.monotonic() - t0)
+            time.sleep(2.0)
+    finally:
+        server.stop(2)
+        link.close()
+    print(f"Milvus killed {ROUNDS} times: back in {min(gone):.0f}-{max(gone):.0f} s; calls {load.counts}; "
+          f"{len(load.acked)} upserts acknowledged")
+    assert seen_down == seen_up == ROUNDS
+    assert link.target == int(milvus_server_uri.rsplit(":", 1)[1])
+    load.check(real)
