@@ -478,14 +478,21 @@ class MilvusIndex:
                 "codewords": len(self.codebook), "model": self.model_info}
 
     def ping(self, timeout: float = 2.0) -> None:
-        """Whether Milvus answers now: returns, or raises Unavailable (DeadlineExceeded) within about `timeout`."""
+        """Whether Milvus answers queries on the collection now: returns, or raises Unavailable (DeadlineExceeded)
+        within about `timeout`. A restarted Milvus answers before it serves the collection again ("not loaded"),
+        so the ping is a query; it loads the collection when Milvus does not."""
         with _errors("ping"):
             state = str(self._client.get_load_state(self.collection, timeout=timeout)["state"])
-        if state.endswith("Loaded"):
-            return
-        if state.endswith("NotLoad") and self._loading.acquire(blocking=False):  # a restarted Milvus may not
-            threading.Thread(target=self._load, name="latenthash-load", daemon=True).start()  # load it by itself
-        raise Unavailable(f"Milvus collection {self.collection!r} is not loaded ({state}): loading it")
+        try:
+            if not state.endswith("Loaded"):
+                raise Unavailable(f"Milvus collection {self.collection!r} is not loaded ({state})")
+            with _errors("ping"):
+                self._client.query(self.collection, filter="id in [-1]", output_fields=["id"], timeout=timeout,
+                                   consistency_level="Eventually")
+        except Unavailable as exc:
+            if ("NotLoad" in state or "not loaded" in str(exc)) and self._loading.acquire(blocking=False):
+                threading.Thread(target=self._load, name="latenthash-load", daemon=True).start()
+            raise
 
     def _load(self) -> None:
         try:
