@@ -72,7 +72,12 @@ def _pymilvus():
 
     # milvus-lite 2.5 still imports pkg_resources, which warns on every start
     warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
-    return require("pymilvus", extra="milvus", purpose="the Milvus index backend")
+    pm = require("pymilvus", extra="milvus", purpose="the Milvus index backend")
+    # pymilvus logs every failed call with its traceback at WARNING/ERROR on a handler of its own (thousands of lines
+    # a second while Milvus is away, enough CPU to delay the calls themselves); this backend raises each failure as
+    # an SDK error instead. LATENTHASH_PYMILVUS_LOG=WARNING (any level) keeps pymilvus's own log.
+    logging.getLogger("pymilvus").setLevel(os.environ.get("LATENTHASH_PYMILVUS_LOG", "CRITICAL").upper())
+    return pm
 
 
 _GONE = ("unavailable", "connect", "timeout", "deadline", "not ready", "channel", "closed", "refused", "not loaded",
