@@ -16,6 +16,7 @@ generation readable. Older generations are removed after the switch.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -63,8 +64,9 @@ class _Snapshot:
     metadata: list  # JSON text (str) or None per row; rows past n may exist
 
 
+@functools.cache
 def _kernels():
-    from latenthash import kernels  # lazy: numba is heavy to import
+    from latenthash import kernels  # lazy: numba is heavy to import (cached: an import statement costs a search)
 
     return kernels
 
@@ -275,7 +277,8 @@ class HashIndex:
                 rows, dists, counts = self._topk_rows(snap, qw, k)
             else:
                 rows, dists, counts = self._radius_rows(snap, qw, radius, k)
-            if counts.min() == rows.shape[1] == k:  # no padding to keep
+            held = int(counts[0]) if len(counts) == 1 else counts.min()  # one query: no reduction to launch
+            if rows.shape[1] == k and held == k:  # no padding to keep
                 return SearchResult(snap.ids[rows], dists, counts)
             ids = np.where(rows >= 0, snap.ids[np.maximum(rows, 0)], -1) if snap.n else rows
             return padded(ids, dists, counts, None, k)
@@ -331,15 +334,8 @@ class HashIndex:
                                   qw.reshape(-1), k_eff, self.bits, max(1, min(len(qw), 4 * K.threads())))
         flat = snap.words[:n].reshape(-1)
         if len(qw) == 1:
-            r, d = K.topk_single(flat, n, w, qw[0], k_eff, self.bits, max(1, min(K.threads(), n // 65536 + 1)))
-            if len(r) == k_eff:  # the common case: no padding, no copies
-                return r[None], d[None], np.array([k_eff])
-            rows = np.full((1, k_eff), -1, np.int64)
-            dists = np.full((1, k_eff), -1, np.int64)
-            rows[0, : len(r)], dists[0, : len(d)] = r, d
-        else:
-            rows, dists = K.topk_batch(flat, n, w, qw.reshape(-1), k_eff, self.bits,
-                                       max(1, min(len(qw), 4 * K.threads())))
+            return K.topk_single(flat, n, w, qw[0], k_eff, self.bits, K.single_chunks(n))
+        rows, dists = K.topk_batch(flat, n, w, qw.reshape(-1), k_eff, self.bits, max(1, min(len(qw), 4 * K.threads())))
         return rows, dists, (rows >= 0).sum(1)
 
     def _radius_rows(self, snap: _Snapshot, qw: np.ndarray, radius: int, limit: int):

@@ -12,10 +12,10 @@ so results are deterministic.
 Every search reads the database twice. The first pass is the popcount pass itself: it stores only the smallest
 distance of every group of 256 codes. The k-th smallest of those minima bounds T from above (k codes lie at or below
 it), so the second pass reads again only the groups whose minimum is below T (about one in thirty for random 64-bit
-codes), offering their distances 32 at a time. One query (`topk_single`) splits both passes across threads, with one
-T from all chunks' minima; chunk results are merged by a stable counting sort. A batch (`topk_batch`) gives each
-thread whole queries, in rounds whose first pass walks the database in L2-sized blocks that every query of the round
-reuses.
+codes), as a bit mask per 64 codes of those below T. One query (`topk_single`) splits the first pass across threads
+and bounds T from all chunks' minima; its second pass, a few percent of the work, runs on the calling thread. A batch
+(`topk_batch`) gives each thread whole queries, in rounds whose first pass walks the database in L2-sized blocks
+that every query of the round reuses.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ try:
     from llvmlite import ir
     from numba import njit, prange, types
     from numba.core import cgutils
+    from numba.cpython.unsafe.numbers import trailing_zeros
     from numba.extending import intrinsic
 except ImportError as exc:  # pragma: no cover - numba is a base dependency
     raise MissingDependency("latenthash's search kernels need numba: pip install numba") from exc
@@ -76,7 +77,6 @@ def _ensure_cache_dir() -> None:
 _ensure_cache_dir()
 
 GROUP = 256  # codes per skip group (measured: 64 costs 35% more per scan, 1024 gains little)
-SUBGROUP = 32  # distances of an entering group checked per minimum (one query, 2 threads: 32 -14%, 64 -10%, 256 -2%)
 BLOCK = 16384  # codes per cache block in batch scans
 ROUND = 32  # queries of a batch whose group minima are held at once, at most ROUND_MINIMA minima per query block
 ROUND_MINIMA = 1 << 20  # int16: 2 MiB per block of queries, whatever the database size
@@ -169,12 +169,6 @@ def _distances(db, start, n, q, w, out):
             out[j] = d
 
 
-@njit(cache=True)
-def _distances_of(db, start, n, q, w, out):
-    """`_distances` as a call of its own (see `_group_mins`)."""
-    _distances(db, start, n, q, w, out)
-
-
 @njit(inline="always", cache=True)
 def _group_min(db, start, n, q, w):
     """The smallest distance among codes start..start+n-1: a pure vectorised reduction, nothing stored.
@@ -201,41 +195,65 @@ def _group_min(db, start, n, q, w):
     return mn
 
 
+@njit(inline="always", cache=True)
+def _distance(db, i, q, w):
+    """The Hamming distance of code i to query words q."""
+    if w == 1:
+        return popcount64(db[np.uint64(i)] ^ q[0])
+    d = np.int64(0)
+    for t in range(w):
+        d += popcount64(db[np.uint64(i * w + t)] ^ q[t])
+    return d
+
+
 @njit(cache=True)
-def _accept(dist_buf, m, id0, k, hist, cand_i, cand_d, held, thr, below):
-    """Offer the distances dist_buf[:m] of ids id0.. to a selection state; returns its new (held, thr, below).
+def _below_mask(db, start, m, q, w, thr):
+    """Bit j set where code start + j (j < m <= 64) lies below distance thr.
+
+    Built without branches, so LLVM vectorises it like the popcount pass: testing 32-code minima first (the
+    design before) cost four times as long, the horizontal minimum of every subgroup being a chain of shuffles.
+    Callers pass w as a literal where they can (see `_select_bounded`)."""
+    mask = np.uint64(0)
+    if w == 1:
+        q0 = q[0]
+        for j in range(m):
+            mask |= np.uint64(popcount64(db[np.uint64(start + j)] ^ q0) < thr) << np.uint64(j)
+    elif w == 2:
+        q0, q1 = q[0], q[1]
+        for j in range(m):
+            b = np.uint64(2 * (start + j))
+            d = popcount64(db[b] ^ q0) + popcount64(db[b + np.uint64(1)] ^ q1)
+            mask |= np.uint64(d < thr) << np.uint64(j)
+    else:
+        for j in range(m):
+            mask |= np.uint64(_distance(db, start + j, q, w) < thr) << np.uint64(j)
+    return mask
+
+
+@njit(inline="always", cache=True)
+def _take(i, d, k, hist, cand_i, cand_d, held, thr, below):
+    """Add candidate i at distance d < thr to a selection state; returns its new (held, thr, below).
 
     cand_i/cand_d hold candidates in database order; when they are full, they are compacted to what can still
     enter (all below thr, the first k - below at thr)."""
-    cap = cand_i.shape[0]
-    for s0 in range(0, m, SUBGROUP):
-        s1 = min(m, s0 + SUBGROUP)
-        mn = np.int64(1 << 30)
-        for j in range(s1 - s0):  # unsigned indices: LLVM vectorises this minimum only without wraparound checks
-            mn = min(mn, dist_buf[np.uint64(s0 + j)])
-        if mn >= thr:
-            continue
-        for j in range(s0, s1):
-            d = dist_buf[j]
-            if d < thr:
-                if held == cap:
-                    keep, at_thr = 0, 0
-                    for c in range(held):
-                        e = cand_d[c]
-                        if e < thr or (e == thr and at_thr < k - below):
-                            at_thr += e == thr
-                            cand_i[keep] = cand_i[c]
-                            cand_d[keep] = e
-                            keep += 1
-                    held = keep
-                cand_i[held] = id0 + j
-                cand_d[held] = d
-                held += 1
-                hist[d] += 1
-                below += 1
-                while below >= k:
-                    thr -= 1
-                    below -= hist[thr]
+    if held == cand_i.shape[0]:
+        keep, at_thr = 0, 0
+        for c in range(held):
+            e = cand_d[c]
+            if e < thr or (e == thr and at_thr < k - below):
+                at_thr += e == thr
+                cand_i[keep] = cand_i[c]
+                cand_d[keep] = e
+                keep += 1
+        held = keep
+    cand_i[held] = i
+    cand_d[held] = d
+    held += 1
+    hist[d] += 1
+    below += 1
+    while below >= k:
+        thr -= 1
+        below -= hist[thr]
     return held, thr, below
 
 
@@ -251,56 +269,70 @@ def _group_mins(db, n, q, w, gmin):
     return ng
 
 
-@njit(inline="always", cache=True)
-def _next_below(gmin, g, ng, thr):
-    while g < ng and gmin[g] >= thr:
-        g += 1
-    return g
-
-
 @njit(cache=True)
-def _count_mins(gmin, counts):
-    """counts[d] += the number of groups whose minimum is d (counts has bits + 2 entries)."""
+def _count_below(gmin, d):
+    """How many group minima are at most d: a branch-free count that LLVM vectorises."""
+    c = 0
     for g in range(gmin.shape[0]):
-        counts[gmin[g]] += 1
-
-
-@njit(cache=True)
-def _bound(counts, k, thr):
-    """One above the k-th smallest group minimum, from their counts, when that is below thr (k codes lie at or
-    below it), else thr."""
-    seen = 0
-    for d in range(thr):
-        seen += counts[d]
-        if seen >= k:
-            return d + 1
-    return thr
+        c += gmin[np.uint64(g)] <= d
+    return c
 
 
 @njit(cache=True)
 def _mins_bound(gmin, k, bits):
-    """`_bound` over the group minima gmin."""
-    counts = np.zeros(bits + 2, np.int64)
-    _count_mins(gmin, counts)
-    return _bound(counts, k, bits + 1)
+    """One above the k-th smallest group minimum (k codes lie at or below it), or bits + 1 when there are fewer
+    than k groups: a binary search over distances 0..bits, each step one vectorised count. A histogram of the
+    minima cost several times as much (its increments pile onto the few counters near the bound)."""
+    lo, hi = 0, bits + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _count_below(gmin, mid) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return min(lo + 1, bits + 1)
+
+
+@njit(inline="always", cache=True)
+def _mins_below(gmin, start, m, thr):
+    """Bit j set where group start + j (j < m <= 64) has its minimum below thr (branch-free, as `_below_mask`)."""
+    mask = np.uint64(0)
+    for j in range(m):
+        mask |= np.uint64(gmin[np.uint64(start + j)] < thr) << np.uint64(j)
+    return mask
 
 
 @njit(cache=True)
-def _select_bounded(db, n, base, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin):
+def _select_bounded(db, n, base, q, w, k, hist, cand_i, cand_d, state, gmin):
     """The second pass over n codes whose group minima gmin are known, into an empty selection state whose T
-    comes from `_bound`: only the groups whose minimum lies below T are read again. Random 64-bit codes leave about
-    one group in thirty for this pass, where a single pass that lowers T as it goes enters thousands while T falls."""
+    comes from `_mins_bound`: only the groups whose minimum lies below T are read again, 64 codes per mask of those
+    below T. Random 64-bit codes leave about one group in thirty for this pass, where a single pass that lowers T
+    as it goes enters thousands while T falls."""
     held, thr, below = state[0], state[1], state[2]
     ng = (n + GROUP - 1) // GROUP
-    g = _next_below(gmin, 0, ng, thr)
-    while g < ng:
-        nxt = _next_below(gmin, g + 1, ng, thr)
-        if nxt < ng:  # the group after this one is a cache miss otherwise: pass 1 has long evicted it
-            prefetch_span(db, nxt * GROUP * w, min(n, (nxt + 1) * GROUP) * w)
-        m = min(GROUP, n - g * GROUP)
-        _distances_of(db, g * GROUP, m, q, w, dist_buf)
-        held, thr, below = _accept(dist_buf, m, base + g * GROUP, k, hist, cand_i, cand_d, held, thr, below)
-        g = _next_below(gmin, nxt, ng, thr)
+    for g0 in range(0, ng, 64):
+        groups = _mins_below(gmin, g0, min(64, ng - g0), thr)
+        while groups:
+            g = g0 + trailing_zeros(groups)
+            groups &= groups - np.uint64(1)
+            if gmin[g] >= thr:  # thr has fallen since the mask was made
+                continue
+            if groups:  # the next group is a cache miss otherwise: pass 1 has long evicted it
+                nxt = g0 + trailing_zeros(groups)
+                prefetch_span(db, nxt * GROUP * w, min(n, (nxt + 1) * GROUP) * w)
+            end = min(n, (g + 1) * GROUP)
+            for s0 in range(g * GROUP, end, 64):
+                m = min(64, end - s0)
+                # a literal word count for the common lengths: LLVM then drops the other branches, measured twice
+                # as fast for one-word codes as with w a run-time value
+                mask = _below_mask(db, s0, m, q, 1, thr) if w == 1 else \
+                    _below_mask(db, s0, m, q, 2, thr) if w == 2 else _below_mask(db, s0, m, q, w, thr)
+                while mask:
+                    i = s0 + trailing_zeros(mask)
+                    mask &= mask - np.uint64(1)
+                    d = _distance(db, i, q, w)
+                    if d < thr:  # thr may have fallen since the mask was made
+                        held, thr, below = _take(base + i, d, k, hist, cand_i, cand_d, held, thr, below)
     state[0], state[1], state[2] = held, thr, below
 
 
@@ -334,68 +366,41 @@ def _chunk_select(db, lo, hi, w, q, k, bits, thr, gmin, out_i, out_d):
     hist = np.zeros(bits + 2, np.int64)
     cand_i = np.empty(2 * k + 4 * GROUP, np.int64)
     cand_d = np.empty(2 * k + 4 * GROUP, np.int64)
-    dist_buf = np.empty(GROUP, np.int64)
     state = np.array([0, thr, 0], np.int64)
-    _select_bounded(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, dist_buf, gmin)
+    _select_bounded(db[lo * w:hi * w], hi - lo, lo, q, w, k, hist, cand_i, cand_d, state, gmin)
     return _finish(hist, cand_i, cand_d, state, k, out_i, out_d)
 
 
 @njit(parallel=True, cache=True)
-def _topk_chunks(db, n, w, q, k, bits, chunks):
-    """Both passes split across threads: every chunk's group minima first, then one threshold from all of them
-    (a chunk's own would admit k candidates per chunk), then every chunk's second pass; merged by distance."""
+def _parallel_mins(db, n, w, q, chunks, gmin):
+    """The first pass split across threads: every group minimum into gmin."""
     per = (n + chunks - 1) // chunks
     per = (per + GROUP - 1) // GROUP * GROUP
-    gmin = np.empty((n + GROUP - 1) // GROUP, np.int64)
-    counts = np.zeros((chunks, bits + 2), np.int64)
     for c in prange(chunks):
         lo = min(n, c * per)
         hi = min(n, lo + per)
-        ng = _group_mins(db[lo * w:hi * w], hi - lo, q, w, gmin[lo // GROUP:])
-        _count_mins(gmin[lo // GROUP:lo // GROUP + ng], counts[c])
-    thr = _bound(counts.sum(axis=0), k, bits + 1)
-    loc_i = np.empty((chunks, k), np.int64)
-    loc_d = np.empty((chunks, k), np.int64)
-    loc_n = np.zeros(chunks, np.int64)
-    for c in prange(chunks):
-        lo = min(n, c * per)
-        hi = min(n, lo + per)
-        loc_n[c] = _chunk_select(db, lo, hi, w, q, k, bits, thr, gmin[lo // GROUP:], loc_i[c], loc_d[c])
-    # merge: chunks are in database order, so a stable counting sort by distance keeps ties in order
-    counts = np.zeros(bits + 2, np.int64)
-    for c in range(chunks):
-        for j in range(loc_n[c]):
-            counts[loc_d[c, j] + 1] += 1
-    for d in range(bits + 1):
-        counts[d + 1] += counts[d]
-    total = min(k, counts[bits + 1])
-    out_i = np.empty(total, np.int64)
-    out_d = np.empty(total, np.int64)
-    for c in range(chunks):
-        for j in range(loc_n[c]):
-            d = loc_d[c, j]
-            p = counts[d]
-            counts[d] += 1
-            if p < total:
-                out_i[p] = loc_i[c, j]
-                out_d[p] = d
-    return out_i, out_d
+        _group_mins(db[lo * w:hi * w], hi - lo, q, w, gmin[lo // GROUP:])
 
 
 @njit(cache=True)
 def topk_single(db, n, w, q, k, bits, chunks):
-    """Top-k of one query over n codes, the database split into `chunks` parallel parts.
+    """Top-k of one query over n codes, the first pass split into `chunks` parallel parts (one chunk runs without a
+    parallel launch; see `single_chunks`).
 
-    Returns (ids int64 (<=k,), distances int64 (<=k,)) sorted by (distance, database order). One chunk runs without
-    a parallel launch (6-30 us saved per query, measured at 2k-60k codes)."""
-    if chunks > 1:
-        return _topk_chunks(db, n, w, q, k, bits, chunks)
-    out_i = np.empty(k, np.int64)
-    out_d = np.empty(k, np.int64)
+    Returns (rows (1, k), distances (1, k), counts (1,)) as `topk_batch` rows: sorted by (distance, database order),
+    -1 padded where n < k. The second pass, a few percent of the first's work, runs on the calling thread: split
+    too, it measured slower (a second launch and a merge)."""
+    out_i = np.full((1, k), -1, np.int64)
+    out_d = np.full((1, k), -1, np.int64)
     gmin = np.empty((n + GROUP - 1) // GROUP, np.int64)
-    _group_mins(db, n, q, w, gmin)
-    m = _chunk_select(db, 0, n, w, q, k, bits, _mins_bound(gmin, k, bits), gmin, out_i, out_d)
-    return out_i[:m], out_d[:m]
+    if chunks > 1:
+        _parallel_mins(db, n, w, q, chunks, gmin)
+    else:
+        _group_mins(db, n, q, w, gmin)
+    thr = _mins_bound(gmin, k, bits)  # one threshold from every chunk's minima: a chunk's own admits k per chunk
+    counts = np.empty(1, np.int64)
+    counts[0] = _chunk_select(db, 0, n, w, q, k, bits, thr, gmin, out_i[0], out_d[0])
+    return out_i, out_d, counts
 
 
 @njit(parallel=True, cache=True)
@@ -415,7 +420,6 @@ def topk_batch(db, n, w, qs, k, bits, query_blocks):
     cand_i = np.empty((query_blocks, cap), np.int64)
     cand_d = np.empty((query_blocks, cap), np.int64)
     states = np.empty((query_blocks, 3), np.int64)
-    bufs = np.empty((query_blocks, GROUP), np.int64)
     round_ = max(1, min(ROUND, ROUND_MINIMA // max(ng, 1)))
     gmins = np.empty((query_blocks, round_, ng), np.int16)  # distances <= 1,024 bits
     for b in prange(query_blocks):
@@ -433,7 +437,7 @@ def topk_batch(db, n, w, qs, k, bits, query_blocks):
                 hist[:] = 0
                 state[0], state[1], state[2] = 0, _mins_bound(gmins[b, i - r0, :ng], k, bits), 0
                 _select_bounded(db, n, np.int64(0), qs[i * w:(i + 1) * w], w, k, hist, cand_i[b], cand_d[b], state,
-                                bufs[b], gmins[b, i - r0])
+                                gmins[b, i - r0])
                 _finish(hist, cand_i[b], cand_d[b], state, k, out_i[i], out_d[i])
     return out_i, out_d
 
@@ -996,3 +1000,9 @@ def set_threads(n: int) -> None:
 
 def threads() -> int:
     return numba.get_num_threads()
+
+
+def single_chunks(n: int) -> int:
+    """Parts of one query's first pass over n codes: one per 65,536 codes, at most one per thread (below that a
+    parallel launch costs more than it saves)."""
+    return max(1, min(numba.get_num_threads(), n // 65536 + 1))

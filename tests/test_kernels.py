@@ -31,9 +31,10 @@ def check_topk(db, qs, bits, k):
     n, w = len(dw), dw.shape[1]
     for chunks in (1, 3):
         for i in range(len(qw)):
-            ids, d = K.topk_single(dw.ravel(), n, w, qw[i], min(k, n), bits, chunks)
-            np.testing.assert_array_equal(ids, ref[i])
-            np.testing.assert_array_equal(d, dist[i, ref[i]])
+            ids, d, count = K.topk_single(dw.ravel(), n, w, qw[i], min(k, n), bits, chunks)
+            assert count[0] == min(k, n)
+            np.testing.assert_array_equal(ids[0], ref[i])
+            np.testing.assert_array_equal(d[0], dist[i, ref[i]])
     ids, d = K.topk_batch(dw.ravel(), n, w, qw.ravel(), k, bits, 2)
     kk = min(k, n)
     np.testing.assert_array_equal(ids[:, :kk], ref)
@@ -59,8 +60,8 @@ def test_topk_real_codes_with_ties(real_codes, k):
 
 @pytest.mark.parametrize("chunks", [2, 7])
 def test_chunks_keep_ties_in_order(rng, chunks):
-    """One query split into chunks, with codes that tie heavily (the nearest codeword in every chunk, k beyond a
-    chunk's size): the merged result must still be the scan's, ties by row."""
+    """One query whose first pass is split into chunks, with codes that tie heavily (the nearest codeword in every
+    chunk, k beyond a chunk's size): the result must still be the scan's, ties by row."""
     words = random_codes(rng, 6, 48)
     db = words[rng.integers(0, 6, 20_000)]
     dw, qw = to_words(db, 48), to_words(np.concatenate([words[:2], random_codes(rng, 2, 48)]), 48)
@@ -68,9 +69,10 @@ def test_chunks_keep_ties_in_order(rng, chunks):
     for k in (1, 50, 3000, 9000):
         ref = np.argsort(dist, axis=1, kind="stable")[:, :k]
         for i in range(len(qw)):
-            ids, d = K.topk_single(dw.ravel(), len(dw), 1, qw[i], k, 48, chunks)
-            np.testing.assert_array_equal(ids, ref[i])
-            np.testing.assert_array_equal(d, dist[i, ref[i]])
+            ids, d, count = K.topk_single(dw.ravel(), len(dw), 1, qw[i], k, 48, chunks)
+            assert count[0] == k
+            np.testing.assert_array_equal(ids[0], ref[i])
+            np.testing.assert_array_equal(d[0], dist[i, ref[i]])
 
 
 @pytest.mark.parametrize("kind", ["random", "tied"])
@@ -92,9 +94,10 @@ def test_bound_from_group_minima(rng, kind):
         ref = np.argsort(dist, axis=1, kind="stable")[:, :k]
         for chunks in (1, 2):
             for i in range(4):
-                ids, d = K.topk_single(dw.ravel(), n, 1, qw[i], k, bits, chunks)
-                np.testing.assert_array_equal(ids, ref[i])
-                np.testing.assert_array_equal(d, dist[i, ref[i]])
+                ids, d, count = K.topk_single(dw.ravel(), n, 1, qw[i], k, bits, chunks)
+                assert count[0] == k
+                np.testing.assert_array_equal(ids[0], ref[i])
+                np.testing.assert_array_equal(d[0], dist[i, ref[i]])
         for blocks in (1, 3):
             ids, d = K.topk_batch(dw.ravel(), n, 1, qw.ravel(), k, bits, blocks)
             np.testing.assert_array_equal(ids, ref)
