@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -412,6 +413,8 @@ def main() -> None:
         tag += f"_copies{args.copies}"
     if args.part == "twostep" and args.n != 1_000_000:
         tag += f"_{args.n}"
+    if os.environ.get("NUMBA_CPU_NAME"):  # code built for another CPU kind keeps its own file
+        tag += "_" + os.environ["NUMBA_CPU_NAME"]
     save(f"search_{args.part}{tag}", result)
 
 
