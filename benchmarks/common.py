@@ -77,7 +77,7 @@ def stamp() -> dict:
             "host": platform.node(), "cpu": cpu["model"], "machine": cpu["machine"],
             "llvm_cpu": cpu["llvm_cpu"], "simd": cpu["simd"], "cpus": os.cpu_count(),
             # code built for another CPU than this one (e.g. AVX2 code on an AVX-512 host) says so
-            "targets": {k: os.environ[k] for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "FAISS_OPT_LEVEL")
+            "targets": {k: os.environ[k] for k in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")
                         if os.environ.get(k)},
             "python": platform.python_version(),
             "versions": versions, "load_average": os.getloadavg()[0]}
