@@ -178,8 +178,8 @@ def worker(name: str, data: str, threads: int) -> dict:
     m.build()
     build_s = time.perf_counter() - t0
     gc.collect()
-    out = {"method": name, "n": n, "threads": threads, "build_s": build_s, "memory_bytes_per_item": (rss() - before) / n,
-           "disk_bytes_per_item": m.disk_bytes() / n, "rows": []}
+    out = {"method": name, "n": n, "threads": threads, "build_s": build_s,
+           "memory_bytes_per_item": (rss() - before) / n, "disk_bytes_per_item": m.disk_bytes() / n, "rows": []}
     feed = qunit if not name.startswith("latenthash") else qfeats
     for value in SETTINGS[name]:
         m.set(value)
