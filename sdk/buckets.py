@@ -39,9 +39,9 @@ class Buckets:
     codes: np.ndarray | None  # (U, W) uint64 distinct codes; None: too diverse to be worth it
     offsets: np.ndarray | None  # (U + 1,) int64: bucket u holds rows[offsets[u]:offsets[u + 1]]
     rows: np.ndarray | None  # (n,) int64, ascending within each bucket
-    signs: np.ndarray | None = None  # (n, SKETCH_BITS / 64) uint64 sketches, bucket order
+    signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, bucket order (see below)
     centre: np.ndarray | None = None  # (D,) float32 mean stored feature
-    projection: np.ndarray | None = None  # (D, SKETCH_BITS) float32
+    projection: np.ndarray | None = None  # (SKETCH_BITS, D) float32: one random hyperplane per sketch bit
 
     def query_signs(self, qf: np.ndarray) -> np.ndarray:
         """The sketches of L2-normalized query features (nq, D), comparable with `signs`."""
@@ -50,7 +50,7 @@ class Buckets:
 
 
 def _sketch(f: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    return to_words(np.packbits((f - centre) @ projection > 0, axis=1), projection.shape[1])
+    return to_words(np.packbits((f - centre) @ projection.T > 0, axis=1), projection.shape[0])
 
 
 def build(snapshot) -> Buckets:
@@ -89,11 +89,18 @@ def _sketch_rows(snapshot, order: np.ndarray, chunk: int = 65536):
 
     centre = (sum(stored(lo).sum(axis=0, dtype=np.float64) for lo in range(0, n, chunk)) / max(n, 1)).astype(
         np.float32)
-    projection = np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32)
-    signs = np.empty((n, SKETCH_BITS // 64), np.uint64)
+    # drawn (D, S) and stored transposed: the sketches stay those of the seed, rows serve `kernels.query_sketch`
+    projection = np.ascontiguousarray(np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32).T)
+    signs = np.zeros((-(-n // 8) * 8, SKETCH_BITS // 64), np.uint64)
     for lo in range(0, n, chunk):
         signs[lo:lo + chunk] = _sketch(rows(lo), centre, projection)
-    return signs, centre, projection
+    return block_sketches(signs), centre, projection
+
+
+def block_sketches(signs: np.ndarray) -> np.ndarray:
+    """Row sketches (n, S) (n a multiple of 8) laid out as (n / 8, S, 8): word t of 8 consecutive rows side by
+    side, so that one vector instruction serves 8 rows (see `kernels._block_distances`)."""
+    return np.ascontiguousarray(signs.reshape(-1, 8, signs.shape[1]).transpose(0, 2, 1))
 
 
 class BucketCache:

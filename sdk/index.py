@@ -64,6 +64,11 @@ class _Snapshot:
     metadata: list  # JSON text (str) or None per row; rows past n may exist
 
 
+def _rescored(k: int, target: int) -> int:
+    """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly."""
+    return max(OVERSAMPLE * k, 1000, target // 10)
+
+
 @functools.cache
 def _kernels():
     from latenthash import kernels  # lazy: numba is heavy to import (cached: an import statement costs a search)
@@ -286,6 +291,13 @@ class HashIndex:
             rows, dists, counts = self._radius_rows(snap, qw, radius, target)
         else:
             buckets = self._buckets.get(snap)
+            if buckets is not None and buckets.signs is not None and len(qw) == 1:  # both steps in one kernel call
+                ids, dists, scores, counts = _kernels().twostep_one(
+                    buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1], buckets.offsets, buckets.rows, qw[0],
+                    np.int64(target), self.bits, qf[0], buckets.centre, buckets.projection, buckets.signs,
+                    *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
+                    np.int64(k), snap.ids)
+                return SearchResult(ids, dists, counts, scores)
             if buckets is not None and buckets.signs is not None:
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
@@ -307,7 +319,7 @@ class HashIndex:
         K = _kernels()
         qoff, picked, pdist, nrows = K.shell_buckets(buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1],
                                                      buckets.offsets, qw.reshape(-1), np.int64(target), self.bits)
-        keep = max(1, min(int(nrows.max(initial=1)), max(OVERSAMPLE * k, 1000, target // 10)))
+        keep = max(1, min(int(nrows.max(initial=1)), _rescored(k, target)))
         pos, dists = K.sign_shells(buckets.query_signs(qf), buckets.signs, buckets.offsets, qoff, picked, pdist,
                                    nrows, np.int64(keep))
         rows = np.where(pos >= 0, buckets.rows[np.maximum(pos, 0)], -1)
@@ -321,8 +333,8 @@ class HashIndex:
     @staticmethod
     def _rerank(snap: _Snapshot, qf: np.ndarray, rows: np.ndarray, counts: np.ndarray, k: int):
         K = _kernels()
-        feats, scales, lut = K.rerank_args(snap.features, snap.scales)
-        return K.cosine_rerank(qf, feats, scales, lut, rows, counts, np.int64(k))
+        feats, scales = K.rerank_args(snap.features, snap.scales)
+        return K.cosine_rerank(qf, feats, scales, rows, counts, np.int64(k))
 
     def _topk_rows(self, snap: _Snapshot, qw: np.ndarray, k: int):
         K = _kernels()
@@ -436,11 +448,15 @@ class HashIndex:
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)
             offsets = np.array([0, 1], np.int64)
-            for n_q in (1, 2):  # the step 2 of bucketed indexes (see _shell_candidates)
-                qoff, picked, pdist, nrows = K.shell_buckets(np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1],
-                                                             offsets, qw[:n_q].reshape(-1), np.int64(1), self.bits)
-                signs = np.zeros((1, SKETCH_BITS // 64), np.uint64)
-                K.sign_shells(signs[[0] * n_q], signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
+            # the two steps of bucketed indexes: a batch (see _shell_candidates), one query (twostep_one)
+            ucodes, signs = np.zeros(qw.shape[1], np.uint64), np.zeros((1, SKETCH_BITS // 64, 8), np.uint64)
+            qoff, picked, pdist, nrows = K.shell_buckets(ucodes, 1, qw.shape[1], offsets, qw.reshape(-1),
+                                                         np.int64(1), self.bits)
+            K.sign_shells(signs[[0, 0], :, 0], signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
+            dim = int(dummy.features.shape[1])
+            K.twostep_one(ucodes, 1, qw.shape[1], offsets, offsets[:1], qw[0], np.int64(1), self.bits, qf[0],
+                          np.zeros(dim, np.float32), np.zeros((SKETCH_BITS, dim), np.float32), signs,
+                          *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids)
 
     def stats(self) -> dict:
         snap = self._snap

@@ -25,6 +25,7 @@ import os
 import stat
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ try:
     from numba import njit, prange, types
     from numba.core import cgutils
     from numba.cpython.unsafe.numbers import trailing_zeros
-    from numba.extending import intrinsic
+    from numba.extending import intrinsic, overload
 except ImportError as exc:  # pragma: no cover - numba is a base dependency
     raise MissingDependency("latenthash's search kernels need numba: pip install numba") from exc
 
@@ -601,10 +602,7 @@ def radius_search(db, n, w, qs, radius, limits):
 
 
 
-# float16 -> float32 by table: Numba has no float16 arrays, so half features travel as their uint16 bit patterns.
-with np.errstate(invalid="ignore"):  # the NaN bit patterns (arm64's numpy warns on casting them)
-    F16_TABLE = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
-NO_TABLE = np.empty(0, np.float32)
+# Numba has no float16 arrays: half features travel as their uint16 bit patterns (see `_dot_f16`).
 NO_SCALES = np.empty(0, np.float32)
 # Reassociation lets the dot products vectorise (the order of a float sum changes in the last bits); NaN and
 # infinity semantics stay exact, unlike full fastmath.
@@ -615,38 +613,135 @@ PARTS = 16  # pieces one query's pool is split into for the threads
 PREFETCH_AHEAD = 6  # rows requested ahead of the one being scored (measured: 4-8 best, 2.7x over none)
 
 
-@njit(inline="always", cache=True, fastmath=FAST)
-def _dot(a, b, i, lut):
+@intrinsic
+def _dot_f16(typingctx, q, feats, row):
+    """The dot product of float32 q (D,) with feats[row], float16 values stored as their uint16 bit patterns.
+
+    LLVM's half-to-float conversion on 16 lanes at a time (vcvtph2ps where x86 has F16C, fcvtl on Arm) and fused
+    multiply-adds; Numba has no float16 type, and the table lookup per element used before is a gather per value."""
+    sig = types.float32(q, feats, row)
+    lanes = 16
+
+    def codegen(context, builder, signature, args):
+        qty, fty, rty = signature.args
+        qa = context.make_array(qty)(context, builder, args[0])
+        fa = context.make_array(fty)(context, builder, args[1])
+        f32, i16, half = ir.FloatType(), ir.IntType(16), ir.HalfType()
+        vf, vh = ir.VectorType(f32, lanes), ir.VectorType(i16, lanes)
+        dim = builder.extract_value(qa.shape, 0)
+        start = builder.mul(context.cast(builder, args[2], rty, types.intp), builder.extract_value(fa.strides, 0))
+        fptr = builder.bitcast(builder.gep(builder.bitcast(fa.data, ir.IntType(8).as_pointer()), [start]),
+                               i16.as_pointer())
+        qptr = qa.data
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{lanes}f32")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
+        whole = builder.udiv(dim, ir.Constant(dim.type, lanes))
+        with cgutils.for_range(builder, whole) as loop:
+            off = builder.mul(loop.index, ir.Constant(dim.type, lanes))
+            h = builder.load(builder.bitcast(builder.gep(fptr, [off]), vh.as_pointer()), align=2)
+            f = builder.fpext(builder.bitcast(h, ir.VectorType(half, lanes)), vf)
+            qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), vf.as_pointer()), align=4)
+            builder.store(builder.call(fma, [f, qv, builder.load(acc)]), acc)
+        v = builder.load(acc)
+        width = lanes
+        while width > 1:  # a tree of halves, not a chain of sixteen dependent adds
+            width //= 2
+            lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width))))
+            hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                          list(range(width, 2 * width))))
+            v = builder.fadd(lo, hi)
+        total = cgutils.alloca_once_value(builder, builder.extract_element(v, ir.Constant(ir.IntType(32), 0)))
+        tail = builder.mul(whole, ir.Constant(dim.type, lanes))
+        with cgutils.for_range_slice(builder, tail, dim, ir.Constant(dim.type, 1)) as (t, _):
+            x = builder.fpext(builder.bitcast(builder.load(builder.gep(fptr, [t])), half), f32)
+            builder.store(builder.fadd(builder.load(total), builder.fmul(x, builder.load(builder.gep(qptr, [t])))),
+                          total)
+        return builder.load(total)
+
+    return sig, codegen
+
+
+@intrinsic
+def _block_distances(typingctx, blocks, block, q, out, pos):
+    """out[pos:pos + 8] = the Hamming distances between sketch q (S words) and the 8 sketches of block `block` of
+    `blocks` ((nblocks, S, 8) uint64: word t of 8 rows side by side).
+
+    In this layout the 8 distances are 8 lanes summed down the words, with no sum across lanes: a row-major sketch
+    needs one horizontal reduction per row, which cost most of the sketch pass."""
+    sig = types.void(blocks, block, q, out, pos)
+
+    def codegen(context, builder, signature, args):
+        bty, kty, qty, oty, pty = signature.args
+        ba = context.make_array(bty)(context, builder, args[0])
+        qa = context.make_array(qty)(context, builder, args[2])
+        oa = context.make_array(oty)(context, builder, args[3])
+        i64 = ir.IntType(64)
+        v8 = ir.VectorType(i64, 8)
+        sw = builder.extract_value(qa.shape, 0)
+        block = context.cast(builder, args[1], kty, types.intp)
+        base = builder.gep(ba.data, [builder.mul(block, builder.mul(sw, ir.Constant(i64, 8)))])
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8]), "llvm.ctpop.v8i64")
+        acc = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8))
+        with cgutils.for_range(builder, sw) as loop:
+            words = builder.load(builder.bitcast(builder.gep(base, [builder.mul(loop.index, ir.Constant(i64, 8))]),
+                                                 v8.as_pointer()), align=8)
+            qv = builder.insert_element(ir.Constant(v8, ir.Undefined), builder.load(builder.gep(qa.data, [loop.index])),
+                                        ir.Constant(ir.IntType(32), 0))
+            qv = builder.shuffle_vector(qv, qv, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+            builder.store(builder.add(builder.load(acc), builder.call(ctpop, [builder.xor(words, qv)])), acc)
+        v32 = ir.VectorType(ir.IntType(32), 8)
+        at = builder.gep(oa.data, [context.cast(builder, args[4], pty, types.intp)])
+        builder.store(builder.trunc(builder.load(acc), v32), builder.bitcast(at, v32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _dot(a, b, i):
+    """float32 a (D,) . row i of stored features b: float32, int8, or float16 as uint16 bit patterns."""
+
+
+def _dot_half(a, b, i):
+    return _dot_f16(a, b, i)
+
+
+def _dot_cast(a, b, i):
     s = np.float32(0.0)
-    if lut.shape[0] == 0:
-        for t in range(a.shape[0]):
-            s += a[t] * np.float32(b[i, t])
-    else:
-        for t in range(a.shape[0]):
-            s += a[t] * lut[np.int64(b[i, t])]
+    for t in range(a.shape[0]):
+        s += a[t] * np.float32(b[i, t])
     return s
 
 
+# Numba's SSA pass misreads the inlined loop's accumulator as out of scope and warns; the code it makes is right
+# (tests/test_kernels.py checks every dtype against numpy)
+warnings.filterwarnings("ignore", message="variable '_dot_cast", category=numba.NumbaIRAssumptionWarning)
+
+
+@overload(_dot, jit_options={"fastmath": FAST}, inline="always")  # inlined: a call per row measured 2.5x slower
+def _dot_by_dtype(a, b, i):
+    return _dot_half if b.dtype == types.uint16 else _dot_cast
+
+
 @njit(inline="always", cache=True, fastmath=FAST)
-def _score_rows(q, feats, scales, lut, rows, lo, hi, out):
+def _score_rows(q, feats, scales, rows, lo, hi, out):
     """out[j] = score of rows[j] for lo <= j < hi, prefetching PREFETCH_AHEAD rows ahead."""
     for j in range(lo, min(hi, lo + PREFETCH_AHEAD)):
         prefetch_row(feats, rows[j])
     for j in range(lo, hi):
         if j + PREFETCH_AHEAD < hi:
             prefetch_row(feats, rows[j + PREFETCH_AHEAD])
-        out[j] = _score(q, feats, rows[j], scales, lut)
+        out[j] = _score(q, feats, rows[j], scales)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
+def cosine_rerank(qf, feats, scales, pool, pool_n, k):
     """Re-rank each query's Hamming pool by cosine similarity.
 
     qf: (nq, D) float32 L2-normalized queries; feats: (N, D) stored L2-normalized features, as float32, int8 (with
-    scales: (N,) float32 per-vector scale; NO_SCALES otherwise) or float16 bit patterns in uint16 (with lut=F16_TABLE;
-    NO_TABLE otherwise); pool: (nq, P) int64 candidate rows, the first pool_n[i] valid. Returns (positions into pool
-    (nq, k) int64, -1 padded; scores (nq, k) float32, NaN padded) by descending score, ties by pool order (that is,
-    by Hamming distance, then database order)."""
+    scales: (N,) float32 per-vector scale; NO_SCALES otherwise) or float16 bit patterns in uint16; pool: (nq, P)
+    int64 candidate rows, the first pool_n[i] valid. Returns (positions into pool (nq, k) int64, -1 padded; scores
+    (nq, k) float32, NaN padded) by descending score, ties by pool order (that is, by Hamming distance, then
+    database order)."""
     nq = qf.shape[0]
     out_p = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), np.nan, np.float32)
@@ -656,20 +751,20 @@ def cosine_rerank(qf, feats, scales, lut, pool, pool_n, k):
         parts = max(1, min(PARTS, m // 128))  # a constant, not the thread count: that would defeat caching
         per = (m + parts - 1) // parts
         for c in prange(parts):
-            _score_rows(qf[0], feats, scales, lut, pool[0], c * per, min(m, (c + 1) * per), scores)
+            _score_rows(qf[0], feats, scales, pool[0], c * per, min(m, (c + 1) * per), scores)
         _keep_best(scores, k, out_p[0], out_s[0])
         return out_p, out_s
     for i in prange(nq):
         m = pool_n[i]
         scores = np.empty(m, np.float32)
-        _score_rows(qf[i], feats, scales, lut, pool[i], 0, m, scores)
+        _score_rows(qf[i], feats, scales, pool[i], 0, m, scores)
         _keep_best(scores, k, out_p[i], out_s[i])
     return out_p, out_s
 
 
 @njit(inline="always", cache=True, fastmath=FAST)
-def _score(q, feats, r, scales, lut):
-    s = _dot(q, feats, r, lut)
+def _score(q, feats, r, scales):
+    s = _dot(q, feats, r)
     return s * scales[r] if scales.shape[0] else s
 
 
@@ -711,6 +806,32 @@ def _shell_cut(ucodes, nu, w, offsets, q, target, bits, dist):
     return bits
 
 
+@njit(cache=True)
+def _shell_picks(ucodes, nu, w, offsets, q, target, bits, dist):
+    """The buckets of one query's shells (see `_shell_cut`), nearest first (ties by bucket), their distances and
+    their rows in all."""
+    cut = _shell_cut(ucodes, nu, w, offsets, q, target, bits, dist)
+    m = 0
+    for u in range(nu):
+        m += dist[u] <= cut
+    keys = np.empty(m, np.int64)
+    m = 0
+    for u in range(nu):
+        if dist[u] <= cut:
+            keys[m] = dist[u] * nu + u
+            m += 1
+    keys.sort()
+    picked = np.empty(m, np.int64)
+    pdist = np.empty(m, np.int64)
+    rows = 0
+    for j in range(m):
+        u = keys[j] % nu
+        picked[j] = u
+        pdist[j] = keys[j] // nu
+        rows += offsets[u + 1] - offsets[u]
+    return picked, pdist, rows
+
+
 @njit(parallel=True, cache=True)
 def shell_buckets(ucodes, nu, w, offsets, qs, target, bits):
     """Step 1 by distance: for each query, every bucket at distance <= d* (see `_shell_cut`), nearest first (ties
@@ -719,14 +840,13 @@ def shell_buckets(ucodes, nu, w, offsets, qs, target, bits):
     Returns (qoff (nq + 1,), picked buckets, their distances, rows per query): query i's buckets are
     picked[qoff[i]:qoff[i + 1]]."""
     nq = qs.shape[0] // w
-    cuts = np.empty(nq, np.int64)
     nb = np.zeros(nq + 1, np.int64)
-    for i in prange(nq):
+    for i in prange(nq):  # how many buckets each query takes, to lay them out
         dist = np.empty(nu, np.int64)
-        cuts[i] = _shell_cut(ucodes, nu, w, offsets, qs[i * w:(i + 1) * w], target, bits, dist)
+        cut = _shell_cut(ucodes, nu, w, offsets, qs[i * w:(i + 1) * w], target, bits, dist)
         m = 0
         for u in range(nu):
-            m += dist[u] <= cuts[i]
+            m += dist[u] <= cut
         nb[i + 1] = m
     for i in range(nq):
         nb[i + 1] += nb[i]
@@ -735,71 +855,120 @@ def shell_buckets(ucodes, nu, w, offsets, qs, target, bits):
     nrows = np.zeros(nq, np.int64)
     for i in prange(nq):
         dist = np.empty(nu, np.int64)
-        _distances(ucodes, 0, nu, qs[i * w:(i + 1) * w], w, dist)
-        keys = np.empty(nb[i + 1] - nb[i], np.int64)
-        m = 0
-        for u in range(nu):
-            if dist[u] <= cuts[i]:
-                keys[m] = dist[u] * nu + u
-                m += 1
-        keys.sort()
-        for j in range(m):
-            u = keys[j] % nu
-            picked[nb[i] + j] = u
-            pdist[nb[i] + j] = keys[j] // nu
-            nrows[i] += offsets[u + 1] - offsets[u]
+        b, d, nrows[i] = _shell_picks(ucodes, nu, w, offsets, qs[i * w:(i + 1) * w], target, bits, dist)
+        picked[nb[i]:nb[i + 1]] = b
+        pdist[nb[i]:nb[i + 1]] = d
     return nb, picked, pdist, nrows
+
+
+@njit(cache=True)
+def _sketch_pick(q, signs, offsets, picked, pdist, nrows, m, out_p, out_d):
+    """Step 2's first pass for one query over its pool of whole buckets: the Hamming distance between each pool
+    row's feature sketch and the query's q (see buckets.py; a few popcounts a row, contiguous reads: a bucket's rows
+    lie together), and the m rows nearest by it, ties by pool order (nearest code first, then bucket, then database
+    order), into out_p (positions into the bucket order) and out_d (their code distances), in pool order. Returns
+    how many (min(m, nrows))."""
+    sw = q.shape[0]
+    nb = picked.shape[0]
+    base = np.empty(nb, np.int64)  # row r of bucket b has its distance at sd[base[b] + r]
+    slots = 0
+    for b in range(nb):
+        lo, hi = offsets[picked[b]], offsets[picked[b] + 1]
+        base[b] = slots - lo // 8 * 8
+        slots += ((hi + 7) // 8 - lo // 8) * 8
+    sd = np.empty(slots, np.int32)  # whole blocks of 8 rows: a bucket's first and last may hold others' rows
+    for b in range(nb):
+        lo, hi = offsets[picked[b]], offsets[picked[b] + 1]
+        for blk in range(lo // 8, (hi + 7) // 8):
+            _block_distances(signs, blk, q, sd, base[b] + 8 * blk)
+    # four histograms, merged after: sketch distances crowd a few values, and one histogram's increments would
+    # wait on each other
+    hists = np.zeros((4, sw * 64 + 2), np.int64)
+    for b in range(nb):
+        for r in range(offsets[picked[b]], offsets[picked[b] + 1]):
+            hists[r & 3, sd[base[b] + r]] += 1
+    cut, below = 0, 0  # rows nearer than `cut` all go; of those at `cut`, the first (m - below) in pool order
+    at = hists[0, 0] + hists[1, 0] + hists[2, 0] + hists[3, 0]
+    while below + at < m and cut < sw * 64:
+        below += at
+        cut += 1
+        at = hists[0, cut] + hists[1, cut] + hists[2, cut] + hists[3, cut]
+    room = m - below
+    c = 0
+    for b in range(nb):
+        for r in range(offsets[picked[b]], offsets[picked[b] + 1]):
+            d = sd[base[b] + r]
+            if d < cut or (d == cut and room > 0):
+                if d == cut:
+                    room -= 1
+                out_p[c] = r
+                out_d[c] = pdist[b]
+                c += 1
+    return c
 
 
 @njit(parallel=True, cache=True)
 def sign_shells(qsigns, signs, offsets, qoff, picked, pdist, nrows, m):
-    """Step 2's first pass over a pool of whole buckets: the Hamming distance between each pool row's feature
-    sketch and the query's (see buckets.py; a few popcounts a row, contiguous reads: a bucket's rows lie together),
-    and the m rows nearest by it, ties by pool order (nearest code first, then bucket, then database order).
-
-    qsigns (nq, S) and signs (n, S) uint64 sketches, signs in bucket order; qoff/picked/pdist/nrows as `shell_buckets`
-    returns them. Returns positions into the bucket order (nq, m) and their code distances, both -1 padded, in pool
-    order."""
-    nq, sw = qsigns.shape
+    """`_sketch_pick` for each query of a batch (qsigns (nq, S) uint64 sketches; signs the rows' sketches in bucket
+    order, as `buckets.block_sketches` lays them out; qoff/picked/pdist/nrows as `shell_buckets` returns them).
+    Returns positions into the bucket order (nq, m) and their code distances, both -1 padded, in pool order."""
+    nq = qsigns.shape[0]
     out_p = np.full((nq, m), -1, np.int64)
     out_d = np.full((nq, m), -1, np.int64)
-    for i in range(nq):
+    for i in prange(nq):
         lo, hi = qoff[i], qoff[i + 1]
-        starts = np.empty(hi - lo + 1, np.int64)
-        starts[0] = 0
-        for b in range(lo, hi):
-            u = picked[b]
-            starts[b - lo + 1] = starts[b - lo] + offsets[u + 1] - offsets[u]
-        sd = np.empty(nrows[i], np.int32)
-        q = qsigns[i]
-        for b in prange(lo, hi):
-            u = picked[b]
-            s0 = starts[b - lo] - offsets[u]
-            for r in range(offsets[u], offsets[u + 1]):
-                d = 0
-                for t in range(sw):
-                    d += popcount64(signs[r, t] ^ q[t])
-                sd[s0 + r] = d
-        hist = np.zeros(sw * 64 + 2, np.int64)
-        for j in range(nrows[i]):
-            hist[sd[j]] += 1
-        cut, below = 0, 0  # rows nearer than `cut` all go; of those at `cut`, the first (m - below) in pool order
-        while below + hist[cut] < m and cut < sw * 64:
-            below += hist[cut]
-            cut += 1
-        room = m - below
-        c = 0
-        for b in range(lo, hi):
-            u = picked[b]
-            s0 = starts[b - lo]
-            for j in range(s0, starts[b - lo + 1]):
-                if sd[j] < cut or (sd[j] == cut and room > 0):
-                    if sd[j] == cut:
-                        room -= 1
-                    out_p[i, c] = offsets[u] + j - s0
-                    out_d[i, c] = pdist[b]
-                    c += 1
+        _sketch_pick(qsigns[i], signs, offsets, picked[lo:hi], pdist[lo:hi], nrows[i], m, out_p[i], out_d[i])
     return out_p, out_d
+
+
+@njit(cache=True, fastmath=FAST)
+def query_sketch(qf, centre, projection_t):
+    """The sketch of one L2-normalized query feature: bit j is ((qf - centre) . projection_t[j] > 0), laid out as
+    numpy's packbits of those bits read as little-endian uint64 words (what `buckets._sketch` makes)."""
+    bits = projection_t.shape[0]
+    out = np.zeros((bits + 63) // 64, np.uint64)
+    x = qf - centre
+    for j in range(bits):
+        s = np.float32(0.0)
+        for t in range(x.shape[0]):
+            s += x[t] * projection_t[j, t]
+        if s > 0:
+            out[j // 64] |= np.uint64(1) << np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
+    return out
+
+
+@njit(cache=True, fastmath=FAST)
+def twostep_one(ucodes, nu, w, offsets, brows, q, target, bits, qf, centre, projection_t, signs, feats, scales,
+                rescore, k, ids):
+    """Both steps of one query over a bucketed index in one call (the batch path's `shell_buckets`, `sign_shells`,
+    `cosine_rerank` and `take_hits`, without the Python between them): the shells' buckets, the `rescore` rows
+    nearest by sketch, their exact cosine, the best k.
+
+    Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded."""
+    dist = np.empty(nu, np.int64)
+    picked, pdist, nrows = _shell_picks(ucodes, nu, w, offsets, q, target, bits, dist)
+    m = max(1, min(nrows, rescore))
+    cand = np.empty(m, np.int64)
+    cand_d = np.empty(m, np.int64)
+    c = _sketch_pick(query_sketch(qf, centre, projection_t), signs, offsets, picked, pdist, nrows, m, cand, cand_d)
+    rows = np.empty(c, np.int64)
+    for j in range(c):
+        rows[j] = brows[cand[j]]
+    scores = np.empty(c, np.float32)
+    _score_rows(qf, feats, scales, rows, 0, c, scores)
+    out_p = np.full(k, -1, np.int64)
+    out_i = np.full((1, k), -1, np.int64)
+    out_d = np.full((1, k), -1, np.int64)
+    out_s = np.full((1, k), np.nan, np.float32)
+    _keep_best(scores, k, out_p, out_s[0])
+    counts = np.zeros(1, np.int64)
+    for j in range(k):
+        p = out_p[j]
+        if p >= 0:
+            out_i[0, j] = ids[rows[p]]
+            out_d[0, j] = cand_d[p]
+            counts[0] += 1
+    return out_i, out_d, out_s, counts
 
 
 @njit(cache=True)
@@ -842,13 +1011,11 @@ def unit_rows(x):
     return out, finite
 
 
-def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features, scales, lut) in the form `cosine_rerank` takes for any storage dtype."""
+def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(features, scales) in the form `cosine_rerank` takes for any storage dtype."""
     if scales is None:
         scales = NO_SCALES
-    if features.dtype == np.float16:
-        return features.view(np.uint16), scales, F16_TABLE
-    return features, scales, NO_TABLE
+    return (features.view(np.uint16) if features.dtype == np.float16 else features), scales
 
 
 @njit(parallel=True, cache=True)

@@ -163,9 +163,10 @@ def test_radius_search_and_counts(rng, real_codes, bits):
         np.testing.assert_array_equal(d[offsets[i]:offsets[i] + found[i]], dist[i, ref])
 
 
+@pytest.mark.parametrize("dim", [7, 24, 256])  # float16 is read 16 values at a time: a tail only, both, whole
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
-def test_cosine_rerank(rng, dtype):
-    n, dim, nq, pool = 500, 24, 4, 60
+def test_cosine_rerank(rng, dtype, dim):
+    n, nq, pool = 500, 4, 60
     feats = rng.standard_normal((n, dim)).astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
     qf = rng.standard_normal((nq, dim)).astype(np.float32)
@@ -177,8 +178,8 @@ def test_cosine_rerank(rng, dtype):
         stored = np.round(feats / scales[:, None]).astype(np.int8)
     rows = np.stack([rng.choice(n, pool, replace=False) for _ in range(nq)]).astype(np.int64)
     pool_n = np.array([pool, pool, 10, 0], np.int64)
-    f, s, lut = K.rerank_args(stored, scales)
-    pos, scores = K.cosine_rerank(qf, f, s, lut, rows, pool_n, 15)
+    f, s = K.rerank_args(stored, scales)
+    pos, scores = K.cosine_rerank(qf, f, s, rows, pool_n, 15)
     decoded = stored.astype(np.float32) * (scales[:, None] if scales is not None else 1)
     for i in range(nq):
         m = pool_n[i]
@@ -206,9 +207,9 @@ def test_cosine_rerank_ties_and_large_pools(rng, nq, dtype):
     if dtype == "int8":
         scales = np.ones(n, np.float32)
     rows = np.stack([rng.permutation(n)[:pool] for _ in range(nq)]).astype(np.int64)
-    f, s, lut = K.rerank_args(stored, scales)
+    f, s = K.rerank_args(stored, scales)
     for kk in (k, pool):  # a cut through ties (partition branch), and the whole pool ranked (every score counts)
-        pos, scores = K.cosine_rerank(qf, f, s, lut, rows, np.full(nq, pool, np.int64), np.int64(kk))
+        pos, scores = K.cosine_rerank(qf, f, s, rows, np.full(nq, pool, np.int64), np.int64(kk))
         for i in range(nq):
             ref_scores = (feats[rows[i]] @ qf[i]).astype(np.float32)
             order = np.argsort(-ref_scores, kind="stable")
@@ -270,7 +271,7 @@ def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
 
     b = B.build(Snapshot())
     np.testing.assert_allclose(b.centre, feats.mean(axis=0), atol=1e-6)
-    sketch = (feats - b.centre) @ b.projection > 0  # each row's sketch: projected sign bits, as numpy makes them
+    sketch = (feats - b.centre) @ b.projection.T > 0  # each row's sketch: projected sign bits, as numpy makes them
     qs = pack_codes(centers[:3] ^ (rng.random((3, bits)) < 0.05), bits)
     qw = to_words(qs, bits)
     qf = feats[:3] + 0.1 * rng.standard_normal((3, dim)).astype(np.float32)
@@ -286,10 +287,26 @@ def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
         np.testing.assert_array_equal(np.sort(mine), shell)  # exactly the shells, nothing cut
         assert nrows[i] == len(shell) and (np.diff(pdist[qoff[i]:qoff[i + 1]]) >= 0).all()
         assert (np.diff(dist[i][mine]) >= 0).all()  # `mine` is the pool order: nearest code first
-        sd = (sketch[mine] != ((qf[i] - b.centre) @ b.projection > 0)).sum(axis=1)  # each pool row's sketch distance
+        sd = (sketch[mine] != ((qf[i] - b.centre) @ b.projection.T > 0)).sum(axis=1)  # each pool row's sketch distance
         m = min(keep, len(shell))
         chosen = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
         where = np.argsort(b.rows)[mine[chosen]]  # their positions in bucket order
         np.testing.assert_array_equal(pos[i, :m], where)
         np.testing.assert_array_equal(pos_d[i, :m], dist[i][mine[chosen]])
         assert (pos[i, m:] == -1).all() and (pos_d[i, m:] == -1).all()
+    # one query's fused path: its sketch as numpy makes it, and both steps equal to the batch kernels composed
+    np.testing.assert_array_equal(np.stack([K.query_sketch(qf[i], b.centre, b.projection) for i in range(3)]),
+                                  b.query_signs(qf))
+    rows = np.where(pos >= 0, b.rows[np.maximum(pos, 0)], -1)
+    f, s = K.rerank_args(feats.astype(np.float16), None)
+    hits, scores = K.cosine_rerank(qf, f, s, rows, (pos >= 0).sum(1), np.int64(5))
+    ids = np.arange(len(db), dtype=np.int64) * 10  # ids other than rows: the kernel must map them
+    want_i, want_d, want_n = K.take_hits(hits, rows, pos_d, ids)
+    for i in range(3):
+        got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.rows, qw[i],
+                                                   np.int64(target), bits, qf[i], b.centre, b.projection, b.signs,
+                                                   f, s, np.int64(keep), np.int64(5), ids)
+        np.testing.assert_array_equal(got_i[0], want_i[i])
+        np.testing.assert_array_equal(got_d[0], want_d[i])
+        np.testing.assert_array_equal(got_s[0], scores[i])
+        assert got_n[0] == want_n[i]
