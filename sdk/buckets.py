@@ -41,16 +41,11 @@ class Buckets:
     rows: np.ndarray | None  # (n,) int64, ascending within each bucket
     signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, bucket order (see below)
     centre: np.ndarray | None = None  # (D,) float32 mean stored feature
-    projection: np.ndarray | None = None  # (SKETCH_BITS, D) float32: one random hyperplane per sketch bit
-
-    def query_signs(self, qf: np.ndarray) -> np.ndarray:
-        """The sketches of L2-normalized query features (nq, D), comparable with `signs`."""
-        assert self.centre is not None and self.projection is not None, "buckets of an index without features"
-        return _sketch(qf, self.centre, self.projection)
+    projection: np.ndarray | None = None  # (D, SKETCH_BITS) float32: column j is sketch bit j's random hyperplane
 
 
 def _sketch(f: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    return to_words(np.packbits((f - centre) @ projection.T > 0, axis=1), projection.shape[0])
+    return to_words(np.packbits((f - centre) @ projection > 0, axis=1), projection.shape[1])
 
 
 def build(snapshot) -> Buckets:
@@ -89,8 +84,7 @@ def _sketch_rows(snapshot, order: np.ndarray, chunk: int = 65536):
 
     centre = (sum(stored(lo).sum(axis=0, dtype=np.float64) for lo in range(0, n, chunk)) / max(n, 1)).astype(
         np.float32)
-    # drawn (D, S) and stored transposed: the sketches stay those of the seed, rows serve `kernels.query_sketch`
-    projection = np.ascontiguousarray(np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32).T)
+    projection = np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32)
     signs = np.zeros((-(-n // 8) * 8, SKETCH_BITS // 64), np.uint64)
     for lo in range(0, n, chunk):
         signs[lo:lo + chunk] = _sketch(rows(lo), centre, projection)

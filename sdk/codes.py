@@ -78,9 +78,15 @@ def threshold(probs: np.ndarray) -> np.ndarray:
 
 
 def to_words(packed: np.ndarray, bits: int) -> np.ndarray:
-    """Packed uint8 rows -> contiguous uint64 words (N, ceil(bits/64)), zero-padded."""
+    """Packed uint8 rows -> contiguous uint64 words (N, ceil(bits/64)), zero-padded. Rows that are whole words
+    already come back as a view of them (no copy: a query's time is counted in microseconds), unless unaligned or
+    read-only: the kernels are compiled for aligned, writable arrays, and another kind would compile them again."""
     packed = np.asarray(packed, dtype=np.uint8)
     nw = n_words(bits)
+    if packed.ndim == 2 and packed.shape[1] == nw * 8 and packed.flags.c_contiguous:
+        words = packed.view("<u8")
+        if words.flags.aligned and words.flags.writeable:
+            return words
     buf = np.zeros((len(packed), nw * 8), dtype=np.uint8)
     buf[:, : packed.shape[1]] = packed
     return buf.view("<u8")

@@ -63,6 +63,11 @@ class _Snapshot:
     scales: np.ndarray | None  # (capacity,) float32, int8 storage only
     metadata: list  # JSON text (str) or None per row; rows past n may exist
 
+    @functools.cached_property
+    def flat(self) -> np.ndarray:
+        """The n stored codes' words as one flat array, as the scan kernels take them (made once per snapshot)."""
+        return self.words[: self.n].reshape(-1)
+
 
 def _rescored(k: int, target: int) -> int:
     """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly."""
@@ -320,14 +325,15 @@ class HashIndex:
         qoff, picked, pdist, nrows = K.shell_buckets(buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1],
                                                      buckets.offsets, qw.reshape(-1), np.int64(target), self.bits)
         keep = max(1, min(int(nrows.max(initial=1)), _rescored(k, target)))
-        pos, dists = K.sign_shells(buckets.query_signs(qf), buckets.signs, buckets.offsets, qoff, picked, pdist,
+        qsigns = K.query_sketches(qf, buckets.centre, buckets.projection)
+        pos, dists = K.sign_shells(qsigns, buckets.signs, buckets.offsets, qoff, picked, pdist,
                                    nrows, np.int64(keep))
         rows = np.where(pos >= 0, buckets.rows[np.maximum(pos, 0)], -1)
         return rows, dists, (pos >= 0).sum(1)
 
     def _radius_counts(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
         """Rows of the snapshot at each distance 0..bits from each query word row: int64 (Q, bits + 1)."""
-        return _kernels().radius_counts(snap.words[: snap.n].reshape(-1), snap.n, qw.shape[1], qw.reshape(-1),
+        return _kernels().radius_counts(snap.flat, snap.n, qw.shape[1], qw.reshape(-1),
                                         self.bits)
 
     @staticmethod
@@ -344,7 +350,7 @@ class HashIndex:
         if buckets is not None:  # learned codes collapse onto few codewords: search those instead of every row
             return K.topk_buckets(buckets.codes.reshape(-1), len(buckets.codes), w, buckets.offsets, buckets.rows,
                                   qw.reshape(-1), k_eff, self.bits, max(1, min(len(qw), 4 * K.threads())))
-        flat = snap.words[:n].reshape(-1)
+        flat = snap.flat
         if len(qw) == 1:
             return K.topk_single(flat, n, w, qw[0], k_eff, self.bits, K.single_chunks(n))
         rows, dists = K.topk_batch(flat, n, w, qw.reshape(-1), k_eff, self.bits, max(1, min(len(qw), 4 * K.threads())))
@@ -353,7 +359,7 @@ class HashIndex:
     def _radius_rows(self, snap: _Snapshot, qw: np.ndarray, radius: int, limit: int):
         K = _kernels()
         n, w = snap.n, qw.shape[1]
-        flat, qflat = snap.words[:n].reshape(-1), qw.reshape(-1)
+        flat, qflat = snap.flat, qw.reshape(-1)
         hist = K.radius_counts(flat, n, w, qflat, self.bits)
         counts = np.minimum(hist[:, : radius + 1].sum(1), limit)
         offsets, found, ids, dists = K.radius_search(flat, n, w, qflat, np.int64(radius), counts.astype(np.int64))
@@ -452,11 +458,13 @@ class HashIndex:
             ucodes, signs = np.zeros(qw.shape[1], np.uint64), np.zeros((1, SKETCH_BITS // 64, 8), np.uint64)
             qoff, picked, pdist, nrows = K.shell_buckets(ucodes, 1, qw.shape[1], offsets, qw.reshape(-1),
                                                          np.int64(1), self.bits)
-            K.sign_shells(signs[[0, 0], :, 0], signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
             dim = int(dummy.features.shape[1])
+            centre, projection = np.zeros(dim, np.float32), np.zeros((dim, SKETCH_BITS), np.float32)
+            qsigns = K.query_sketches(qf, centre, projection)
+            K.sign_shells(qsigns, signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
             K.twostep_one(ucodes, 1, qw.shape[1], offsets, offsets[:1], qw[0], np.int64(1), self.bits, qf[0],
-                          np.zeros(dim, np.float32), np.zeros((SKETCH_BITS, dim), np.float32), signs,
-                          *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids)
+                          centre, projection, signs, *K.rerank_args(dummy.features, dummy.scales), np.int64(1),
+                          np.int64(1), dummy.ids)
 
     def stats(self) -> dict:
         snap = self._snap

@@ -922,23 +922,34 @@ def sign_shells(qsigns, signs, offsets, qoff, picked, pdist, nrows, m):
 
 
 @njit(cache=True, fastmath=FAST)
-def query_sketch(qf, centre, projection_t):
-    """The sketch of one L2-normalized query feature: bit j is ((qf - centre) . projection_t[j] > 0), laid out as
-    numpy's packbits of those bits read as little-endian uint64 words (what `buckets._sketch` makes)."""
-    bits = projection_t.shape[0]
+def query_sketch(qf, centre, projection):
+    """The sketch of one L2-normalized query feature, as `buckets._sketch` makes the rows': bit j is
+    ((qf - centre) . projection[:, j] > 0), laid out as numpy's packbits of the bits read as little-endian uint64
+    words. Accumulated a feature at a time over all bits (vectorised, no sum across lanes per bit), so a value
+    within rounding of zero may take the other sign than numpy's matrix product gives it."""
+    dim, bits = projection.shape
+    acc = np.zeros(bits, np.float32)
+    for t in range(dim):
+        x = qf[t] - centre[t]
+        for j in range(bits):
+            acc[j] += x * projection[t, j]
     out = np.zeros((bits + 63) // 64, np.uint64)
-    x = qf - centre
     for j in range(bits):
-        s = np.float32(0.0)
-        for t in range(x.shape[0]):
-            s += x[t] * projection_t[j, t]
-        if s > 0:
-            out[j // 64] |= np.uint64(1) << np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
+        out[j // 64] |= np.uint64(acc[j] > 0) << np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
+    return out
+
+
+@njit(cache=True)
+def query_sketches(qf, centre, projection):
+    """`query_sketch` of each row of qf (nq, D): (nq, S / 64) uint64."""
+    out = np.empty((qf.shape[0], (projection.shape[1] + 63) // 64), np.uint64)
+    for i in range(qf.shape[0]):
+        out[i] = query_sketch(qf[i], centre, projection)
     return out
 
 
 @njit(cache=True, fastmath=FAST)
-def twostep_one(ucodes, nu, w, offsets, brows, q, target, bits, qf, centre, projection_t, signs, feats, scales,
+def twostep_one(ucodes, nu, w, offsets, brows, q, target, bits, qf, centre, projection, signs, feats, scales,
                 rescore, k, ids):
     """Both steps of one query over a bucketed index in one call (the batch path's `shell_buckets`, `sign_shells`,
     `cosine_rerank` and `take_hits`, without the Python between them): the shells' buckets, the `rescore` rows
@@ -950,7 +961,7 @@ def twostep_one(ucodes, nu, w, offsets, brows, q, target, bits, qf, centre, proj
     m = max(1, min(nrows, rescore))
     cand = np.empty(m, np.int64)
     cand_d = np.empty(m, np.int64)
-    c = _sketch_pick(query_sketch(qf, centre, projection_t), signs, offsets, picked, pdist, nrows, m, cand, cand_d)
+    c = _sketch_pick(query_sketch(qf, centre, projection), signs, offsets, picked, pdist, nrows, m, cand, cand_d)
     rows = np.empty(c, np.int64)
     for j in range(c):
         rows[j] = brows[cand[j]]

@@ -271,7 +271,7 @@ def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
 
     b = B.build(Snapshot())
     np.testing.assert_allclose(b.centre, feats.mean(axis=0), atol=1e-6)
-    sketch = (feats - b.centre) @ b.projection.T > 0  # each row's sketch: projected sign bits, as numpy makes them
+    sketch = (feats - b.centre) @ b.projection > 0  # each row's sketch: projected sign bits, as numpy makes them
     qs = pack_codes(centers[:3] ^ (rng.random((3, bits)) < 0.05), bits)
     qw = to_words(qs, bits)
     qf = feats[:3] + 0.1 * rng.standard_normal((3, dim)).astype(np.float32)
@@ -279,7 +279,8 @@ def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
     qoff, picked, pdist, nrows = K.shell_buckets(b.codes.reshape(-1), len(b.codes), 1, b.offsets, qw.reshape(-1),
                                                  np.int64(target), bits)
     dist = brute_distances(qw, to_words(db, bits))
-    pos, pos_d = K.sign_shells(b.query_signs(qf), b.signs, b.offsets, qoff, picked, pdist, nrows, np.int64(keep))
+    qsigns = K.query_sketches(qf, b.centre, b.projection)
+    pos, pos_d = K.sign_shells(qsigns, b.signs, b.offsets, qoff, picked, pdist, nrows, np.int64(keep))
     for i in range(3):
         cut = np.sort(dist[i])[min(target, len(db)) - 1]
         shell = np.flatnonzero(dist[i] <= cut)
@@ -287,16 +288,20 @@ def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
         np.testing.assert_array_equal(np.sort(mine), shell)  # exactly the shells, nothing cut
         assert nrows[i] == len(shell) and (np.diff(pdist[qoff[i]:qoff[i + 1]]) >= 0).all()
         assert (np.diff(dist[i][mine]) >= 0).all()  # `mine` is the pool order: nearest code first
-        sd = (sketch[mine] != ((qf[i] - b.centre) @ b.projection.T > 0)).sum(axis=1)  # each pool row's sketch distance
+        qbits = np.unpackbits(qsigns[i].view(np.uint8))  # the kernel's query sketch (checked below)
+        sd = (sketch[mine] != qbits).sum(axis=1)  # each pool row's sketch distance
         m = min(keep, len(shell))
         chosen = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
         where = np.argsort(b.rows)[mine[chosen]]  # their positions in bucket order
         np.testing.assert_array_equal(pos[i, :m], where)
         np.testing.assert_array_equal(pos_d[i, :m], dist[i][mine[chosen]])
         assert (pos[i, m:] == -1).all() and (pos_d[i, m:] == -1).all()
-    # one query's fused path: its sketch as numpy makes it, and both steps equal to the batch kernels composed
-    np.testing.assert_array_equal(np.stack([K.query_sketch(qf[i], b.centre, b.projection) for i in range(3)]),
-                                  b.query_signs(qf))
+    # the query sketch as numpy's product makes it, but where a projection lies within rounding of zero
+    proj = (qf - b.centre) @ b.projection
+    mine_bits = np.unpackbits(qsigns.view(np.uint8), axis=1).astype(bool)
+    clear = np.abs(proj) > 1e-5
+    np.testing.assert_array_equal(mine_bits[clear], (proj > 0)[clear])
+    # one query's fused path: both steps equal to the batch kernels composed
     rows = np.where(pos >= 0, b.rows[np.maximum(pos, 0)], -1)
     f, s = K.rerank_args(feats.astype(np.float16), None)
     hits, scores = K.cosine_rerank(qf, f, s, rows, (pos >= 0).sum(1), np.int64(5))
