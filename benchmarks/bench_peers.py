@@ -16,7 +16,7 @@ glibc's mmap threshold fixed so that freed temporaries leave it):
 For each setting: median ms per single query and recall@10, then one batch of all queries (ms per query). Build
 time, bytes per item in memory (and on disk where the library saves), and the cost of deleting 1% of the items
 and inserting them again under new ids, with recall after (faiss's HNSW cannot delete). Every thread count is set
-explicitly (`--threads`, default 1). Plots recall against time per method (benchmarks/plots/peers_N.png).
+explicitly (`--threads`, default 1; BLAS too). Plots recall against time per method (benchmarks/plots/peers_N.png).
 """
 
 from __future__ import annotations
@@ -260,7 +260,9 @@ def main() -> None:
         for name in args.methods:
             # a fixed mmap threshold: freed temporaries go back to the system, so the resident set measures what
             # stays (glibc's adaptive threshold otherwise keeps large freed blocks in the heap)
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+            # and every BLAS on the same thread count (numpy's builds latenthash's sketches)
+            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+                   **{v: str(args.threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
             proc = subprocess.run([sys.executable, __file__, "_worker", name, str(data), str(args.threads)],
                                   capture_output=True, text=True, env=env)
             if proc.returncode:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latenthash.codes import to_words
+from latenthash.numpy_search import float_rows
 
 MIN_ROWS = 16_384  # below this a scan takes ~20 us (at 32k-60k learned codes buckets were 3-4x faster than it)
 MIN_SHRINK = 8  # distinct codes must be at most n / MIN_SHRINK
@@ -75,12 +76,10 @@ def _sketch_rows(snapshot, order: np.ndarray, chunk: int = 65536):
     n, dim = len(order), snapshot.features.shape[1]
 
     def rows(lo: int) -> np.ndarray:
-        f = snapshot.features[order[lo:lo + chunk]].astype(np.float32)
-        return f * snapshot.scales[order[lo:lo + chunk], None] if snapshot.scales is not None else f
+        return float_rows(snapshot.features, snapshot.scales, order[lo:lo + chunk])
 
     def stored(lo: int) -> np.ndarray:  # the mean needs no order: read the rows as they lie, not gathered
-        f = snapshot.features[lo:min(lo + chunk, n)].astype(np.float32)
-        return f * snapshot.scales[lo:min(lo + chunk, n), None] if snapshot.scales is not None else f
+        return float_rows(snapshot.features, snapshot.scales, slice(lo, min(lo + chunk, n)))
 
     centre = (sum(stored(lo).sum(axis=0, dtype=np.float64) for lo in range(0, n, chunk)) / max(n, 1)).astype(
         np.float32)
