@@ -6,7 +6,7 @@ The database: the run's training images (with `--copies`, mirrored / shifted cop
 `bench_search.py fidelity`), encoded by its exported model.onnx; queries: test images. Truth: the exact top-10 by
 cosine over the float32 features (faiss IndexFlatIP). Each method runs in a process of its own (memory is the
 growth of that process's resident set while it builds, after a first build that pays imports and compilation, with
-glibc's mmap threshold fixed so that freed temporaries leave it):
+glibc's mmap threshold low so that freed temporaries leave it; see `mmap_threshold`):
 
 - latenthash two-step (the embedded HashIndex, default float16 features), over its pool knob;
 - latenthash codes only (no features stored: the exact Hamming top-10);
@@ -22,6 +22,7 @@ explicitly (`--threads`, default 1; BLAS too). Plots recall against time per met
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import importlib.util
 import json
@@ -46,6 +47,17 @@ SETTINGS = {
     "usearch-f16": [16, 32, 64, 128, 256],  # expansion_search
     "usearch-i8": [16, 32, 64, 128, 256],
 }
+
+
+def mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD: allocations from this size on are mapped and unmapped on their own. Low while a
+    method builds, so that freed temporaries leave the resident set (glibc's adaptive threshold otherwise keeps
+    large freed blocks in the heap); high while it searches, as glibc's adaptive threshold would have it (a low one
+    maps, faults in and unmaps every large per-query array: measured 1.7x slower at 960k)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)
+    except (OSError, AttributeError):  # not glibc: resident sets then include the allocator's leftovers
+        pass
 
 
 def rss() -> int:
@@ -173,6 +185,7 @@ def worker(name: str, data: str, threads: int) -> dict:
     m = Method(name, z, threads)
     n = len(m.codes)
     gc.collect()
+    mmap_threshold(128 << 10)
     before = rss()
     t0 = time.perf_counter()
     m.build()
@@ -180,6 +193,7 @@ def worker(name: str, data: str, threads: int) -> dict:
     gc.collect()
     out = {"method": name, "n": n, "threads": threads, "build_s": build_s,
            "memory_bytes_per_item": (rss() - before) / n, "disk_bytes_per_item": m.disk_bytes() / n, "rows": []}
+    mmap_threshold(32 << 20)
     feed = qunit if not name.startswith("latenthash") else qfeats
     for value in SETTINGS[name]:
         m.set(value)
@@ -258,10 +272,8 @@ def main() -> None:
         print("| method | setting | ms/query | recall@10 | batch ms/query | build s | memory B/item | disk B/item |\n|"
               + "---|" * 8)
         for name in args.methods:
-            # a fixed mmap threshold: freed temporaries go back to the system, so the resident set measures what
-            # stays (glibc's adaptive threshold otherwise keeps large freed blocks in the heap)
-            # and every BLAS on the same thread count (numpy's builds latenthash's sketches)
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072",
+            # every BLAS on the same thread count (numpy's builds latenthash's sketches)
+            env = {**os.environ,
                    **{v: str(args.threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
             proc = subprocess.run([sys.executable, __file__, "_worker", name, str(data), str(args.threads)],
                                   capture_output=True, text=True, env=env)
@@ -278,9 +290,9 @@ def main() -> None:
                 print(f"| {name}: delete + insert {CHURN:.0%} | {c['setting']} | {c['seconds']:.2f} s | "
                       f"recall {c['recall_before']:.4f} -> {c['recall_after']:.4f} | | | | |", flush=True)
     n = results[0]["n"]
-    plot(results, Path(__file__).parent / "plots" / f"peers_{n}.png")
     print(load_note("after"))
-    save(f"peers_{n}_t{args.threads}", results)
+    save(f"peers_{n}_t{args.threads}", results)  # first: its stamp then sees the tree as committed
+    plot(results, Path(__file__).parent / "plots" / f"peers_{n}.png")
 
 
 if __name__ == "__main__":
