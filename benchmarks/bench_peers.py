@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import load_note, save
+from common import load_note, save, save_figure
 
 K = 10
 CHURN = 0.01
@@ -245,9 +245,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel(f"recall@{K} against exact cosine")
     ax.set_title(f"{results[0]['n']:,} Fashion-MNIST items, the same features for every method", fontsize=9)
     ax.legend(fontsize=6.5, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

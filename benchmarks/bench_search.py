@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from common import interleaved, load_note, save, timed
+from common import interleaved, load_note, save, save_figure, timed
 from numba import njit, prange
 
 from latenthash import HashIndex, kernels
@@ -343,9 +343,7 @@ def plot_fidelity(out: dict, path: Path) -> None:
     ax.set_ylabel(f"recall@{out['k']} against exhaustive cosine")
     ax.set_title(f"{out['n']:,} real items, {out['bits']}-bit codes, {out['queries']} test queries", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def bench_index(n: int = 1_000_000, bits: int = 48, dim: int = 256) -> dict:

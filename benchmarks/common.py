@@ -89,3 +89,10 @@ def save(name: str, result) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps({"stamp": stamp(), "result": result}, indent=1, default=float))
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """A finished matplotlib figure as a PNG (its folder made if missing), laid out tight, at the plots' one dpi."""
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=120)
