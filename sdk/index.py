@@ -296,14 +296,14 @@ class HashIndex:
             rows, dists, counts = self._radius_rows(snap, qw, radius, target)
         else:
             buckets = self._buckets.get(snap)
-            if buckets is not None and buckets.signs is not None and len(qw) == 1:  # both steps in one kernel call
-                ids, dists, scores, counts = _kernels().twostep_one(
-                    buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1], buckets.offsets, buckets.rows, qw[0],
-                    np.int64(target), self.bits, qf[0], buckets.centre, buckets.projection, buckets.signs,
-                    *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
-                    np.int64(k), snap.ids)
-                return SearchResult(ids, dists, counts, scores)
             if buckets is not None and buckets.signs is not None:
+                if len(qw) == 1:  # both steps in one kernel call
+                    ids, dists, scores, counts = _kernels().twostep_one(
+                        buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1], buckets.offsets, buckets.rows,
+                        qw[0], np.int64(target), self.bits, qf[0], buckets.centre, buckets.projection, buckets.signs,
+                        *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
+                        np.int64(k), snap.ids)
+                    return SearchResult(ids, dists, counts, scores)
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
                 rows, dists, counts = self._shell_rows(snap, qw, target)

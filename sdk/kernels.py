@@ -967,18 +967,10 @@ def twostep_one(ucodes, nu, w, offsets, brows, q, target, bits, qf, centre, proj
         rows[j] = brows[cand[j]]
     scores = np.empty(c, np.float32)
     _score_rows(qf, feats, scales, rows, 0, c, scores)
-    out_p = np.full(k, -1, np.int64)
-    out_i = np.full((1, k), -1, np.int64)
-    out_d = np.full((1, k), -1, np.int64)
+    out_p = np.full((1, k), -1, np.int64)
     out_s = np.full((1, k), np.nan, np.float32)
-    _keep_best(scores, k, out_p, out_s[0])
-    counts = np.zeros(1, np.int64)
-    for j in range(k):
-        p = out_p[j]
-        if p >= 0:
-            out_i[0, j] = ids[rows[p]]
-            out_d[0, j] = cand_d[p]
-            counts[0] += 1
+    _keep_best(scores, k, out_p[0], out_s[0])
+    out_i, out_d, counts = take_hits(out_p, rows.reshape(1, c), cand_d[:c].reshape(1, c), ids)
     return out_i, out_d, out_s, counts
 
 
