@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_search import VARIANTS
 from common import load_note, save, save_figure
 
 K = 10
@@ -254,7 +255,8 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a trained run with its exported model.onnx")
-    ap.add_argument("--copies", type=int, default=0, help="mirrored / shifted copies of each image (0-15)")
+    ap.add_argument("--copies", type=int, default=0, choices=range(len(VARIANTS)), metavar="0-15",
+                    help="mirrored / shifted copies of each image")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=list(SETTINGS))
