@@ -54,21 +54,25 @@ class EncodeBatches:
 def start_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """`ray.init` for ingest: joins the cluster at `address`, or starts a local one with every CPU (or `num_cpus`).
 
-    A local start is tried twice: Ray gives its raylet a fixed 30 s to register, which a 2-core machine under load
-    can miss ("timed out during startup"); any other failure, and a failed join, are raised at once."""
+    A local start on a 2-core machine under load can miss Ray's own start-up windows: the GCS port file (30 s by
+    default; given 120 s here unless RAY_gcs_server_port_wait_time_s says otherwise) and the raylet's registration
+    (a fixed 30 s, "timed out during startup"). A local start is therefore tried twice; any other failure, and a
+    failed join, are raised at once."""
     ray = require("ray", extra="ray", purpose="bulk indexing on Ray Data")
 
     options = {"include_dashboard": False, "log_to_driver": False}
     if address:
         ray.init(address=address, **options)
         return
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
     for attempt in (1, 2):
         try:
             ray.init(num_cpus=num_cpus or os.cpu_count(), **options)
             return
-        except Exception as exc:  # Ray raises a bare Exception for this
+        except Exception as exc:  # Ray raises a bare Exception for these
             ray.shutdown()
-            if attempt == 2 or "timed out during startup" not in str(exc):
+            slow_start = "timed out during startup" in str(exc) or "Timed out waiting for file" in str(exc)
+            if attempt == 2 or not slow_start:
                 raise
 
 
