@@ -6,12 +6,20 @@ of a search then needs the distances to the distinct codes only and takes whole 
 returns exactly what the full scan returns (ties by database order) for a fraction of the work. Random or very
 diverse codes gain nothing from this, so buckets are kept only when they shrink the scan at least MIN_SHRINK times.
 
-For the re-rank (step 2), buckets also keep a finer binary code of every row in bucket order: a sketch of SKETCH_BITS
+Learned codes collapse so far that one bucket can hold a whole class (tens of thousands of rows at 1M), so a
+pool of whole buckets is far larger than the candidates a search needs. With features, each bucket larger than
+CELL_ROWS rows is therefore split by spherical k-means on its own features into cells of about CELL_ROWS rows (an
+inverted file inside the bucket, whose coarse quantizer is the hash layer); a smaller bucket is one cell; each cell
+keeps its unit mean feature. Step 1 takes the shells covering SHELL_WIDEN x the pool (fewer where far shells would
+bring more than one cell per kernels.CELL_SHARE pool rows) and keeps the cells nearest the query by centroid until
+they cover the pool (see `kernels._cell_ranges`).
+
+Step 2 first ranks that pool by a finer binary code of every row, kept in cell order: a sketch of SKETCH_BITS
 random-projection sign bits of its feature minus the snapshot's mean feature, whose Hamming distance tracks the angle
-between features (SimHash; binary quantization with oversampling and rescoring, as Qdrant does it). A pool of whole
-buckets then reads contiguous rows at a few popcounts each (see `kernels.sign_shells`), and only its nearest rows by
-sketch are re-scored from the stored features. The sign bits of the centred features themselves (no projection)
-were tried first: three-quarters of the features are zero after the ReLU, and those bits carried too little.
+between features (SimHash; binary quantization with oversampling and rescoring, as Qdrant does it). A pool of cells
+reads contiguous rows at a few popcounts each (see `kernels._sketch_pick`), and only its nearest rows by sketch are
+re-scored from the stored features. The sign bits of the centred features themselves (no projection) were tried
+first: three-quarters of the features are zero after the ReLU, and those bits carried too little.
 
 Buckets describe one snapshot. They are built off the query path, in a background thread started by the first
 search that finds them stale (and by `HashIndex.warmup`); until they are ready, searches scan, so an index under
@@ -33,6 +41,10 @@ MIN_ROWS = 16_384  # below this a scan takes ~20 us (at 32k-60k learned codes bu
 MIN_SHRINK = 8  # distinct codes must be at most n / MIN_SHRINK
 CENTRE_STRIDE = 8
 SKETCH_BITS = 512  # per row: 64 bytes; 256 bits of a 256-d feature lost a tenth of recall@10 at 1M (RESULTS.md)
+CELL_ROWS = 256  # rows per cell of a large bucket (the k-means cells that cut a shell down to the pool)
+KMEANS_SAMPLE = 32  # rows per cell that train a bucket's k-means (all its rows are assigned after)
+KMEANS_ITERS = 5
+SHELL_WIDEN = 8  # step 1's shells cover this many times the pool before its cells cut them to the pool
 
 
 @dataclass(frozen=True)
@@ -40,8 +52,12 @@ class Buckets:
     snapshot: weakref.ref  # the snapshot described; valid only while it is the index's current one
     codes: np.ndarray | None  # (U, W) uint64 distinct codes; None: too diverse to be worth it
     offsets: np.ndarray | None  # (U + 1,) int64: bucket u holds rows[offsets[u]:offsets[u + 1]]
-    rows: np.ndarray | None  # (n,) int64, ascending within each bucket
-    signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, bucket order (see below)
+    rows: np.ndarray | None  # (n,) int64, ascending within each bucket (the exact Hamming top-k's tie order)
+    cell_rows: np.ndarray | None = None  # (n,) int64: the same rows, each bucket's grouped by cell ("cell order")
+    cells: np.ndarray | None = None  # (G + 1,) int64: cell g holds cell_rows[cells[g]:cells[g + 1]]
+    bucket_cells: np.ndarray | None = None  # (U + 1,) int64: bucket u's cells are bucket_cells[u]:bucket_cells[u + 1]
+    centroids: np.ndarray | None = None  # (G, D) uint16: each cell's unit mean feature, float16 bit patterns
+    signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, cell order (see below)
     centre: np.ndarray | None = None  # (D,) float32 mean stored feature
     projection: np.ndarray | None = None  # (D, SKETCH_BITS) float32: column j is sketch bit j's random hyperplane
 
@@ -51,7 +67,8 @@ def _sketch(f: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> np.nda
 
 
 def build(snapshot) -> Buckets:
-    """Group a snapshot's rows by code with a stable sort, so every bucket lists its rows in database order."""
+    """Group a snapshot's rows by code with a stable sort, so every bucket lists its rows in database order; with
+    features, also each bucket's cells and every row's sketch, in cell order."""
     n = snapshot.n
     words = snapshot.words[:n]
     if words.shape[1] == 1:
@@ -66,28 +83,74 @@ def build(snapshot) -> Buckets:
     ref = weakref.ref(snapshot)
     if len(starts) * MIN_SHRINK > n:
         return Buckets(ref, None, None, None)
-    sketch = _sketch_rows(snapshot, order) if snapshot.features is not None else (None, None, None)
-    return Buckets(ref, np.ascontiguousarray(ordered[starts]), np.append(starts, n).astype(np.int64),
-                   order.astype(np.int64), *sketch)
+    layout = (np.ascontiguousarray(ordered[starts]), np.append(starts, n).astype(np.int64), order.astype(np.int64))
+    if snapshot.features is None:
+        return Buckets(ref, *layout)
+    cell_order, sizes, per_bucket = _cell_layout(snapshot, order, starts)
+    cell_rows = layout[2][cell_order]
+    centroids, sketch = _scan_cells(snapshot, cell_rows, sizes)
+    return Buckets(ref, *layout, cell_rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                   np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), centroids, *sketch)
 
 
-def _sketch_rows(snapshot, order: np.ndarray, chunk: int = 65536):
-    """Every stored feature's sketch, in bucket order, with the centre and projection that made them (a fixed seed:
-    the same features always give the same sketches)."""
-    n, dim = len(order), snapshot.features.shape[1]
+def _cell_layout(snapshot, order: np.ndarray, starts: np.ndarray):
+    """Each bucket's cells: a bucket of more than CELL_ROWS rows split by k-means of its features, a smaller one a
+    single cell. Returns (the bucket order's positions regrouped by cell, stable within a cell; the rows per cell,
+    empty cells dropped; the cells per bucket)."""
+    n = len(order)
+    ends = np.append(starts[1:], n)
+    positions = np.arange(n)
+    sizes = [np.array([e - s]) for s, e in zip(starts, ends)]
+    rng = np.random.default_rng(0)  # fixed: the same features always give the same cells
+    for u in np.flatnonzero(ends - starts > CELL_ROWS):
+        s, e = starts[u], ends[u]
+        x = float_rows(snapshot.features, snapshot.scales, order[s:e])
+        assign = _kmeans(x, -(-(e - s) // CELL_ROWS), rng)
+        positions[s:e] = s + np.argsort(assign, kind="stable")
+        counts = np.bincount(assign)
+        sizes[u] = counts[counts > 0]
+    return positions, np.concatenate(sizes), np.array([len(c) for c in sizes])
 
-    def rows(lo: int) -> np.ndarray:
-        return float_rows(snapshot.features, snapshot.scales, order[lo:lo + chunk])
 
+def _kmeans(x: np.ndarray, c: int, rng) -> np.ndarray:
+    """Spherical k-means of unit rows x into c cells, trained on KMEANS_SAMPLE rows per cell; every row's cell."""
+    sample = x[rng.choice(len(x), min(len(x), KMEANS_SAMPLE * c), replace=False)]
+    centres = sample[rng.choice(len(sample), c, replace=False)]
+    for _ in range(KMEANS_ITERS):
+        assign = (sample @ centres.T).argmax(axis=1)
+        by = np.argsort(assign, kind="stable")
+        present, first = np.unique(assign[by], return_index=True)
+        sums = np.add.reduceat(sample[by], first, axis=0)
+        centres[present] = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    out = np.empty(len(x), np.int64)
+    for lo in range(0, len(x), 16384):  # bounded temporaries: (16384, c) similarities at a time
+        out[lo:lo + 16384] = (x[lo:lo + 16384] @ centres.T).argmax(axis=1)
+    return out
+
+
+def _scan_cells(snapshot, cell_rows: np.ndarray, sizes: np.ndarray, chunk: int = 65536):
+    """One pass over every stored feature in cell order: each cell's unit mean (float16 bits) and each row's
+    sketch, with the centre and projection that made them (a fixed seed: the same features always give the same
+    sketches)."""
+    from latenthash import kernels  # lazy, as everywhere: numba is heavy to import
+
+    n, dim = len(cell_rows), snapshot.features.shape[1]
     # the centre from every CENTRE_STRIDE-th stored row (in storage order, not gathered): a mean of 7,500 rows or
     # more is the mean for the sketches' purpose, for a fraction of a pass over every row
     sample = float_rows(snapshot.features, snapshot.scales, slice(0, n, CENTRE_STRIDE))
     centre = sample.mean(axis=0, dtype=np.float64).astype(np.float32) if len(sample) else np.zeros(dim, np.float32)
     projection = np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32)
     signs = np.zeros((-(-n // 8) * 8, SKETCH_BITS // 64), np.uint64)
+    cell_of = np.repeat(np.arange(len(sizes)), sizes)
+    sums = np.zeros((len(sizes), dim), np.float32)
     for lo in range(0, n, chunk):
-        signs[lo:lo + chunk] = _sketch(rows(lo), centre, projection)
-    return block_sketches(signs), centre, projection
+        f = float_rows(snapshot.features, snapshot.scales, cell_rows[lo:lo + chunk])
+        signs[lo:lo + chunk] = _sketch(f, centre, projection)
+        c = cell_of[lo:lo + chunk]
+        first = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
+        sums[c[first]] += kernels.segment_sums(f, first)  # a cell's rows are contiguous: each once per chunk
+    centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    return centroids.astype(np.float16).view(np.uint16), (block_sketches(signs), centre, projection)
 
 
 def block_sketches(signs: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from latenthash.backend import (
     normalize,
     padded,
 )
-from latenthash.buckets import SKETCH_BITS, BucketCache
+from latenthash.buckets import SHELL_WIDEN, SKETCH_BITS, BucketCache
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.dedup import DuplicateGroup, find_duplicates
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
@@ -72,6 +72,12 @@ class _Snapshot:
 def _rescored(k: int, target: int) -> int:
     """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly."""
     return max(OVERSAMPLE * k, 1000, target // 10)
+
+
+def _cell_args(buckets) -> tuple:
+    """The bucket layout as the two-step kernels take it (`kernels._candidates`), first arguments in order."""
+    return (buckets.codes.reshape(-1), len(buckets.codes), buckets.codes.shape[1], buckets.offsets,
+            buckets.bucket_cells, buckets.cells, buckets.centroids, buckets.signs)
 
 
 @functools.cache
@@ -260,10 +266,12 @@ class HashIndex:
 
         Step 1 takes the Hamming candidate pool by distance: every item at distance <= d*, the smallest distance at
         which at least `pool` items are covered (default `limits.pool_size`): whole distance shells, so a tie at the
-        boundary is never cut by storage order; or every item within `radius`. Step 2 (when `features` are given
-        and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine similarity and keeps
-        the best k (a large index first ranks its pool by feature sketches laid out by code, and re-scores exactly
-        the nearest max(OVERSAMPLE x k, 1,000, pool / 10)). `pool` is the knob that trades recall for speed
+        boundary is never cut by storage order; or every item within `radius`. A large index with features (over
+        buckets.MIN_ROWS items, codes collapsed) widens those shells and cuts them back to about `pool` items by
+        the cells nearest the query (k-means cells inside each code's bucket; see buckets.py). Step 2 (when
+        `features` are given and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine
+        similarity and keeps the best k (a large index first ranks its pool by feature sketches, and re-scores
+        exactly the nearest max(OVERSAMPLE x k, 1,000, pool / 10)). `pool` is the knob that trades recall for speed
         (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
@@ -299,8 +307,8 @@ class HashIndex:
             if buckets is not None and buckets.signs is not None:
                 if len(qw) == 1:  # both steps in one kernel call
                     ids, dists, scores, counts = _kernels().twostep_one(
-                        buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1], buckets.offsets, buckets.rows,
-                        qw[0], np.int64(target), self.bits, qf[0], buckets.centre, buckets.projection, buckets.signs,
+                        *_cell_args(buckets), buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.projection,
+                        np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
                         *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
                         np.int64(k), snap.ids)
                     return SearchResult(ids, dists, counts, scores)
@@ -319,17 +327,14 @@ class HashIndex:
         return rows, dists, np.minimum(counts, need)
 
     def _shell_candidates(self, buckets, qw: np.ndarray, qf: np.ndarray, target: int, k: int):
-        """Step 1 by buckets (whole distance shells, as `_shell_rows`); of that pool, the rows nearest the query by
-        feature sketch go on to the exact re-score (see buckets.py): max(OVERSAMPLE k, 1,000, target / 10)."""
+        """Step 1 by buckets (whole distance shells covering SHELL_WIDEN x target rows, cut by their cells nearest
+        the query to about `target`; see buckets.py); of that pool, the rows nearest the query by feature sketch go
+        on to the exact re-score: max(OVERSAMPLE k, 1,000, target / 10)."""
         K = _kernels()
-        qoff, picked, pdist, nrows = K.shell_buckets(buckets.codes.reshape(-1), len(buckets.codes), qw.shape[1],
-                                                     buckets.offsets, qw.reshape(-1), np.int64(target), self.bits)
-        keep = max(1, min(int(nrows.max(initial=1)), _rescored(k, target)))
-        qsigns = K.query_sketches(qf, buckets.centre, buckets.projection)
-        pos, dists = K.sign_shells(qsigns, buckets.signs, buckets.offsets, qoff, picked, pdist,
-                                   nrows, np.int64(keep))
-        rows = np.where(pos >= 0, buckets.rows[np.maximum(pos, 0)], -1)
-        return rows, dists, (pos >= 0).sum(1)
+        pos, dists, counts = K.twostep_candidates(*_cell_args(buckets), qw.reshape(-1), qf, buckets.centre,
+                                                  buckets.projection, np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
+                                                  np.int64(_rescored(k, target)))
+        return np.where(pos >= 0, buckets.cell_rows[np.maximum(pos, 0)], -1), dists, counts
 
     def _radius_counts(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
         """Rows of the snapshot at each distance 0..bits from each query word row: int64 (Q, bits + 1)."""
@@ -453,18 +458,16 @@ class HashIndex:
             qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)
-            offsets = np.array([0, 1], np.int64)
             # the two steps of bucketed indexes: a batch (see _shell_candidates), one query (twostep_one)
-            ucodes, signs = np.zeros(qw.shape[1], np.uint64), np.zeros((1, SKETCH_BITS // 64, 8), np.uint64)
-            qoff, picked, pdist, nrows = K.shell_buckets(ucodes, 1, qw.shape[1], offsets, qw.reshape(-1),
-                                                         np.int64(1), self.bits)
             dim = int(dummy.features.shape[1])
+            one = np.array([0, 1], np.int64)
+            layout = (np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], one, one, one, np.zeros((1, dim), np.uint16),
+                      np.zeros((1, SKETCH_BITS // 64, 8), np.uint64))
             centre, projection = np.zeros(dim, np.float32), np.zeros((dim, SKETCH_BITS), np.float32)
-            qsigns = K.query_sketches(qf, centre, projection)
-            K.sign_shells(qsigns, signs, offsets, qoff, picked, pdist, nrows, np.int64(1))
-            K.twostep_one(ucodes, 1, qw.shape[1], offsets, offsets[:1], qw[0], np.int64(1), self.bits, qf[0],
-                          centre, projection, signs, *K.rerank_args(dummy.features, dummy.scales), np.int64(1),
-                          np.int64(1), dummy.ids)
+            K.twostep_candidates(*layout, qw.reshape(-1), qf, centre, projection, np.int64(1), np.int64(1), self.bits,
+                                 np.int64(1))
+            K.twostep_one(*layout, one[:1], qw[0], qf[0], centre, projection, np.int64(1), np.int64(1), self.bits,
+                          *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids)
 
     def stats(self) -> dict:
         snap = self._snap

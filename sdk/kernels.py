@@ -611,6 +611,8 @@ FAST = {"reassoc", "contract"}
 
 PARTS = 16  # pieces one query's pool is split into for the threads
 PREFETCH_AHEAD = 6  # rows requested ahead of the one being scored (measured: 4-8 best, 2.7x over none)
+CELL_SHARE = 8  # a widened shell holds at most one cell per this many pool rows (see `_shell_cut`)
+SIM_BINS = 2048  # resolution of the cell cut (`_cell_ranges`): cosine -1..1 in steps of 1/1024
 
 
 @intrinsic
@@ -791,101 +793,129 @@ def _keep_best(scores, k, out_p, out_s):
 
 
 @njit(cache=True)
-def _shell_cut(ucodes, nu, w, offsets, q, target, bits, dist):
+def _shell_cut(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells, bits, dist):
     """Distances of one query to the nu distinct codes (into dist) and the shell distance d*: the smallest d with at
-    least `target` rows at distance <= d (bits when the index holds fewer)."""
+    least `target` rows at distance <= d (bits when the index holds fewer), then widened until it covers `shell`
+    rows, as long as its cells (bucket_cells) stay within `max_cells`: far shells hold many small buckets, each a
+    cell whose centroid the cut would have to compare."""
     _distances(ucodes, 0, nu, q, w, dist)
-    hist = np.zeros(bits + 1, np.int64)
+    # four histograms of each, merged after: code distances crowd a few values, and one histogram's increments
+    # would wait on each other
+    hr = np.zeros((4, bits + 1), np.int64)
+    hc = np.zeros((4, bits + 1), np.int64)
     for u in range(nu):
-        hist[dist[u]] += offsets[u + 1] - offsets[u]
-    covered = np.int64(0)
-    for d in range(bits + 1):
-        covered += hist[d]
-        if covered >= target:
-            return d
-    return bits
+        hr[u & 3, dist[u]] += offsets[u + 1] - offsets[u]
+        hc[u & 3, dist[u]] += bucket_cells[u + 1] - bucket_cells[u]
+    rows = hr[0] + hr[1] + hr[2] + hr[3]
+    ncells = hc[0] + hc[1] + hc[2] + hc[3]
+    covered, cells, cut = rows[0], ncells[0], 0
+    while covered < target and cut < bits:
+        cut += 1
+        covered += rows[cut]
+        cells += ncells[cut]
+    while cut < bits and covered < shell and cells + ncells[cut + 1] <= max_cells:
+        cut += 1
+        covered += rows[cut]
+        cells += ncells[cut]
+    return cut
 
 
 @njit(cache=True)
-def _shell_picks(ucodes, nu, w, offsets, q, target, bits, dist):
+def _shell_picks(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells, bits, dist):
     """The buckets of one query's shells (see `_shell_cut`), nearest first (ties by bucket), their distances and
     their rows in all."""
-    cut = _shell_cut(ucodes, nu, w, offsets, q, target, bits, dist)
-    m = 0
-    for u in range(nu):
-        m += dist[u] <= cut
-    keys = np.empty(m, np.int64)
-    m = 0
+    cut = _shell_cut(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells, bits, dist)
+    start = np.zeros(cut + 2, np.int64)  # a counting sort by distance: stable, so ties stay in bucket order
     for u in range(nu):
         if dist[u] <= cut:
-            keys[m] = dist[u] * nu + u
-            m += 1
-    keys.sort()
+            start[dist[u] + 1] += 1
+    for d in range(cut + 1):
+        start[d + 1] += start[d]
+    m = start[cut + 1]
     picked = np.empty(m, np.int64)
     pdist = np.empty(m, np.int64)
     rows = 0
-    for j in range(m):
-        u = keys[j] % nu
-        picked[j] = u
-        pdist[j] = keys[j] // nu
-        rows += offsets[u + 1] - offsets[u]
+    for u in range(nu):
+        d = dist[u]
+        if d <= cut:
+            picked[start[d]] = u
+            pdist[start[d]] = d
+            start[d] += 1
+            rows += offsets[u + 1] - offsets[u]
     return picked, pdist, rows
 
 
-@njit(parallel=True, cache=True)
-def shell_buckets(ucodes, nu, w, offsets, qs, target, bits):
-    """Step 1 by distance: for each query, every bucket at distance <= d* (see `_shell_cut`), nearest first (ties
-    by bucket). A tie at the boundary distance is never cut: the pool is whole distance shells.
+@njit(cache=True, fastmath=FAST)
+def _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, target):
+    """Step 1's cut of one query's shells (buckets `picked`, nearest code first, `nrows` rows in all) to about
+    `target` rows: the cells nearest the query by centroid cosine (whole bins of SIM_BINS over -1..1) until they
+    cover `target`, or every bucket whole when the shells hold no more.
 
-    Returns (qoff (nq + 1,), picked buckets, their distances, rows per query): query i's buckets are
-    picked[qoff[i]:qoff[i + 1]]."""
-    nq = qs.shape[0] // w
-    nb = np.zeros(nq + 1, np.int64)
-    for i in prange(nq):  # how many buckets each query takes, to lay them out
-        dist = np.empty(nu, np.int64)
-        cut = _shell_cut(ucodes, nu, w, offsets, qs[i * w:(i + 1) * w], target, bits, dist)
-        m = 0
-        for u in range(nu):
-            m += dist[u] <= cut
-        nb[i + 1] = m
-    for i in range(nq):
-        nb[i + 1] += nb[i]
-    picked = np.empty(nb[nq], np.int64)
-    pdist = np.empty(nb[nq], np.int64)
-    nrows = np.zeros(nq, np.int64)
-    for i in prange(nq):
-        dist = np.empty(nu, np.int64)
-        b, d, nrows[i] = _shell_picks(ucodes, nu, w, offsets, qs[i * w:(i + 1) * w], target, bits, dist)
-        picked[nb[i]:nb[i + 1]] = b
-        pdist[nb[i]:nb[i + 1]] = d
-    return nb, picked, pdist, nrows
+    Returns (lo, hi, code distance) of each chosen range of the cell order, in pool order (nearest code first, then
+    bucket, then cell), and the rows they hold."""
+    nb = picked.shape[0]
+    if nrows <= target:
+        lo = np.empty(nb, np.int64)
+        hi = np.empty(nb, np.int64)
+        for b in range(nb):
+            lo[b] = cells[bucket_cells[picked[b]]]
+            hi[b] = cells[bucket_cells[picked[b] + 1]]
+        return lo, hi, pdist, nrows
+    total = 0
+    for b in range(nb):
+        total += bucket_cells[picked[b] + 1] - bucket_cells[picked[b]]
+    bins = np.empty(total, np.int64)
+    hist = np.zeros(SIM_BINS, np.int64)
+    c = 0
+    for b in range(nb):
+        for g in range(bucket_cells[picked[b]], bucket_cells[picked[b] + 1]):
+            x = min(SIM_BINS - 1, max(0, np.int64((_dot(qf, centroids, g) + 1.0) * (SIM_BINS // 2))))
+            bins[c] = x
+            hist[x] += cells[g + 1] - cells[g]
+            c += 1
+    cut = SIM_BINS - 1
+    covered = hist[cut]
+    while covered < target and cut > 0:
+        cut -= 1
+        covered += hist[cut]
+    m = 0
+    for c in range(total):
+        m += bins[c] >= cut
+    lo = np.empty(m, np.int64)
+    hi = np.empty(m, np.int64)
+    rd = np.empty(m, np.int64)
+    c = m = 0
+    for b in range(nb):
+        for g in range(bucket_cells[picked[b]], bucket_cells[picked[b] + 1]):
+            if bins[c] >= cut:
+                lo[m], hi[m], rd[m] = cells[g], cells[g + 1], pdist[b]
+                m += 1
+            c += 1
+    return lo, hi, rd, covered
 
 
 @njit(cache=True)
-def _sketch_pick(q, signs, offsets, picked, pdist, nrows, m, out_p, out_d):
-    """Step 2's first pass for one query over its pool of whole buckets: the Hamming distance between each pool
-    row's feature sketch and the query's q (see buckets.py; a few popcounts a row, contiguous reads: a bucket's rows
-    lie together), and the m rows nearest by it, ties by pool order (nearest code first, then bucket, then database
-    order), into out_p (positions into the bucket order) and out_d (their code distances), in pool order. Returns
-    how many (min(m, nrows))."""
+def _sketch_pick(q, signs, lo, hi, rdist, m, out_p, out_d):
+    """Step 2's first pass for one query over its pool, ranges [lo, hi) of the cell order at code distances
+    rdist: the Hamming distance between each pool row's feature sketch and the query's q (see buckets.py; a few
+    popcounts a row, contiguous reads), and the m rows nearest by it, ties by pool order, into out_p (positions
+    into the cell order) and out_d (their code distances), in pool order. Returns how many (min(m, pool rows))."""
     sw = q.shape[0]
-    nb = picked.shape[0]
-    base = np.empty(nb, np.int64)  # row r of bucket b has its distance at sd[base[b] + r]
+    nb = lo.shape[0]
+    base = np.empty(nb, np.int64)  # row r of range b has its distance at sd[base[b] + r]
     slots = 0
     for b in range(nb):
-        lo, hi = offsets[picked[b]], offsets[picked[b] + 1]
-        base[b] = slots - lo // 8 * 8
-        slots += ((hi + 7) // 8 - lo // 8) * 8
-    sd = np.empty(slots, np.int32)  # whole blocks of 8 rows: a bucket's first and last may hold others' rows
+        base[b] = slots - lo[b] // 8 * 8
+        slots += ((hi[b] + 7) // 8 - lo[b] // 8) * 8
+    sd = np.empty(slots, np.int32)  # whole blocks of 8 rows: a range's first and last may hold others' rows
     for b in range(nb):
-        lo, hi = offsets[picked[b]], offsets[picked[b] + 1]
-        for blk in range(lo // 8, (hi + 7) // 8):
+        for blk in range(lo[b] // 8, (hi[b] + 7) // 8):
             _block_distances(signs, blk, q, sd, base[b] + 8 * blk)
     # four histograms, merged after: sketch distances crowd a few values, and one histogram's increments would
     # wait on each other
     hists = np.zeros((4, sw * 64 + 2), np.int64)
     for b in range(nb):
-        for r in range(offsets[picked[b]], offsets[picked[b] + 1]):
+        for r in range(lo[b], hi[b]):
             hists[r & 3, sd[base[b] + r]] += 1
     cut, below = 0, 0  # rows nearer than `cut` all go; of those at `cut`, the first (m - below) in pool order
     at = hists[0, 0] + hists[1, 0] + hists[2, 0] + hists[3, 0]
@@ -896,29 +926,52 @@ def _sketch_pick(q, signs, offsets, picked, pdist, nrows, m, out_p, out_d):
     room = m - below
     c = 0
     for b in range(nb):
-        for r in range(offsets[picked[b]], offsets[picked[b] + 1]):
+        for r in range(lo[b], hi[b]):
             d = sd[base[b] + r]
             if d < cut or (d == cut and room > 0):
                 if d == cut:
                     room -= 1
                 out_p[c] = r
-                out_d[c] = pdist[b]
+                out_d[c] = rdist[b]
                 c += 1
     return c
 
 
+@njit(cache=True)
+def _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, q, qf, centre, projection, shell,
+                target, bits, out_p, out_d):
+    """Steps 1 and 2's sketch pass for one query: the buckets of the shells covering `shell` rows, cut by cells to
+    about `target` rows (`_cell_ranges`), and of those the out_p.shape[0] nearest by sketch (`_sketch_pick`; a pool
+    that fits takes no sketch pass, and no query sketch)."""
+    dist = np.empty(nu, np.int64)
+    picked, pdist, nrows = _shell_picks(ucodes, nu, w, offsets, bucket_cells, q, target, shell,
+                                        max(1, target // CELL_SHARE), bits, dist)
+    lo, hi, rd, rows = _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, target)
+    if rows <= out_p.shape[0]:
+        c = 0
+        for b in range(lo.shape[0]):
+            for r in range(lo[b], hi[b]):
+                out_p[c] = r
+                out_d[c] = rd[b]
+                c += 1
+        return c
+    return _sketch_pick(query_sketch(qf, centre, projection), signs, lo, hi, rd, out_p.shape[0], out_p, out_d)
+
+
 @njit(parallel=True, cache=True)
-def sign_shells(qsigns, signs, offsets, qoff, picked, pdist, nrows, m):
-    """`_sketch_pick` for each query of a batch (qsigns (nq, S) uint64 sketches; signs the rows' sketches in bucket
-    order, as `buckets.block_sketches` lays them out; qoff/picked/pdist/nrows as `shell_buckets` returns them).
-    Returns positions into the bucket order (nq, m) and their code distances, both -1 padded, in pool order."""
-    nq = qsigns.shape[0]
-    out_p = np.full((nq, m), -1, np.int64)
-    out_d = np.full((nq, m), -1, np.int64)
+def twostep_candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, qs, qf, centre, projection,
+                       shell, target, bits, keep):
+    """`_candidates` for each query of a batch (qs flattened (nq * w) code words, qf (nq, D) unit features).
+    Returns positions into the cell order (nq, keep) and their code distances, both -1 padded, in pool order, and
+    the count per query."""
+    nq = qf.shape[0]
+    out_p = np.full((nq, keep), -1, np.int64)
+    out_d = np.full((nq, keep), -1, np.int64)
+    counts = np.zeros(nq, np.int64)
     for i in prange(nq):
-        lo, hi = qoff[i], qoff[i + 1]
-        _sketch_pick(qsigns[i], signs, offsets, picked[lo:hi], pdist[lo:hi], nrows[i], m, out_p[i], out_d[i])
-    return out_p, out_d
+        counts[i] = _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, qs[i * w:(i + 1) * w],
+                                qf[i], centre, projection, shell, target, bits, out_p[i], out_d[i])
+    return out_p, out_d, counts
 
 
 @njit(cache=True, fastmath=FAST)
@@ -939,32 +992,21 @@ def query_sketch(qf, centre, projection):
     return out
 
 
-@njit(cache=True)
-def query_sketches(qf, centre, projection):
-    """`query_sketch` of each row of qf (nq, D): (nq, S / 64) uint64."""
-    out = np.empty((qf.shape[0], (projection.shape[1] + 63) // 64), np.uint64)
-    for i in range(qf.shape[0]):
-        out[i] = query_sketch(qf[i], centre, projection)
-    return out
-
-
 @njit(cache=True, fastmath=FAST)
-def twostep_one(ucodes, nu, w, offsets, brows, q, target, bits, qf, centre, projection, signs, feats, scales,
-                rescore, k, ids):
-    """Both steps of one query over a bucketed index in one call (the batch path's `shell_buckets`, `sign_shells`,
-    `cosine_rerank` and `take_hits`, without the Python between them): the shells' buckets, the `rescore` rows
-    nearest by sketch, their exact cosine, the best k.
+def twostep_one(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, cell_rows, q, qf, centre, projection,
+                shell, target, bits, feats, scales, rescore, k, ids):
+    """Both steps of one query over a bucketed index in one call (the batch path's `twostep_candidates`,
+    `cosine_rerank` and `take_hits`, without the Python between them): the pool by shells and cells, the `rescore`
+    rows nearest by sketch, their exact cosine, the best k.
 
     Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded."""
-    dist = np.empty(nu, np.int64)
-    picked, pdist, nrows = _shell_picks(ucodes, nu, w, offsets, q, target, bits, dist)
-    m = max(1, min(nrows, rescore))
-    cand = np.empty(m, np.int64)
-    cand_d = np.empty(m, np.int64)
-    c = _sketch_pick(query_sketch(qf, centre, projection), signs, offsets, picked, pdist, nrows, m, cand, cand_d)
+    cand = np.empty(max(1, rescore), np.int64)
+    cand_d = np.empty(max(1, rescore), np.int64)
+    c = _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, q, qf, centre, projection, shell,
+                    target, bits, cand, cand_d)
     rows = np.empty(c, np.int64)
     for j in range(c):
-        rows[j] = brows[cand[j]]
+        rows[j] = cell_rows[cand[j]]
     scores = np.empty(c, np.float32)
     _score_rows(qf, feats, scales, rows, 0, c, scores)
     out_p = np.full((1, k), -1, np.int64)
@@ -993,6 +1035,19 @@ def take_hits(pos, pool, pool_d, ids):
                 out_d[i, j] = pool_d[i, p]
                 counts[i] += 1
     return out_i, out_d, counts
+
+
+@njit(cache=True)
+def segment_sums(x, first):
+    """Column sums of the row segments of x (m, D) float32 that start at `first` (ascending, first[0] == 0; the
+    last runs to the end): (len(first), D) float32. numpy's add.reduceat takes ~5 ns an element here."""
+    out = np.zeros((first.shape[0], x.shape[1]), np.float32)
+    for g in range(first.shape[0]):
+        end = first[g + 1] if g + 1 < first.shape[0] else x.shape[0]
+        for r in range(first[g], end):
+            for t in range(x.shape[1]):
+                out[g, t] += x[r, t]
+    return out
 
 
 @njit(cache=True, fastmath=FAST)
@@ -1159,7 +1214,7 @@ def _one_launch_at_a_time(kernel):
 
 # the entry points that launch parallel regions (none is called from compiled code, so the names can be rebound)
 for _name in ("topk_single", "topk_batch", "topk_buckets", "radius_counts", "radius_search", "cosine_rerank",
-              "shell_buckets", "sign_shells", "hamming_ranking_stats", "code_pairs"):
+              "twostep_candidates", "hamming_ranking_stats", "code_pairs"):
     globals()[_name] = _one_launch_at_a_time(globals()[_name])
 
 

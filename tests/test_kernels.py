@@ -251,17 +251,16 @@ def test_unit_rows(rng):
         assert not K.unit_rows(y)[1]
 
 
-@pytest.mark.parametrize("target", [1, 50, 700, 5000])
-@pytest.mark.parametrize("keep", [1, 7, 300])
-def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
-    """Step 1 by shells: every row at distance <= the smallest d covering `target` rows, never a cut tie; step 2's
-    sketch pass keeps exactly the `keep` pool rows nearest by sketch, ties by pool order (nearest code, then
-    bucket, then database order), with their code distances (checked against numpy)."""
+@pytest.fixture(scope="module")
+def cell_layout():
+    """Collapsed 48-bit codes over 4,000 rows (30 codewords, a few bits flipped: big buckets and many small ones)
+    with features, bucketed with small cells so that most buckets split."""
     from latenthash import buckets as B
 
+    rng = np.random.default_rng(5)
     bits, dim = 48, 70
     centers = rng.random((30, bits)) < 0.5
-    db = pack_codes(centers[rng.integers(0, 30, 4000)] ^ (rng.random((4000, bits)) < 0.002), bits)  # collapsed
+    db = pack_codes(centers[rng.integers(0, 30, 4000)] ^ (rng.random((4000, bits)) < 0.002), bits)
     feats = rng.standard_normal((4000, dim)).astype(np.float32)
     feats[1::2] = feats[::2]  # duplicate features: ties in sign distance
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
@@ -269,47 +268,118 @@ def test_shell_buckets_and_sign_shells_against_numpy(rng, target, keep):
     class Snapshot:
         n, words, features, scales = len(db), to_words(db, bits), feats, None
 
-    b = B.build(Snapshot())
-    np.testing.assert_allclose(b.centre, feats[::B.CENTRE_STRIDE].mean(axis=0), atol=1e-6)  # a strided sample
-    sketch = (feats - b.centre) @ b.projection > 0  # each row's sketch: projected sign bits, as numpy makes them
+    cell_rows = B.CELL_ROWS
+    B.CELL_ROWS = 32
+    try:
+        b = B.build(Snapshot())
+    finally:
+        B.CELL_ROWS = cell_rows
     qs = pack_codes(centers[:3] ^ (rng.random((3, bits)) < 0.05), bits)
-    qw = to_words(qs, bits)
     qf = feats[:3] + 0.1 * rng.standard_normal((3, dim)).astype(np.float32)
     qf /= np.linalg.norm(qf, axis=1, keepdims=True)
-    qoff, picked, pdist, nrows = K.shell_buckets(b.codes.reshape(-1), len(b.codes), 1, b.offsets, qw.reshape(-1),
-                                                 np.int64(target), bits)
-    dist = brute_distances(qw, to_words(db, bits))
-    qsigns = K.query_sketches(qf, b.centre, b.projection)
-    pos, pos_d = K.sign_shells(qsigns, b.signs, b.offsets, qoff, picked, pdist, nrows, np.int64(keep))
+    return b, db, feats, to_words(qs, bits), qf, bits
+
+
+def test_cells_partition_each_bucket(cell_layout):
+    """Every bucket's rows, regrouped by cell: the same rows, big buckets split into about size / CELL_ROWS cells,
+    each cell's centroid the unit mean of its rows; the sketch centre from a strided sample of the features."""
+    from latenthash import buckets as B
+
+    b, db, feats, _, _, _ = cell_layout
+    np.testing.assert_allclose(b.centre, feats[::B.CENTRE_STRIDE].mean(axis=0), atol=1e-6)
+    assert b.cells[-1] == len(db) and (np.diff(b.cells) > 0).all() and b.bucket_cells[-1] == len(b.cells) - 1
+    split = 0
+    for u in range(len(b.codes)):
+        lo, hi = b.offsets[u], b.offsets[u + 1]
+        np.testing.assert_array_equal(np.sort(b.cell_rows[lo:hi]), b.rows[lo:hi])  # the bucket's own rows
+        g0, g1 = b.bucket_cells[u], b.bucket_cells[u + 1]
+        assert b.cells[g0] == lo and b.cells[g1] == hi
+        assert g1 - g0 <= -(-(hi - lo) // 32)
+        split += g1 - g0 > 1
+        for g in range(g0, g1):
+            mean = feats[b.cell_rows[b.cells[g]:b.cells[g + 1]]].mean(axis=0)
+            np.testing.assert_allclose(b.centroids[g].view(np.float16).astype(np.float32),
+                                       mean / np.linalg.norm(mean), atol=2e-3)
+    assert split >= 20  # most of the 30 big buckets split
+
+
+@pytest.mark.parametrize("target", [1, 50, 700, 5000])
+@pytest.mark.parametrize("keep", [1, 7, 300])
+def test_twostep_candidates_against_numpy(cell_layout, target, keep):
+    """Step 1: whole distance shells, the smallest covering `target` rows widened towards SHELL_WIDEN x target
+    while the cells stay within target / CELL_SHARE; cut to the cells nearest the query by centroid (whole
+    similarity bins) until they cover `target`. Step 2's sketch pass keeps exactly the `keep` pool rows nearest by
+    sketch, ties by pool order. The batch kernel and one query's fused path agree with these pieces composed."""
+    from latenthash.buckets import SHELL_WIDEN
+
+    b, db, feats, qw, qf, bits = cell_layout
+    shell, max_cells = SHELL_WIDEN * target, max(1, target // K.CELL_SHARE)
+    sizes, ncells = np.diff(b.offsets), np.diff(b.bucket_cells)
+    pos, pos_d, counts = K.twostep_candidates(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.bucket_cells,
+                                              b.cells, b.centroids, b.signs, qw.reshape(-1), qf, b.centre,
+                                              b.projection, np.int64(shell), np.int64(target), bits,
+                                              np.int64(keep))
+    sketch = (feats - b.centre) @ b.projection > 0  # each row's sketch: projected sign bits, as numpy makes them
+    centroids = b.centroids.view(np.float16).astype(np.float64)
     for i in range(3):
-        cut = np.sort(dist[i])[min(target, len(db)) - 1]
-        shell = np.flatnonzero(dist[i] <= cut)
-        mine = np.concatenate([b.rows[b.offsets[u]:b.offsets[u + 1]] for u in picked[qoff[i]:qoff[i + 1]]])
-        np.testing.assert_array_equal(np.sort(mine), shell)  # exactly the shells, nothing cut
-        assert nrows[i] == len(shell) and (np.diff(pdist[qoff[i]:qoff[i + 1]]) >= 0).all()
-        assert (np.diff(dist[i][mine]) >= 0).all()  # `mine` is the pool order: nearest code first
-        qbits = np.unpackbits(qsigns[i].view(np.uint8))  # the kernel's query sketch (checked below)
-        sd = (sketch[mine] != qbits).sum(axis=1)  # each pool row's sketch distance
-        m = min(keep, len(shell))
-        chosen = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
-        where = np.argsort(b.rows)[mine[chosen]]  # their positions in bucket order
-        np.testing.assert_array_equal(pos[i, :m], where)
-        np.testing.assert_array_equal(pos_d[i, :m], dist[i][mine[chosen]])
+        # step 1, the shells, in integers: exact
+        du = brute_distances(qw[i:i + 1], b.codes)[0]
+        cov = np.cumsum(np.bincount(du, weights=sizes, minlength=bits + 1))
+        cc = np.cumsum(np.bincount(du, weights=ncells, minlength=bits + 1))
+        cut = min(int(np.searchsorted(cov, target)), bits)
+        while cut < bits and cov[cut] < shell and cc[cut + 1] <= max_cells:
+            cut += 1
+        picked = np.flatnonzero(du <= cut)[np.argsort(du[du <= cut], kind="stable")]
+        lo, hi, rd, covered = K._cell_ranges(qf[i], picked, du[picked], int(sizes[picked].sum()), b.bucket_cells,
+                                             b.cells, b.centroids, np.int64(target))
+        if sizes[picked].sum() <= target:  # nothing to cut: the shells' buckets whole
+            np.testing.assert_array_equal(lo, b.offsets[picked])
+            np.testing.assert_array_equal(hi, b.offsets[picked + 1])
+            assert covered == sizes[picked].sum()
+        else:  # the cut: cells of the shell, nearest by centroid first (within a bin of 2 / SIM_BINS), covering target
+            mine = [g for u in picked for g in range(b.bucket_cells[u], b.bucket_cells[u + 1])]
+            chosen = [g for g in mine if (b.cells[g], b.cells[g + 1]) in set(zip(lo.tolist(), hi.tolist()))]
+            rows_in = b.cells[np.array(chosen) + 1] - b.cells[np.array(chosen)]
+            assert covered == rows_in.sum() >= target and len(chosen) == len(lo)
+            sim = centroids[mine] @ qf[i]
+            inside = np.isin(mine, chosen)
+            if not inside.all():
+                assert sim[inside].min() >= sim[~inside].max() - 2 / K.SIM_BINS - 1e-5
+            # no more than the cut's bin needs: without the farthest chosen cell the pool falls short, unless that
+            # cell shares its bin with others
+            assert covered - rows_in[np.argmin(centroids[chosen] @ qf[i])] < target or \
+                (sim[inside] < sim[inside].min() + 2 / K.SIM_BINS).sum() > 1
+        # step 2's sketch pass over that pool: exact
+        pool = np.concatenate([b.cell_rows[x:y] for x, y in zip(lo, hi)])
+        pool_at = np.concatenate([np.arange(x, y) for x, y in zip(lo, hi)])
+        pool_d = np.concatenate([np.full(y - x, d) for x, y, d in zip(lo, hi, rd)])
+        m = min(keep, len(pool))
+        if len(pool) <= keep:  # everything fits: no sketch pass
+            take = np.arange(len(pool))
+        else:
+            qbits = np.unpackbits(K.query_sketch(qf[i], b.centre, b.projection).view(np.uint8))
+            sd = (sketch[pool] != qbits).sum(axis=1)
+            take = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
+        assert counts[i] == m
+        np.testing.assert_array_equal(pos[i, :m], pool_at[take])
+        np.testing.assert_array_equal(pos_d[i, :m], pool_d[take])
+        np.testing.assert_array_equal(pos_d[i, :m], brute_distances(qw[i:i + 1], to_words(db, bits))[0][pool[take]])
         assert (pos[i, m:] == -1).all() and (pos_d[i, m:] == -1).all()
     # the query sketch as numpy's product makes it, but where a projection lies within rounding of zero
     proj = (qf - b.centre) @ b.projection
-    mine_bits = np.unpackbits(qsigns.view(np.uint8), axis=1).astype(bool)
+    mine_bits = np.stack([np.unpackbits(K.query_sketch(x, b.centre, b.projection).view(np.uint8)) for x in qf])
     clear = np.abs(proj) > 1e-5
-    np.testing.assert_array_equal(mine_bits[clear], (proj > 0)[clear])
+    np.testing.assert_array_equal(mine_bits.astype(bool)[clear], (proj > 0)[clear])
     # one query's fused path: both steps equal to the batch kernels composed
-    rows = np.where(pos >= 0, b.rows[np.maximum(pos, 0)], -1)
+    rows = np.where(pos >= 0, b.cell_rows[np.maximum(pos, 0)], -1)
     f, s = K.rerank_args(feats.astype(np.float16), None)
-    hits, scores = K.cosine_rerank(qf, f, s, rows, (pos >= 0).sum(1), np.int64(5))
+    hits, scores = K.cosine_rerank(qf, f, s, rows, counts, np.int64(5))
     ids = np.arange(len(db), dtype=np.int64) * 10  # ids other than rows: the kernel must map them
     want_i, want_d, want_n = K.take_hits(hits, rows, pos_d, ids)
     for i in range(3):
-        got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.rows, qw[i],
-                                                   np.int64(target), bits, qf[i], b.centre, b.projection, b.signs,
+        got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.bucket_cells,
+                                                   b.cells, b.centroids, b.signs, b.cell_rows, qw[i], qf[i],
+                                                   b.centre, b.projection, np.int64(shell), np.int64(target), bits,
                                                    f, s, np.int64(keep), np.int64(5), ids)
         np.testing.assert_array_equal(got_i[0], want_i[i])
         np.testing.assert_array_equal(got_d[0], want_d[i])
