@@ -15,8 +15,11 @@ bring more than one cell per kernels.CELL_SHARE pool rows) and keeps the cells n
 they cover the pool (see `kernels._cell_ranges`).
 
 Step 2 first ranks that pool by a finer binary code of every row, kept in cell order: a sketch of SKETCH_BITS
-random-projection sign bits of its feature minus the snapshot's mean feature, whose Hamming distance tracks the angle
-between features (SimHash; binary quantization with oversampling and rescoring, as Qdrant does it). A pool of cells
+sign bits of its feature minus the snapshot's mean feature after a random rotation, whose Hamming distance tracks
+the angle between features (SimHash; binary quantization with oversampling and rescoring, as Qdrant does it). The
+rotation is structured (random sign flips and Walsh-Hadamard transforms, as fast Johnson-Lindenstrauss transforms
+are built): P log P additions a row where a Gaussian projection was a D x SKETCH_BITS matrix product, the largest
+part of the bucket build. A pool of cells
 reads contiguous rows at a few popcounts each (see `kernels._sketch_pick`), and only its nearest rows by sketch are
 re-scored from the stored features. The sign bits of the centred features themselves (no projection) were tried
 first: three-quarters of the features are zero after the ReLU, and those bits carried too little.
@@ -41,6 +44,7 @@ MIN_ROWS = 16_384  # below this a scan takes ~20 us (at 32k-60k learned codes bu
 MIN_SHRINK = 8  # distinct codes must be at most n / MIN_SHRINK
 CENTRE_STRIDE = 8
 SKETCH_BITS = 512  # per row: 64 bytes; 256 bits of a 256-d feature lost a tenth of recall@10 at 1M (RESULTS.md)
+SKETCH_ROUNDS = 2  # sign flips and Walsh-Hadamard transforms per rotation (kernels._sketch_block)
 CELL_ROWS = 256  # rows per cell of a large bucket (the k-means cells that cut a shell down to the pool)
 KMEANS_SAMPLE = 32  # rows per cell that train a bucket's k-means (all its rows are assigned after)
 KMEANS_ITERS = 5
@@ -59,11 +63,7 @@ class Buckets:
     centroids: np.ndarray | None = None  # (G, D) uint16: each cell's unit mean feature, float16 bit patterns
     signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, cell order (see below)
     centre: np.ndarray | None = None  # (D,) float32 mean stored feature
-    projection: np.ndarray | None = None  # (D, SKETCH_BITS) float32: column j is sketch bit j's random hyperplane
-
-
-def _sketch(f: np.ndarray, centre: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    return to_words(np.packbits((f - centre) @ projection > 0, axis=1), projection.shape[1])
+    flips: np.ndarray | None = None  # (R, SKETCH_ROUNDS, P) float32 +-1: the sketch's random rotations (see below)
 
 
 def build(snapshot) -> Buckets:
@@ -130,7 +130,7 @@ def _kmeans(x: np.ndarray, c: int, rng) -> np.ndarray:
 
 def _scan_cells(snapshot, cell_rows: np.ndarray, sizes: np.ndarray, chunk: int = 65536):
     """One pass over every stored feature in cell order: each cell's unit mean (float16 bits) and each row's
-    sketch, with the centre and projection that made them (a fixed seed: the same features always give the same
+    sketch, with the centre and rotations that made them (a fixed seed: the same features always give the same
     sketches)."""
     from latenthash import kernels  # lazy, as everywhere: numba is heavy to import
 
@@ -139,18 +139,26 @@ def _scan_cells(snapshot, cell_rows: np.ndarray, sizes: np.ndarray, chunk: int =
     # more is the mean for the sketches' purpose, for a fraction of a pass over every row
     sample = float_rows(snapshot.features, snapshot.scales, slice(0, n, CENTRE_STRIDE))
     centre = sample.mean(axis=0, dtype=np.float64).astype(np.float32) if len(sample) else np.zeros(dim, np.float32)
-    projection = np.random.default_rng(0).standard_normal((dim, SKETCH_BITS)).astype(np.float32)
+    flips = sketch_flips(dim)
     signs = np.zeros((-(-n // 8) * 8, SKETCH_BITS // 64), np.uint64)
     cell_of = np.repeat(np.arange(len(sizes)), sizes)
     sums = np.zeros((len(sizes), dim), np.float32)
     for lo in range(0, n, chunk):
         f = float_rows(snapshot.features, snapshot.scales, cell_rows[lo:lo + chunk])
-        signs[lo:lo + chunk] = _sketch(f, centre, projection)
+        signs[lo:lo + chunk] = kernels.sketch_rows(f, centre, flips, SKETCH_BITS)
         c = cell_of[lo:lo + chunk]
         first = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
         sums[c[first]] += kernels.segment_sums(f, first)  # a cell's rows are contiguous: each once per chunk
     centroids = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-    return centroids.astype(np.float16).view(np.uint16), (block_sketches(signs), centre, projection)
+    return centroids.astype(np.float16).view(np.uint16), (block_sketches(signs), centre, flips)
+
+
+def sketch_flips(dim: int) -> np.ndarray:
+    """The random signs of the sketch's rotations for dim-d features: (R, SKETCH_ROUNDS, P) float32 +-1, P the
+    power of two at or above dim, R enough rotations of P coordinates for SKETCH_BITS bits (fixed seed)."""
+    p = 1 << max(0, int(dim - 1).bit_length())
+    shape = (-(-SKETCH_BITS // p), SKETCH_ROUNDS, p)
+    return np.where(np.random.default_rng(0).random(shape) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
 def block_sketches(signs: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from latenthash.backend import (
     normalize,
     padded,
 )
-from latenthash.buckets import SHELL_WIDEN, SKETCH_BITS, BucketCache
+from latenthash.buckets import SHELL_WIDEN, SKETCH_BITS, BucketCache, sketch_flips
 from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
 from latenthash.dedup import DuplicateGroup, find_duplicates
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
@@ -307,7 +307,7 @@ class HashIndex:
             if buckets is not None and buckets.signs is not None:
                 if len(qw) == 1:  # both steps in one kernel call
                     ids, dists, scores, counts = _kernels().twostep_one(
-                        *_cell_args(buckets), buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.projection,
+                        *_cell_args(buckets), buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.flips,
                         np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
                         *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
                         np.int64(k), snap.ids)
@@ -332,7 +332,7 @@ class HashIndex:
         on to the exact re-score: max(OVERSAMPLE k, 1,000, target / 10)."""
         K = _kernels()
         pos, dists, counts = K.twostep_candidates(*_cell_args(buckets), qw.reshape(-1), qf, buckets.centre,
-                                                  buckets.projection, np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
+                                                  buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
                                                   np.int64(_rescored(k, target)))
         return np.where(pos >= 0, buckets.cell_rows[np.maximum(pos, 0)], -1), dists, counts
 
@@ -463,10 +463,10 @@ class HashIndex:
             one = np.array([0, 1], np.int64)
             layout = (np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], one, one, one, np.zeros((1, dim), np.uint16),
                       np.zeros((1, SKETCH_BITS // 64, 8), np.uint64))
-            centre, projection = np.zeros(dim, np.float32), np.zeros((dim, SKETCH_BITS), np.float32)
-            K.twostep_candidates(*layout, qw.reshape(-1), qf, centre, projection, np.int64(1), np.int64(1), self.bits,
+            centre, flips = np.zeros(dim, np.float32), sketch_flips(dim)
+            K.twostep_candidates(*layout, qw.reshape(-1), qf, centre, flips, np.int64(1), np.int64(1), self.bits,
                                  np.int64(1))
-            K.twostep_one(*layout, one[:1], qw[0], qf[0], centre, projection, np.int64(1), np.int64(1), self.bits,
+            K.twostep_one(*layout, one[:1], qw[0], qf[0], centre, flips, np.int64(1), np.int64(1), self.bits,
                           *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids)
 
     def stats(self) -> dict:

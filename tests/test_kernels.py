@@ -251,6 +251,29 @@ def test_unit_rows(rng):
         assert not K.unit_rows(y)[1]
 
 
+def rotated(x, flips):
+    """The sketch's structured rotation written out densely in float64 (numpy's reference for
+    `kernels._sketch_block`): for each rotation, H F_k ... H F_1 of x zero-padded; (n, R * P)."""
+    rotations, rounds, p = flips.shape
+    h = np.ones((1, 1))
+    while len(h) < p:
+        h = np.block([[h, h], [h, -h]])
+    y = np.zeros((len(x), p))
+    y[:, :x.shape[1]] = x
+    out = []
+    for r in range(rotations):
+        z = y
+        for k in range(rounds):
+            z = (z * flips[r, k]) @ h.T
+        out.append(z)
+    return np.concatenate(out, axis=1)
+
+
+def sketch_bits(words):
+    """Sketch words (n, S / 64) as their S bits in order (packbits layout, little-endian words)."""
+    return np.unpackbits(np.ascontiguousarray(words).view(np.uint8), axis=1).astype(bool)
+
+
 @pytest.fixture(scope="module")
 def cell_layout():
     """Collapsed 48-bit codes over 4,000 rows (30 codewords, a few bits flipped: big buckets and many small ones)
@@ -280,13 +303,25 @@ def cell_layout():
     return b, db, feats, to_words(qs, bits), qf, bits
 
 
-def test_cells_partition_each_bucket(cell_layout):
+def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
     """Every bucket's rows, regrouped by cell: the same rows, big buckets split into about size / CELL_ROWS cells,
-    each cell's centroid the unit mean of its rows; the sketch centre from a strided sample of the features."""
+    each cell's centroid the unit mean of its rows; every row's sketch the sign bits of its rotated feature, less
+    a centre taken from a strided sample of the features."""
     from latenthash import buckets as B
 
-    b, db, feats, _, _, _ = cell_layout
+    b, db, feats, qw, qf, _ = cell_layout
     np.testing.assert_allclose(b.centre, feats[::B.CENTRE_STRIDE].mean(axis=0), atol=1e-6)
+    # every row's sketch, stored 8 rows to a block in cell order: the signs of the rotated centred feature, as
+    # numpy's dense product makes them, but where a coordinate lies within rounding of zero
+    rows = b.signs.transpose(0, 2, 1).reshape(-1, b.signs.shape[1])[:len(db)]
+    proj = rotated(feats[b.cell_rows] - b.centre, b.flips)[:, :B.SKETCH_BITS]
+    clear = np.abs(proj) > 1e-4 * np.abs(proj).max()
+    np.testing.assert_array_equal(sketch_bits(rows)[clear], (proj > 0)[clear])
+    assert clear.mean() > 0.99
+    # the query's sketch by its own one-vector kernel: the same bits as the rows' kernel gives it
+    for x in qf:
+        np.testing.assert_array_equal(K.query_sketch(x, b.centre, b.flips, B.SKETCH_BITS),
+                                      K.sketch_rows(x[None], b.centre, b.flips, B.SKETCH_BITS)[0])
     assert b.cells[-1] == len(db) and (np.diff(b.cells) > 0).all() and b.bucket_cells[-1] == len(b.cells) - 1
     split = 0
     for u in range(len(b.codes)):
@@ -317,9 +352,9 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
     sizes, ncells = np.diff(b.offsets), np.diff(b.bucket_cells)
     pos, pos_d, counts = K.twostep_candidates(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.bucket_cells,
                                               b.cells, b.centroids, b.signs, qw.reshape(-1), qf, b.centre,
-                                              b.projection, np.int64(shell), np.int64(target), bits,
-                                              np.int64(keep))
-    sketch = (feats - b.centre) @ b.projection > 0  # each row's sketch: projected sign bits, as numpy makes them
+                                              b.flips, np.int64(shell), np.int64(target), bits, np.int64(keep))
+    # each row's sketch bits in cell order (checked against numpy's rotation in the test above)
+    sketch = sketch_bits(b.signs.transpose(0, 2, 1).reshape(-1, b.signs.shape[1])[:len(db)])
     centroids = b.centroids.view(np.float16).astype(np.float64)
     for i in range(3):
         # step 1, the shells, in integers: exact
@@ -357,19 +392,14 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
         if len(pool) <= keep:  # everything fits: no sketch pass
             take = np.arange(len(pool))
         else:
-            qbits = np.unpackbits(K.query_sketch(qf[i], b.centre, b.projection).view(np.uint8))
-            sd = (sketch[pool] != qbits).sum(axis=1)
+            qbits = sketch_bits(K.query_sketch(qf[i], b.centre, b.flips, sketch.shape[1])[None])[0]
+            sd = (sketch[pool_at] != qbits).sum(axis=1)
             take = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
         assert counts[i] == m
         np.testing.assert_array_equal(pos[i, :m], pool_at[take])
         np.testing.assert_array_equal(pos_d[i, :m], pool_d[take])
         np.testing.assert_array_equal(pos_d[i, :m], brute_distances(qw[i:i + 1], to_words(db, bits))[0][pool[take]])
         assert (pos[i, m:] == -1).all() and (pos_d[i, m:] == -1).all()
-    # the query sketch as numpy's product makes it, but where a projection lies within rounding of zero
-    proj = (qf - b.centre) @ b.projection
-    mine_bits = np.stack([np.unpackbits(K.query_sketch(x, b.centre, b.projection).view(np.uint8)) for x in qf])
-    clear = np.abs(proj) > 1e-5
-    np.testing.assert_array_equal(mine_bits.astype(bool)[clear], (proj > 0)[clear])
     # one query's fused path: both steps equal to the batch kernels composed
     rows = np.where(pos >= 0, b.cell_rows[np.maximum(pos, 0)], -1)
     f, s = K.rerank_args(feats.astype(np.float16), None)
@@ -379,7 +409,7 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
     for i in range(3):
         got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.bucket_cells,
                                                    b.cells, b.centroids, b.signs, b.cell_rows, qw[i], qf[i],
-                                                   b.centre, b.projection, np.int64(shell), np.int64(target), bits,
+                                                   b.centre, b.flips, np.int64(shell), np.int64(target), bits,
                                                    f, s, np.int64(keep), np.int64(5), ids)
         np.testing.assert_array_equal(got_i[0], want_i[i])
         np.testing.assert_array_equal(got_d[0], want_d[i])
