@@ -178,6 +178,9 @@ def worker(name: str, data: str, threads: int) -> dict:
     # thread pools are not the index's memory; the graph builds are warmed by a small one
     small = {k: v[:2048] if k in ("codes", "features") and not name.startswith("latenthash") else v
              for k, v in z.items()}
+    # low from the start: the first build's large arrays then leave the resident set when freed, where glibc's
+    # adaptive threshold would keep them in its heap for the second build to reuse (understating its growth)
+    mmap_threshold(128 << 10)
     warm = Method(name, small, threads)
     warm.build()
     warm.set(SETTINGS[name][0])
@@ -186,7 +189,6 @@ def worker(name: str, data: str, threads: int) -> dict:
     m = Method(name, z, threads)
     n = len(m.codes)
     gc.collect()
-    mmap_threshold(128 << 10)
     before = rss()
     t0 = time.perf_counter()
     m.build()

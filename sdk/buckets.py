@@ -104,12 +104,21 @@ def _cell_layout(snapshot, order: np.ndarray, starts: np.ndarray):
     rng = np.random.default_rng(0)  # fixed: the same features always give the same cells
     for u in np.flatnonzero(ends - starts > CELL_ROWS):
         s, e = starts[u], ends[u]
-        x = float_rows(snapshot.features, snapshot.scales, order[s:e])
+        x = _gather(snapshot, order[s:e])
         assign = _kmeans(x, -(-(e - s) // CELL_ROWS), rng)
         positions[s:e] = s + np.argsort(assign, kind="stable")
         counts = np.bincount(assign)
         sizes[u] = counts[counts > 0]
     return positions, np.concatenate(sizes), np.array([len(c) for c in sizes])
+
+
+def _gather(snapshot, rows: np.ndarray) -> np.ndarray:
+    """Stored feature rows as float32 (float16 storage, the default, by one kernel pass)."""
+    if snapshot.features.dtype == np.float16:
+        from latenthash import kernels  # lazy, as everywhere: numba is heavy to import
+
+        return kernels.half_gather(snapshot.features.view(np.uint16), rows)
+    return float_rows(snapshot.features, snapshot.scales, rows)
 
 
 def _kmeans(x: np.ndarray, c: int, rng) -> np.ndarray:
@@ -144,7 +153,7 @@ def _scan_cells(snapshot, cell_rows: np.ndarray, sizes: np.ndarray, chunk: int =
     cell_of = np.repeat(np.arange(len(sizes)), sizes)
     sums = np.zeros((len(sizes), dim), np.float32)
     for lo in range(0, n, chunk):
-        f = float_rows(snapshot.features, snapshot.scales, cell_rows[lo:lo + chunk])
+        f = _gather(snapshot, cell_rows[lo:lo + chunk])
         signs[lo:lo + chunk] = kernels.sketch_rows(f, centre, flips, SKETCH_BITS)
         c = cell_of[lo:lo + chunk]
         first = np.flatnonzero(np.concatenate([[True], c[1:] != c[:-1]]))
@@ -155,8 +164,9 @@ def _scan_cells(snapshot, cell_rows: np.ndarray, sizes: np.ndarray, chunk: int =
 
 def sketch_flips(dim: int) -> np.ndarray:
     """The random signs of the sketch's rotations for dim-d features: (R, SKETCH_ROUNDS, P) float32 +-1, P the
-    power of two at or above dim, R enough rotations of P coordinates for SKETCH_BITS bits (fixed seed)."""
-    p = 1 << max(0, int(dim - 1).bit_length())
+    power of two at or above dim and at least 64 (a rotation fills whole sketch words), R enough rotations of P
+    coordinates for SKETCH_BITS bits (fixed seed)."""
+    p = 1 << max(6, int(dim - 1).bit_length())
     shape = (-(-SKETCH_BITS // p), SKETCH_ROUNDS, p)
     return np.where(np.random.default_rng(0).random(shape) < 0.5, -1.0, 1.0).astype(np.float32)
 

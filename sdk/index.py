@@ -161,7 +161,10 @@ class HashIndex:
         if self.feature_dtype == "int8":
             scale = np.maximum(np.abs(f).max(axis=1), 1e-12) / 127.0
             return np.round(f / scale[:, None]).astype(np.int8), scale.astype(np.float32)
-        return f.astype(self.feature_dtype), None
+        if self.feature_dtype == "float16":  # the kernel once compiled (warmup), numpy until then
+            K = _kernels()
+            return (K.half_rows(f).view(np.float16) if K.half_rows.signatures else f.astype(np.float16)), None
+        return f, None
 
     # ------------------------------------------------------------------------------------------------ writes
     def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
@@ -455,6 +458,7 @@ class HashIndex:
                            np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         if dummy.features is not None:
             K.unit_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # normalize() uses it once compiled
+            K.half_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # so does add() for float16
             qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)

@@ -1004,7 +1004,7 @@ def _hadamard(y, tmp):
 
 
 @njit(cache=True, fastmath=FAST)
-def _sketch_block(f, lo, centre, flips, y, tmp, out):
+def _sketch_block(f, lo, centre, flips, y, tmp, word, out):
     """The sketches of rows lo..lo + y.shape[1] - 1 of f (m, D) float32 into out (m, S / 64) uint64: bit j is the sign
     of coordinate j of the rotated centred feature, R(f - centre), where rotation r (of flips.shape[0], each giving
     P coordinates) is H F_k ... H F_1 (H the P-point Walsh-Hadamard transform, F_i the random signs flips[r, i],
@@ -1027,11 +1027,14 @@ def _sketch_block(f, lo, centre, flips, y, tmp, out):
                     for b in range(nb):
                         y[t, b] *= flips[r, k, t]
             _hadamard(y, tmp)
-        for t in range(min(p, bits - r * p)):
-            j = r * p + t
-            shift = np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
+        for j0 in range(r * p, min(bits, (r + 1) * p), 64):  # one output word of every row at a time: lanes = rows
+            word[:nb] = 0
+            for j in range(j0, j0 + 64):
+                shift = np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
+                for b in range(nb):
+                    word[b] |= np.uint64(y[j - r * p, b] > 0) << shift
             for b in range(nb):
-                out[lo + b, j // 64] |= np.uint64(y[t, b] > 0) << shift
+                out[lo + b, j0 // 64] = word[b]
 
 
 @njit(cache=True, fastmath=FAST)
@@ -1042,11 +1045,12 @@ def sketch_rows(f, centre, flips, bits):
     p = flips.shape[2]
     y = np.empty((p, SKETCH_LANES), np.float32)
     tmp = np.empty((p, SKETCH_LANES), np.float32)
+    word = np.empty(SKETCH_LANES, np.uint64)
     whole = m // SKETCH_LANES * SKETCH_LANES
     for lo in range(0, whole, SKETCH_LANES):
-        _sketch_block(f, lo, centre, flips, y, tmp, out)
+        _sketch_block(f, lo, centre, flips, y, tmp, word, out)
     if whole < m:
-        _sketch_block(f, whole, centre, flips, y[:, :m - whole], tmp[:, :m - whole], out)
+        _sketch_block(f, whole, centre, flips, y[:, :m - whole], tmp[:, :m - whole], word, out)
     return out
 
 
@@ -1137,6 +1141,51 @@ def take_hits(pos, pool, pool_d, ids):
                 out_d[i, j] = pool_d[i, p]
                 counts[i] += 1
     return out_i, out_d, counts
+
+
+@intrinsic
+def _half_bits(typingctx, x):
+    """float32 x rounded to float16 (IEEE round to nearest even, as numpy's astype), as its uint16 bit pattern."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def half_rows(x):
+    """float32 x (n, D) as float16 bit patterns (uint16): LLVM's float-to-half conversion on vectors (vcvtps2ph
+    where x86 has F16C, fcvtn on Arm), where numpy converts a value at a time."""
+    out = np.empty(x.shape, np.uint16)
+    for i in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            out[i, t] = _half_bits(x[i, t])
+    return out
+
+
+@intrinsic
+def _half_value(typingctx, h):
+    """The float32 value of float16 bit pattern h (uint16): exact."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(cache=True)
+def half_gather(bits, rows):
+    """Rows `rows` of float16 features stored as their bit patterns (N, D) uint16, as float32 (len(rows), D):
+    one vectorised conversion, where numpy takes several passes (numpy_search.float_rows)."""
+    out = np.empty((rows.shape[0], bits.shape[1]), np.float32)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        for t in range(bits.shape[1]):
+            out[i, t] = _half_value(bits[r, t])
+    return out
 
 
 @njit(cache=True)

@@ -415,3 +415,18 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
         np.testing.assert_array_equal(got_d[0], want_d[i])
         np.testing.assert_array_equal(got_s[0], scores[i])
         assert got_n[0] == want_n[i]
+
+
+def test_float16_conversions_match_numpy(rng):
+    """float32 -> float16 (rounded to nearest even, subnormals, overflow to infinity) and float16 rows -> float32,
+    bit for bit as numpy converts them."""
+    x = (rng.standard_normal((300, 70)) * 0.06).astype(np.float32)
+    edge = np.array([0, -0.0, 1e-8, -1e-8, 5.96e-8, 2.98e-8, 6.1e-5, 6.09e-5, 65504, 65520, 7e4, -7e4, np.inf,
+                     -np.inf, 1 / 3, 1 + 2**-11, 1 + 3 * 2**-11], np.float32)
+    x[0, :len(edge)] = edge
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    np.testing.assert_array_equal(K.half_rows(x), want.view(np.uint16))
+    rows = rng.integers(0, 300, 500)
+    got = K.half_gather(want.view(np.uint16), rows)
+    np.testing.assert_array_equal(got.view(np.uint32), want[rows].astype(np.float32).view(np.uint32))
