@@ -976,9 +976,11 @@ def twostep_candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, s
     return out_p, out_d, counts
 
 
-@njit(cache=True, fastmath=FAST)
 def _butterflies(src, dst, h):
-    """One stage of the fast Walsh-Hadamard transform along axis 0 of src (P, B), into dst: B columns at once."""
+    """One stage of the fast Walsh-Hadamard transform along axis 0 of src, (P,) or (P, B), into dst."""
+
+
+def _butterflies_columns(src, dst, h):  # (P, B): B columns at once
     for i in range(0, src.shape[0], 2 * h):
         for j in range(i, i + h):
             for b in range(src.shape[1]):
@@ -988,9 +990,24 @@ def _butterflies(src, dst, h):
                 dst[j + h, b] = a - c
 
 
+def _butterflies_vector(src, dst, h):  # (P,): for h of 16 and more the inner loop is contiguous and vectorises
+    for i in range(0, src.shape[0], 2 * h):
+        for j in range(i, i + h):
+            a = src[j]
+            c = src[j + h]
+            dst[j] = a + c
+            dst[j + h] = a - c
+
+
+@overload(_butterflies, jit_options={"fastmath": FAST})
+def _butterflies_by_shape(src, dst, h):
+    return _butterflies_columns if src.ndim == 2 else _butterflies_vector
+
+
 @njit(cache=True, fastmath=FAST)
 def _hadamard(y, tmp):
-    """y (P, B), P a power of two, := H y (unnormalized Walsh-Hadamard), stages alternating between y and tmp."""
+    """y := H y along axis 0 (unnormalized Walsh-Hadamard; y (P,) or (P, B), P a power of two), its stages
+    alternating between y and tmp."""
     h, stages = 1, 0
     while h < y.shape[0]:
         if stages % 2:
@@ -1055,17 +1072,6 @@ def sketch_rows(f, centre, flips, bits):
 
 
 @njit(cache=True, fastmath=FAST)
-def _butterflies1(src, dst, h):
-    """`_butterflies` of one vector (P,): for h of 16 and more, the inner loop is contiguous and vectorises."""
-    for i in range(0, src.shape[0], 2 * h):
-        for j in range(i, i + h):
-            a = src[j]
-            c = src[j + h]
-            dst[j] = a + c
-            dst[j + h] = a - c
-
-
-@njit(cache=True, fastmath=FAST)
 def query_sketch(qf, centre, flips, bits):
     """The sketch of one L2-normalized query feature (D,), as `sketch_rows` makes the rows': (bits / 64,) uint64.
     One vector's own transform: `sketch_rows` on one row would leave its lanes idle (measured twice as slow)."""
@@ -1082,16 +1088,7 @@ def query_sketch(qf, centre, flips, bits):
             if k:
                 for t in range(p):
                     y[t] *= flips[r, k, t]
-            h, stages = 1, 0
-            while h < p:
-                if stages % 2:
-                    _butterflies1(tmp, y, h)
-                else:
-                    _butterflies1(y, tmp, h)
-                h *= 2
-                stages += 1
-            if stages % 2:
-                y[:] = tmp
+            _hadamard(y, tmp)
         for t in range(min(p, bits - r * p)):
             j = r * p + t
             out[j // 64] |= np.uint64(y[t] > 0) << np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
