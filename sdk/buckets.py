@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from latenthash.codes import to_words
 from latenthash.numpy_search import float_rows
 
 MIN_ROWS = 16_384  # below this a scan takes ~20 us (at 32k-60k learned codes buckets were 3-4x faster than it)

@@ -335,8 +335,8 @@ class HashIndex:
         on to the exact re-score: max(OVERSAMPLE k, 1,000, target / 10)."""
         K = _kernels()
         pos, dists, counts = K.twostep_candidates(*_cell_args(buckets), qw.reshape(-1), qf, buckets.centre,
-                                                  buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
-                                                  np.int64(_rescored(k, target)))
+                                                  buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target),
+                                                  self.bits, np.int64(_rescored(k, target)))
         return np.where(pos >= 0, buckets.cell_rows[np.maximum(pos, 0)], -1), dists, counts
 
     def _radius_counts(self, snap: _Snapshot, qw: np.ndarray) -> np.ndarray:
