@@ -318,7 +318,7 @@ def normalize(x: np.ndarray, what: str) -> np.ndarray:
 
     rows = np.ascontiguousarray(x, dtype=np.float32)
     # until the kernel is compiled (a fresh install's first seconds), numpy answers instead of waiting for it
-    unit, finite = (kernels.unit_rows if kernels.unit_rows.signatures else numpy_search.unit_rows)(rows)
+    unit, finite = (kernels.unit_rows if kernels.unit_rows.overloads else numpy_search.unit_rows)(rows)
     if not finite:
         raise InvalidInput(f"{what} contain NaN or infinite values")
     return unit

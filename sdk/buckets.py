@@ -172,7 +172,7 @@ def sketch_flips(dim: int) -> np.ndarray:
 
 def block_sketches(signs: np.ndarray) -> np.ndarray:
     """Row sketches (n, S) (n a multiple of 8) laid out as (n / 8, S, 8): word t of 8 consecutive rows side by
-    side, so that one vector instruction serves 8 rows (see `kernels._block_distances`)."""
+    side, so that one vector instruction serves 8 rows (see `kernels._block_levels`)."""
     return np.ascontiguousarray(signs.reshape(-1, 8, signs.shape[1]).transpose(0, 2, 1))
 
 

@@ -51,7 +51,8 @@ from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, pool_size
 from latenthash.storage import DirLock
 
 FEATURE_DTYPES = ("float32", "float16", "int8")
-OVERSAMPLE = 100  # candidates per hit (at least 1,000) that step 2 re-scores exactly after its sketch pass
+OVERSAMPLE = 20  # candidates per hit that step 2 re-scores exactly after its sketch pass ...
+RESCORE_SHARE = 20  # ... and at least this share of the pool (1 / RESCORE_SHARE)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class _Snapshot:
 
 def _rescored(k: int, target: int) -> int:
     """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly."""
-    return max(OVERSAMPLE * k, 1000, target // 10)
+    return max(OVERSAMPLE * k, target // RESCORE_SHARE)
 
 
 def _cell_args(buckets) -> tuple:
@@ -163,7 +164,7 @@ class HashIndex:
             return np.round(f / scale[:, None]).astype(np.int8), scale.astype(np.float32)
         if self.feature_dtype == "float16":  # the kernel once compiled (warmup), numpy until then
             K = _kernels()
-            return (K.half_rows(f).view(np.float16) if K.half_rows.signatures else f.astype(np.float16)), None
+            return (K.half_rows(f).view(np.float16) if K.half_rows.overloads else f.astype(np.float16)), None
         return f, None
 
     # ------------------------------------------------------------------------------------------------ writes
@@ -274,7 +275,7 @@ class HashIndex:
         the cells nearest the query (k-means cells inside each code's bucket; see buckets.py). Step 2 (when
         `features` are given and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine
         similarity and keeps the best k (a large index first ranks its pool by feature sketches, and re-scores
-        exactly the nearest max(OVERSAMPLE x k, 1,000, pool / 10)). `pool` is the knob that trades recall for speed
+        exactly the nearest max(OVERSAMPLE x k, pool / RESCORE_SHARE)). `pool` is the knob that trades recall for speed
         (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
@@ -332,7 +333,7 @@ class HashIndex:
     def _shell_candidates(self, buckets, qw: np.ndarray, qf: np.ndarray, target: int, k: int):
         """Step 1 by buckets (whole distance shells covering SHELL_WIDEN x target rows, cut by their cells nearest
         the query to about `target`; see buckets.py); of that pool, the rows nearest the query by feature sketch go
-        on to the exact re-score: max(OVERSAMPLE k, 1,000, target / 10)."""
+        on to the exact re-score: max(OVERSAMPLE k, target / RESCORE_SHARE)."""
         K = _kernels()
         pos, dists, counts = K.twostep_candidates(*_cell_args(buckets), qw.reshape(-1), qf, buckets.centre,
                                                   buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target),

@@ -614,6 +614,10 @@ PREFETCH_AHEAD = 6  # rows requested ahead of the one being scored (measured: 4-
 CELL_SHARE = 8  # a widened shell holds at most one cell per this many pool rows (see `_shell_cut`)
 SKETCH_LANES = 64  # rows rotated side by side by `sketch_rows` (measured: 3x faster per row than 16 or 32)
 SIM_BINS = 2048  # resolution of the cell cut (`_cell_ranges`): cosine -1..1 in steps of 1/1024
+QUERY_LEVEL_BITS = 6  # the query's side of the sketch distance: each rotated coordinate as one of 64 levels
+SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (measured: 4-16 best, 1.7x over none)
+SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
+SAMPLE_MARGIN = 1.5  # ... as the distance that SAMPLE_MARGIN x the rows it keeps reach
 
 
 @intrinsic
@@ -665,13 +669,16 @@ def _dot_f16(typingctx, q, feats, row):
 
 
 @intrinsic
-def _block_distances(typingctx, blocks, block, q, out, pos):
-    """out[pos:pos + 8] = the Hamming distances between sketch q (S words) and the 8 sketches of block `block` of
-    `blocks` ((nblocks, S, 8) uint64: word t of 8 rows side by side).
+def _block_levels(typingctx, blocks, block, planes, out, pos):
+    """out[pos:pos + 8] = the sketch distances of the 8 rows of block `block` of `blocks` ((nblocks, S, 8) uint64:
+    word t of 8 rows side by side) to a query given as the QUERY_LEVEL_BITS bit planes of its levels
+    (`query_levels`): sum_j |L s_j - v_j| = sum_p 2^p popcount(s XOR plane_p), s a row's sign bits, v the query's
+    levels 0..L, L = 2^QUERY_LEVEL_BITS - 1 (L - v_j is v_j with its bits flipped; one plane would be the Hamming
+    distance between sign sketches).
 
     In this layout the 8 distances are 8 lanes summed down the words, with no sum across lanes: a row-major sketch
     needs one horizontal reduction per row, which cost most of the sketch pass."""
-    sig = types.void(blocks, block, q, out, pos)
+    sig = types.void(blocks, block, planes, out, pos)
 
     def codegen(context, builder, signature, args):
         bty, kty, qty, oty, pty = signature.args
@@ -680,21 +687,26 @@ def _block_distances(typingctx, blocks, block, q, out, pos):
         oa = context.make_array(oty)(context, builder, args[3])
         i64 = ir.IntType(64)
         v8 = ir.VectorType(i64, 8)
-        sw = builder.extract_value(qa.shape, 0)
+        sw = builder.extract_value(qa.shape, 1)
         block = context.cast(builder, args[1], kty, types.intp)
         base = builder.gep(ba.data, [builder.mul(block, builder.mul(sw, ir.Constant(i64, 8)))])
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8]), "llvm.ctpop.v8i64")
-        acc = cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8))
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(v8, [0] * 8)) for _ in range(QUERY_LEVEL_BITS)]
         with cgutils.for_range(builder, sw) as loop:
             words = builder.load(builder.bitcast(builder.gep(base, [builder.mul(loop.index, ir.Constant(i64, 8))]),
                                                  v8.as_pointer()), align=8)
-            qv = builder.insert_element(ir.Constant(v8, ir.Undefined), builder.load(builder.gep(qa.data, [loop.index])),
-                                        ir.Constant(ir.IntType(32), 0))
-            qv = builder.shuffle_vector(qv, qv, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
-            builder.store(builder.add(builder.load(acc), builder.call(ctpop, [builder.xor(words, qv)])), acc)
+            for p, acc in enumerate(accs):  # unrolled: one XOR and popcount per plane, each its own sum
+                at = builder.add(builder.mul(ir.Constant(i64, p), sw), loop.index)
+                word = builder.load(builder.gep(qa.data, [at]))
+                qv = builder.insert_element(ir.Constant(v8, ir.Undefined), word, ir.Constant(ir.IntType(32), 0))
+                qv = builder.shuffle_vector(qv, qv, ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8))
+                builder.store(builder.add(builder.load(acc), builder.call(ctpop, [builder.xor(words, qv)])), acc)
+        dist = builder.load(accs[0])
+        for p, acc in enumerate(accs[1:], 1):
+            dist = builder.add(dist, builder.shl(builder.load(acc), ir.Constant(v8, [p] * 8)))
         v32 = ir.VectorType(ir.IntType(32), 8)
         at = builder.gep(oa.data, [context.cast(builder, args[4], pty, types.intp)])
-        builder.store(builder.trunc(builder.load(acc), v32), builder.bitcast(at, v32.as_pointer()), align=4)
+        builder.store(builder.trunc(dist, v32), builder.bitcast(at, v32.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -896,46 +908,87 @@ def _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, targe
 
 
 @njit(cache=True)
-def _sketch_pick(q, signs, lo, hi, rdist, m, out_p, out_d):
+def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
     """Step 2's first pass for one query over its pool, ranges [lo, hi) of the cell order at code distances
-    rdist: the Hamming distance between each pool row's feature sketch and the query's q (see buckets.py; a few
-    popcounts a row, contiguous reads), and the m rows nearest by it, ties by pool order, into out_p (positions
-    into the cell order) and out_d (their code distances), in pool order. Returns how many (min(m, pool rows))."""
-    sw = q.shape[0]
+    rdist: each pool row's sketch distance to the query, sum_j |L s_j - v_j| over the row's sign bits s and the
+    query's levels v (`query_levels`; see buckets.py; a few popcounts a row, contiguous reads), and the m rows
+    nearest by it, ties by pool order, into out_p (positions into the cell order) and out_d (their code distances),
+    in pool order. Returns how many (min(m, pool rows)).
+
+    The cut: a sample of SAMPLE_ROWS of the distances gives one that about SAMPLE_MARGIN x m rows reach; the rows
+    within it are kept (a wider one again if fewer than m were), and the exact cut is counted among those few (a
+    histogram of every row's distance cost as much as the popcounts)."""
     nb = lo.shape[0]
     base = np.empty(nb, np.int64)  # row r of range b has its distance at sd[base[b] + r]
     slots = 0
+    nrows = 0
     for b in range(nb):
         base[b] = slots - lo[b] // 8 * 8
         slots += ((hi[b] + 7) // 8 - lo[b] // 8) * 8
+        nrows += hi[b] - lo[b]
     sd = np.empty(slots, np.int32)  # whole blocks of 8 rows: a range's first and last may hold others' rows
+    flat = signs.reshape(signs.shape[0], -1)  # a block's sketches as one row, for prefetch_row
+    for blk in range(lo[0] // 8, min((hi[0] + 7) // 8, lo[0] // 8 + SKETCH_AHEAD)):
+        prefetch_row(flat, blk)
     for b in range(nb):
-        for blk in range(lo[b] // 8, (hi[b] + 7) // 8):
-            _block_distances(signs, blk, q, sd, base[b] + 8 * blk)
-    # four histograms, merged after: sketch distances crowd a few values, and one histogram's increments would
-    # wait on each other
-    hists = np.zeros((4, sw * 64 + 2), np.int64)
-    for b in range(nb):
-        for r in range(lo[b], hi[b]):
-            hists[r & 3, sd[base[b] + r]] += 1
-    cut, below = 0, 0  # rows nearer than `cut` all go; of those at `cut`, the first (m - below) in pool order
-    at = hists[0, 0] + hists[1, 0] + hists[2, 0] + hists[3, 0]
-    while below + at < m and cut < sw * 64:
-        below += at
+        end = (hi[b] + 7) // 8
+        for blk in range(lo[b] // 8, end):
+            ahead = blk + SKETCH_AHEAD  # requested ahead, into the next range where this one ends
+            if ahead < end:
+                prefetch_row(flat, ahead)
+            elif b + 1 < nb and lo[b + 1] // 8 + ahead - end < (hi[b + 1] + 7) // 8:
+                prefetch_row(flat, lo[b + 1] // 8 + ahead - end)
+            _block_levels(signs, blk, planes, sd, base[b] + 8 * blk)
+    want = min(nrows, m)
+    step = max(1, nrows // SAMPLE_ROWS)
+    sample = np.empty(nrows // step + 1, np.int32)
+    ns, skip = 0, 0
+    for b in range(nb):  # every step-th row of the pool, counted across its ranges
+        r = lo[b] + skip
+        while r < hi[b]:
+            sample[ns] = sd[base[b] + r]
+            ns += 1
+            r += step
+        skip = r - hi[b]
+    sample = sample[:ns]
+    at = np.int64(np.ceil(ns * SAMPLE_MARGIN * want / nrows))
+    keep_r = np.empty(nrows, np.int64)
+    keep_b = np.empty(nrows, np.int64)
+    keep_d = np.empty(nrows, np.int32)
+    while True:  # the rows within the sampled limit, in pool order; widened until at least m
+        limit = np.partition(sample, at)[at] if at < ns else np.iinfo(np.int32).max
+        c = 0
+        for b in range(nb):
+            for r in range(lo[b], hi[b]):
+                d = sd[base[b] + r]
+                if d <= limit:
+                    keep_r[c] = r
+                    keep_b[c] = b
+                    keep_d[c] = d
+                    c += 1
+        if c >= want:
+            break
+        at = 2 * at + 1
+    low, high = keep_d[:c].min(), keep_d[:c].max()
+    counts = np.zeros(high - low + 1, np.int64)
+    for j in range(c):
+        counts[keep_d[j] - low] += 1
+    cut, below = 0, 0  # rows nearer than low + cut all go; of those at it, the first (want - below) in pool order
+    while below + counts[cut] < want:
+        below += counts[cut]
         cut += 1
-        at = hists[0, cut] + hists[1, cut] + hists[2, cut] + hists[3, cut]
-    room = m - below
-    c = 0
-    for b in range(nb):
-        for r in range(lo[b], hi[b]):
-            d = sd[base[b] + r]
-            if d < cut or (d == cut and room > 0):
-                if d == cut:
-                    room -= 1
-                out_p[c] = r
-                out_d[c] = rdist[b]
-                c += 1
-    return c
+    cut += low
+    room = want - below
+    n = 0
+    for j in range(c):
+        d = keep_d[j]
+        if d < cut or (d == cut and room > 0):
+            if d == cut:
+                room -= 1
+            out_p[n] = keep_r[j]
+            out_d[n] = rdist[keep_b[j]]
+            n += 1
+    return n
 
 
 @njit(cache=True)
@@ -956,8 +1009,8 @@ def _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, q
                 out_d[c] = rd[b]
                 c += 1
         return c
-    return _sketch_pick(query_sketch(qf, centre, flips, signs.shape[1] * 64), signs, lo, hi, rd, out_p.shape[0], out_p,
-                        out_d)
+    planes = query_levels(qf, centre, flips, signs.shape[1] * 64)
+    return _sketch_pick(planes, signs, lo, hi, rd, out_p.shape[0], out_p, out_d)
 
 
 @njit(parallel=True, cache=True)
@@ -1072,27 +1125,44 @@ def sketch_rows(f, centre, flips, bits):
 
 
 @njit(cache=True, fastmath=FAST)
-def query_sketch(qf, centre, flips, bits):
-    """The sketch of one L2-normalized query feature (D,), as `sketch_rows` makes the rows': (bits / 64,) uint64.
-    One vector's own transform: `sketch_rows` on one row would leave its lanes idle (measured twice as slow)."""
+def query_levels(qf, centre, flips, bits):
+    """The query's side of the sketch distance: its centred feature rotated as `sketch_rows` rotates the rows', each
+    of the first `bits` coordinates y_j quantized to a level v_j = round(L / 2 + y_j L / (2 max|y|)) in 0..L
+    (L = 2^QUERY_LEVEL_BITS - 1), as QUERY_LEVEL_BITS bit planes laid out as the rows' sketches: plane p holds bit p
+    of every level: (QUERY_LEVEL_BITS, bits / 64) uint64.
+
+    The rows keep one sign bit a coordinate, the query keeps its magnitudes (asymmetric, as RaBitQ and Qdrant's
+    binary quantization query): sum_j |L s_j - v_j| ranks rows by the dot product of their signs with the rotated
+    query, where the Hamming distance between two sign sketches needed several times the re-scores for the same
+    recall (RESULTS.md). One vector's own transform: `sketch_rows` on one row would leave its lanes idle."""
     dim = qf.shape[0]
     rotations, rounds, p = flips.shape
-    y = np.zeros(p, np.float32)
+    y = np.zeros(rotations * p, np.float32)
     tmp = np.empty(p, np.float32)
-    out = np.zeros(bits // 64, np.uint64)
     for r in range(rotations):
+        v = y[r * p:(r + 1) * p]
         for t in range(dim):
-            y[t] = (qf[t] - centre[t]) * flips[r, 0, t]
-        y[dim:] = 0
+            v[t] = (qf[t] - centre[t]) * flips[r, 0, t]
         for k in range(rounds):
             if k:
                 for t in range(p):
-                    y[t] *= flips[r, k, t]
-            _hadamard(y, tmp)
-        for t in range(min(p, bits - r * p)):
-            j = r * p + t
-            out[j // 64] |= np.uint64(y[t] > 0) << np.uint64(8 * ((j % 64) // 8) + 7 - j % 8)
-    return out
+                    v[t] *= flips[r, k, t]
+            _hadamard(v, tmp)
+    top = (1 << QUERY_LEVEL_BITS) - 1
+    amax = np.float32(0.0)
+    for j in range(bits):
+        amax = max(amax, abs(y[j]))
+    scale = np.float32(top / 2) / amax if amax > 0 else np.float32(0.0)
+    levels = np.empty(bits, np.int64)
+    for j in range(bits):
+        levels[j] = min(top, max(0, np.int64(np.floor(y[j] * scale + np.float32(top / 2) + np.float32(0.5)))))
+    planes = np.zeros((QUERY_LEVEL_BITS, bits // 64), np.uint64)
+    for t in range(bits // 64):
+        for j in range(64):
+            shift = np.uint64(8 * (j // 8) + 7 - j % 8)
+            for b in range(QUERY_LEVEL_BITS):
+                planes[b, t] |= np.uint64((levels[64 * t + j] >> b) & 1) << shift
+    return planes
 
 
 @njit(cache=True, fastmath=FAST)

@@ -318,10 +318,20 @@ def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
     clear = np.abs(proj) > 1e-4 * np.abs(proj).max()
     np.testing.assert_array_equal(sketch_bits(rows)[clear], (proj > 0)[clear])
     assert clear.mean() > 0.99
-    # the query's sketch by its own one-vector kernel: the same bits as the rows' kernel gives it
+    # the query's side: its rotated centred feature in levels 0..L, zero at L / 2 and the largest magnitude at 0 or
+    # L, as bit planes in the sketches' layout; its top plane is the query's own sketch (the sign bits)
+    top = (1 << K.QUERY_LEVEL_BITS) - 1
     for x in qf:
-        np.testing.assert_array_equal(K.query_sketch(x, b.centre, b.flips, B.SKETCH_BITS),
-                                      K.sketch_rows(x[None], b.centre, b.flips, B.SKETCH_BITS)[0])
+        planes = K.query_levels(x, b.centre, b.flips, B.SKETCH_BITS)
+        levels = (sketch_bits(planes) * (1 << np.arange(K.QUERY_LEVEL_BITS))[:, None]).sum(axis=0)
+        assert levels.min() >= 0 and levels.max() <= top
+        y = rotated((x - b.centre)[None], b.flips)[0, :B.SKETCH_BITS]
+        want = y * (top / 2) / np.abs(y).max() + top / 2
+        clear = np.abs(want - np.floor(want) - 0.5) > 1e-3  # not within rounding of a level's edge
+        np.testing.assert_array_equal(levels[clear], np.floor(want[clear] + 0.5))
+        assert clear.mean() > 0.99 and {levels.min(), levels.max()} & {0, top}
+        own = K.sketch_rows(x[None], b.centre, b.flips, B.SKETCH_BITS)
+        np.testing.assert_array_equal(sketch_bits(planes[-1:])[0][clear], sketch_bits(own)[0][clear])
     assert b.cells[-1] == len(db) and (np.diff(b.cells) > 0).all() and b.bucket_cells[-1] == len(b.cells) - 1
     split = 0
     for u in range(len(b.codes)):
@@ -392,9 +402,10 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
         if len(pool) <= keep:  # everything fits: no sketch pass
             take = np.arange(len(pool))
         else:
-            qbits = sketch_bits(K.query_sketch(qf[i], b.centre, b.flips, sketch.shape[1])[None])[0]
-            sd = (sketch[pool_at] != qbits).sum(axis=1)
-            take = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sign bits, ties by pool order
+            planes = K.query_levels(qf[i], b.centre, b.flips, sketch.shape[1])
+            levels = (sketch_bits(planes) * (1 << np.arange(K.QUERY_LEVEL_BITS))[:, None]).sum(axis=0)
+            sd = np.abs(((1 << K.QUERY_LEVEL_BITS) - 1) * sketch[pool_at] - levels).sum(axis=1)
+            take = np.sort(np.argsort(sd, kind="stable")[:m])  # the m nearest by sketch distance, ties by pool order
         assert counts[i] == m
         np.testing.assert_array_equal(pos[i, :m], pool_at[take])
         np.testing.assert_array_equal(pos_d[i, :m], pool_d[take])
@@ -415,6 +426,49 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
         np.testing.assert_array_equal(got_d[0], want_d[i])
         np.testing.assert_array_equal(got_s[0], scores[i])
         assert got_n[0] == want_n[i]
+
+
+@pytest.mark.parametrize("pattern", ["random", "ties", "sample_nearest"])
+@pytest.mark.parametrize("m", [1, 40, 500])
+def test_sketch_pick_keeps_exactly_the_nearest(rng, pattern, m):
+    """The sketch pass's cut, estimated from a sample of the distances, is exact: the m rows of the pool nearest by
+    sketch distance, ties by pool order, also when the sample is unrepresentative (every sampled row nearer than all
+    others, so the first estimate keeps too few and must widen) and when most rows tie."""
+    n, words = 4000, 8
+    top = (1 << K.QUERY_LEVEL_BITS) - 1
+    lo, hi = np.array([500, 1203, 3000]), np.array([1203, 2500, 3599])  # three ranges, not block-aligned
+    rdist = np.array([2, 3, 5])
+    pool = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+    if pattern == "random":
+        bits = rng.random((n, words * 64)) < 0.5
+        levels = rng.integers(0, top + 1, words * 64)
+    else:  # query levels all 0: a row's distance is L x its popcount
+        levels = np.zeros(words * 64, np.int64)
+        ones = rng.integers(1, 4, n) if pattern == "ties" else np.full(n, 6)
+        if pattern == "sample_nearest":  # the rows the pass samples (every step-th of the pool) are the nearest
+            ones[pool[::max(1, len(pool) // K.SAMPLE_ROWS)]] = 0
+        bits = np.arange(words * 64)[None, :] < ones[:, None]
+    signs = bits_to_blocks(bits)
+    planes = np.packbits((levels[None, :] >> np.arange(K.QUERY_LEVEL_BITS)[:, None]) & 1, axis=1)
+    planes = planes.view(np.uint64).reshape(K.QUERY_LEVEL_BITS, words)
+    out_p, out_d = np.full(m, -1, np.int64), np.full(m, -1, np.int64)
+    got = K._sketch_pick(planes, signs, lo, hi, rdist, np.int64(m), out_p, out_d)
+    dist = np.abs(top * bits[pool] - levels).sum(axis=1)
+    take = np.sort(np.argsort(dist, kind="stable")[:m])
+    assert got == m
+    np.testing.assert_array_equal(out_p, pool[take])
+    np.testing.assert_array_equal(out_d, np.repeat(rdist, hi - lo)[take])
+
+
+def bits_to_blocks(bits):
+    """Sign bits (n, S) as the bucket layout's sketches: packbits words, 8 rows to a block (buckets.block_sketches)."""
+    from latenthash.buckets import block_sketches
+
+    n = len(bits)
+    words = np.packbits(bits, axis=1).view(np.uint64)
+    padded = np.zeros((-(-n // 8) * 8, words.shape[1]), np.uint64)
+    padded[:n] = words
+    return block_sketches(padded)
 
 
 def test_float16_conversions_match_numpy(rng):
