@@ -41,7 +41,7 @@ from common import load_note, save, save_figure
 K = 10
 CHURN = 0.01
 SETTINGS = {
-    "latenthash": [1000, 2000, 5000, 10000, 20000, 50000],  # pool
+    "latenthash": [1000, 2000, 3000, 5000, 7000, 10000, 20000, 50000],  # pool
     "latenthash-codes": [None],
     "faiss-hnsw16": [16, 32, 64, 128, 256],  # efSearch
     "faiss-hnsw32": [16, 32, 64, 128, 256],

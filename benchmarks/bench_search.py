@@ -385,7 +385,7 @@ def main() -> None:
     ap.add_argument("--run", help="training run directory (twostep)")
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--pools", type=int, nargs="+", default=[1000, 2000, 5000, 10000, 20000, 50000],
+    ap.add_argument("--pools", type=int, nargs="+", default=[1000, 2000, 3000, 5000, 7000, 10000, 20000, 50000],
                     help="fidelity: values of the pool knob")
     ap.add_argument("--copies", type=int, default=0, choices=range(len(VARIANTS)), metavar="0-15",
                     help="fidelity: grow the database with this many mirrored/shifted copies of each image")
