@@ -62,6 +62,7 @@ class Buckets:
     cell_rows: np.ndarray | None = None  # (n,) int64: the same rows, each bucket's grouped by cell ("cell order")
     cells: np.ndarray | None = None  # (G + 1,) int64: cell g holds cell_rows[cells[g]:cells[g + 1]]
     bucket_cells: np.ndarray | None = None  # (U + 1,) int64: bucket u's cells are bucket_cells[u]:bucket_cells[u + 1]
+    sizes: np.ndarray | None = None  # (U,) int64: bucket u's rows << 32 | its cells (both counted in one histogram)
     centroids: np.ndarray | None = None  # (G, D) uint16: each cell's unit mean feature, float16 bit patterns
     signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, cell order (see below)
     centre: np.ndarray | None = None  # (D,) float32 mean stored feature
@@ -91,8 +92,10 @@ def build(snapshot) -> Buckets:
     cell_order, sizes, per_bucket = _cell_layout(snapshot, order, starts)
     cell_rows = layout[2][cell_order]
     centroids, sketch = _scan_cells(snapshot, cell_rows, sizes)
+    bucket_sizes = (np.diff(layout[1]) << 32) | per_bucket  # rows < 2^31: an in-memory index is far smaller
     return Buckets(ref, *layout, cell_rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                   np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), centroids, *sketch)
+                   np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), bucket_sizes.astype(np.int64),
+                   centroids, *sketch)
 
 
 def _cell_layout(snapshot, order: np.ndarray, starts: np.ndarray):

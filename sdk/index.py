@@ -77,7 +77,7 @@ def _rescored(k: int, target: int) -> int:
 
 def _cell_args(buckets) -> tuple:
     """The bucket layout as the two-step kernels take it (`kernels._candidates`), first arguments in order."""
-    return (buckets.codes.reshape(-1), len(buckets.codes), buckets.codes.shape[1], buckets.offsets,
+    return (buckets.codes.reshape(-1), len(buckets.codes), buckets.codes.shape[1], buckets.sizes,
             buckets.bucket_cells, buckets.cells, buckets.centroids, buckets.signs)
 
 
@@ -466,7 +466,8 @@ class HashIndex:
             # the two steps of bucketed indexes: a batch (see _shell_candidates), one query (twostep_one)
             dim = int(dummy.features.shape[1])
             one = np.array([0, 1], np.int64)
-            layout = (np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], one, one, one, np.zeros((1, dim), np.uint16),
+            layout = (np.zeros(qw.shape[1], np.uint64), 1, qw.shape[1], np.array([1 << 32 | 1], np.int64), one, one,
+                      np.zeros((1, dim), np.uint16),
                       np.zeros((1, SKETCH_BITS // 64, 8), np.uint64))
             centre, flips = np.zeros(dim, np.float32), sketch_flips(dim)
             K.twostep_candidates(*layout, qw.reshape(-1), qf, centre, flips, np.int64(1), np.int64(1), self.bits,

@@ -806,21 +806,20 @@ def _keep_best(scores, k, out_p, out_s):
 
 
 @njit(cache=True)
-def _shell_cut(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells, bits, dist):
+def _shell_cut(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist):
     """Distances of one query to the nu distinct codes (into dist) and the shell distance d*: the smallest d with at
     least `target` rows at distance <= d (bits when the index holds fewer), then widened until it covers `shell`
-    rows, as long as its cells (bucket_cells) stay within `max_cells`: far shells hold many small buckets, each a
-    cell whose centroid the cut would have to compare."""
+    rows, as long as its cells stay within `max_cells`: far shells hold many small buckets, each a cell whose
+    centroid the cut would have to compare. sizes[u] = bucket u's rows << 32 | its cells (one count per code)."""
     _distances(ucodes, 0, nu, q, w, dist)
-    # four histograms of each, merged after: code distances crowd a few values, and one histogram's increments
-    # would wait on each other
-    hr = np.zeros((4, bits + 1), np.int64)
-    hc = np.zeros((4, bits + 1), np.int64)
+    # four histograms, merged after: code distances crowd a few values, and one histogram's increments would wait
+    # on each other
+    h = np.zeros((4, bits + 1), np.int64)
     for u in range(nu):
-        hr[u & 3, dist[u]] += offsets[u + 1] - offsets[u]
-        hc[u & 3, dist[u]] += bucket_cells[u + 1] - bucket_cells[u]
-    rows = hr[0] + hr[1] + hr[2] + hr[3]
-    ncells = hc[0] + hc[1] + hc[2] + hc[3]
+        h[u & 3, dist[u]] += sizes[u]
+    both = h[0] + h[1] + h[2] + h[3]
+    rows = both >> 32
+    ncells = both & 0xFFFFFFFF
     covered, cells, cut = rows[0], ncells[0], 0
     while covered < target and cut < bits:
         cut += 1
@@ -834,27 +833,31 @@ def _shell_cut(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells
 
 
 @njit(cache=True)
-def _shell_picks(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells, bits, dist):
+def _shell_picks(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist):
     """The buckets of one query's shells (see `_shell_cut`), nearest first (ties by bucket), their distances and
-    their rows in all."""
-    cut = _shell_cut(ucodes, nu, w, offsets, bucket_cells, q, target, shell, max_cells, bits, dist)
-    start = np.zeros(cut + 2, np.int64)  # a counting sort by distance: stable, so ties stay in bucket order
+    their rows in all. One pass over the codes finds the few within d*; only those are sorted (by counting)."""
+    cut = _shell_cut(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist)
+    within = np.empty(nu, np.int64)
+    m = 0
     for u in range(nu):
         if dist[u] <= cut:
-            start[dist[u] + 1] += 1
+            within[m] = u
+            m += 1
+    start = np.zeros(cut + 2, np.int64)  # a counting sort by distance: stable, so ties stay in bucket order
+    for j in range(m):
+        start[dist[within[j]] + 1] += 1
     for d in range(cut + 1):
         start[d + 1] += start[d]
-    m = start[cut + 1]
     picked = np.empty(m, np.int64)
     pdist = np.empty(m, np.int64)
     rows = 0
-    for u in range(nu):
+    for j in range(m):
+        u = within[j]
         d = dist[u]
-        if d <= cut:
-            picked[start[d]] = u
-            pdist[start[d]] = d
-            start[d] += 1
-            rows += offsets[u + 1] - offsets[u]
+        picked[start[d]] = u
+        pdist[start[d]] = d
+        start[d] += 1
+        rows += sizes[u] >> 32
     return picked, pdist, rows
 
 
@@ -992,13 +995,13 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
 
 
 @njit(cache=True)
-def _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
+def _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
                 target, bits, out_p, out_d):
     """Steps 1 and 2's sketch pass for one query: the buckets of the shells covering `shell` rows, cut by cells to
     about `target` rows (`_cell_ranges`), and of those the out_p.shape[0] nearest by sketch (`_sketch_pick`; a pool
     that fits takes no sketch pass, and no query sketch)."""
     dist = np.empty(nu, np.int64)
-    picked, pdist, nrows = _shell_picks(ucodes, nu, w, offsets, bucket_cells, q, target, shell,
+    picked, pdist, nrows = _shell_picks(ucodes, nu, w, sizes, q, target, shell,
                                         max(1, target // CELL_SHARE), bits, dist)
     lo, hi, rd, rows = _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, target)
     if rows <= out_p.shape[0]:
@@ -1014,7 +1017,7 @@ def _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, q
 
 
 @njit(parallel=True, cache=True)
-def twostep_candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, qs, qf, centre, flips,
+def twostep_candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, qs, qf, centre, flips,
                        shell, target, bits, keep):
     """`_candidates` for each query of a batch (qs flattened (nq * w) code words, qf (nq, D) unit features).
     Returns positions into the cell order (nq, keep) and their code distances, both -1 padded, in pool order, and
@@ -1024,7 +1027,7 @@ def twostep_candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, s
     out_d = np.full((nq, keep), -1, np.int64)
     counts = np.zeros(nq, np.int64)
     for i in prange(nq):
-        counts[i] = _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, qs[i * w:(i + 1) * w],
+        counts[i] = _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, qs[i * w:(i + 1) * w],
                                 qf[i], centre, flips, shell, target, bits, out_p[i], out_d[i])
     return out_p, out_d, counts
 
@@ -1166,7 +1169,7 @@ def query_levels(qf, centre, flips, bits):
 
 
 @njit(cache=True, fastmath=FAST)
-def twostep_one(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, cell_rows, q, qf, centre, flips,
+def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, cell_rows, q, qf, centre, flips,
                 shell, target, bits, feats, scales, rescore, k, ids):
     """Both steps of one query over a bucketed index in one call (the batch path's `twostep_candidates`,
     `cosine_rerank` and `take_hits`, without the Python between them): the pool by shells and cells, the `rescore`
@@ -1175,7 +1178,7 @@ def twostep_one(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, c
     Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded."""
     cand = np.empty(max(1, rescore), np.int64)
     cand_d = np.empty(max(1, rescore), np.int64)
-    c = _candidates(ucodes, nu, w, offsets, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
+    c = _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
                     target, bits, cand, cand_d)
     rows = np.empty(c, np.int64)
     for j in range(c):

@@ -339,6 +339,7 @@ def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
         np.testing.assert_array_equal(np.sort(b.cell_rows[lo:hi]), b.rows[lo:hi])  # the bucket's own rows
         g0, g1 = b.bucket_cells[u], b.bucket_cells[u + 1]
         assert b.cells[g0] == lo and b.cells[g1] == hi
+        assert b.sizes[u] == (hi - lo) << 32 | (g1 - g0)  # rows and cells, for step 1's one histogram
         assert g1 - g0 <= -(-(hi - lo) // 32)
         split += g1 - g0 > 1
         for g in range(g0, g1):
@@ -360,7 +361,7 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
     b, db, feats, qw, qf, bits = cell_layout
     shell, max_cells = SHELL_WIDEN * target, max(1, target // K.CELL_SHARE)
     sizes, ncells = np.diff(b.offsets), np.diff(b.bucket_cells)
-    pos, pos_d, counts = K.twostep_candidates(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.bucket_cells,
+    pos, pos_d, counts = K.twostep_candidates(b.codes.reshape(-1), len(b.codes), 1, b.sizes, b.bucket_cells,
                                               b.cells, b.centroids, b.signs, qw.reshape(-1), qf, b.centre,
                                               b.flips, np.int64(shell), np.int64(target), bits, np.int64(keep))
     # each row's sketch bits in cell order (checked against numpy's rotation in the test above)
@@ -418,7 +419,7 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
     ids = np.arange(len(db), dtype=np.int64) * 10  # ids other than rows: the kernel must map them
     want_i, want_d, want_n = K.take_hits(hits, rows, pos_d, ids)
     for i in range(3):
-        got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.offsets, b.bucket_cells,
+        got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.sizes, b.bucket_cells,
                                                    b.cells, b.centroids, b.signs, b.cell_rows, qw[i], qf[i],
                                                    b.centre, b.flips, np.int64(shell), np.int64(target), bits,
                                                    f, s, np.int64(keep), np.int64(5), ids)
