@@ -18,8 +18,8 @@ Step 2 first ranks that pool by a finer binary code of every row, kept in cell o
 sign bits of its feature minus the snapshot's mean feature after a random rotation (SimHash; binary quantization
 with oversampling and rescoring, as Qdrant does it). The query keeps its rotated coordinates in 6-bit levels
 (asymmetric, as RaBitQ and Qdrant's binary quantization query): the distance sum_j |L s_j - v_j| ranks the rows
-by their signs' dot product with the query, which needed a fifth of the exact re-scores that the Hamming distance
-between two sign sketches needed for the same recall (RESULTS.md; see `kernels.query_levels`). The rotation is
+by their signs' dot product with the query, which needed about a third of the exact re-scores that the Hamming
+distance between two sign sketches needed for the same recall (RESULTS.md; see `kernels.query_levels`). The rotation is
 structured (random sign flips and Walsh-Hadamard transforms, as fast Johnson-Lindenstrauss transforms
 are built): P log P additions a row where a Gaussian projection was a D x SKETCH_BITS matrix product, the largest
 part of the bucket build. A pool of cells

@@ -1136,7 +1136,7 @@ def query_levels(qf, centre, flips, bits):
 
     The rows keep one sign bit a coordinate, the query keeps its magnitudes (asymmetric, as RaBitQ and Qdrant's
     binary quantization query): sum_j |L s_j - v_j| ranks rows by the dot product of their signs with the rotated
-    query, where the Hamming distance between two sign sketches needed several times the re-scores for the same
+    query, where the Hamming distance between two sign sketches needed about three times the re-scores for the same
     recall (RESULTS.md). One vector's own transform: `sketch_rows` on one row would leave its lanes idle."""
     dim = qf.shape[0]
     rotations, rounds, p = flips.shape
