@@ -94,8 +94,7 @@ def build(snapshot) -> Buckets:
     centroids, sketch = _scan_cells(snapshot, cell_rows, sizes)
     bucket_sizes = (np.diff(layout[1]) << 32) | per_bucket  # rows < 2^31: an in-memory index is far smaller
     return Buckets(ref, *layout, cell_rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-                   np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), bucket_sizes.astype(np.int64),
-                   centroids, *sketch)
+                   np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), bucket_sizes, centroids, *sketch)
 
 
 def _cell_layout(snapshot, order: np.ndarray, starts: np.ndarray):

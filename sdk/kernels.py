@@ -911,6 +911,34 @@ def _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, targe
 
 
 @njit(cache=True)
+def _pool_distances(planes, signs, lo, hi):
+    """The sketch distance (`_block_levels`) of every row of the ranges [lo, hi) of the cell order, whole blocks of 8
+    at a time, prefetching SKETCH_AHEAD blocks ahead (into the next range where one ends). Returns (distances,
+    base): row r of range b has its distance at distances[base[b] + r] (a range's first and last block may hold
+    others' rows)."""
+    nb = lo.shape[0]
+    base = np.empty(nb, np.int64)
+    slots = 0
+    for b in range(nb):
+        base[b] = slots - lo[b] // 8 * 8
+        slots += ((hi[b] + 7) // 8 - lo[b] // 8) * 8
+    sd = np.empty(slots, np.int32)
+    flat = signs.reshape(signs.shape[0], -1)  # a block's sketches as one row, for prefetch_row
+    for blk in range(lo[0] // 8, min((hi[0] + 7) // 8, lo[0] // 8 + SKETCH_AHEAD)):
+        prefetch_row(flat, blk)
+    for b in range(nb):
+        end = (hi[b] + 7) // 8
+        for blk in range(lo[b] // 8, end):
+            ahead = blk + SKETCH_AHEAD
+            if ahead < end:
+                prefetch_row(flat, ahead)
+            elif b + 1 < nb and lo[b + 1] // 8 + ahead - end < (hi[b + 1] + 7) // 8:
+                prefetch_row(flat, lo[b + 1] // 8 + ahead - end)
+            _block_levels(signs, blk, planes, sd, base[b] + 8 * blk)
+    return sd, base
+
+
+@njit(cache=True)
 def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
     """Step 2's first pass for one query over its pool, ranges [lo, hi) of the cell order at code distances
     rdist: each pool row's sketch distance to the query, sum_j |L s_j - v_j| over the row's sign bits s and the
@@ -922,26 +950,8 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
     within it are kept (a wider one again if fewer than m were), and the exact cut is counted among those few (a
     histogram of every row's distance cost as much as the popcounts)."""
     nb = lo.shape[0]
-    base = np.empty(nb, np.int64)  # row r of range b has its distance at sd[base[b] + r]
-    slots = 0
-    nrows = 0
-    for b in range(nb):
-        base[b] = slots - lo[b] // 8 * 8
-        slots += ((hi[b] + 7) // 8 - lo[b] // 8) * 8
-        nrows += hi[b] - lo[b]
-    sd = np.empty(slots, np.int32)  # whole blocks of 8 rows: a range's first and last may hold others' rows
-    flat = signs.reshape(signs.shape[0], -1)  # a block's sketches as one row, for prefetch_row
-    for blk in range(lo[0] // 8, min((hi[0] + 7) // 8, lo[0] // 8 + SKETCH_AHEAD)):
-        prefetch_row(flat, blk)
-    for b in range(nb):
-        end = (hi[b] + 7) // 8
-        for blk in range(lo[b] // 8, end):
-            ahead = blk + SKETCH_AHEAD  # requested ahead, into the next range where this one ends
-            if ahead < end:
-                prefetch_row(flat, ahead)
-            elif b + 1 < nb and lo[b + 1] // 8 + ahead - end < (hi[b + 1] + 7) // 8:
-                prefetch_row(flat, lo[b + 1] // 8 + ahead - end)
-            _block_levels(signs, blk, planes, sd, base[b] + 8 * blk)
+    sd, base = _pool_distances(planes, signs, lo, hi)
+    nrows = np.sum(hi - lo)
     want = min(nrows, m)
     step = max(1, nrows // SAMPLE_ROWS)
     sample = np.empty(nrows // step + 1, np.int32)
