@@ -295,6 +295,10 @@ class HashIndex:
             return padded(*numpy_search.search(snap.words, snap.ids[: snap.n], snap.features, snap.scales, qw, qf,
                                                k=k, radius=radius, target=target, bits=self.bits), k)
         if not do_rerank:
+            if radius is None and len(qw) == 1 and self._buckets.get(snap) is None:
+                K = _kernels()
+                return SearchResult(*K.topk_one(snap.flat, snap.n, qw.shape[1], qw[0], k, self.bits,
+                                                K.single_chunks(snap.n), snap.ids))
             if radius is None:
                 rows, dists, counts = self._topk_rows(snap, qw, k)
             else:
@@ -452,6 +456,7 @@ class HashIndex:
         K = _kernels()
         # the parallel path of indexes over 64k rows
         K.topk_single(dummy.words[:1].reshape(-1), 1, qw.shape[1], qw[0], 1, self.bits, 2)
+        K.topk_one(dummy.flat, 1, qw.shape[1], qw[0], 1, self.bits, 1, dummy.ids)
         rows, _, counts = self._topk_rows(dummy, qw, 1)
         self._radius_rows(dummy, qw[:1], 0, 1)
         for blocks in (1, 2):  # one query runs serially, a batch in parallel: compile both

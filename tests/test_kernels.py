@@ -35,8 +35,15 @@ def check_topk(db, qs, bits, k):
             assert count[0] == min(k, n)
             np.testing.assert_array_equal(ids[0], ref[i])
             np.testing.assert_array_equal(d[0], dist[i, ref[i]])
-    ids, d = K.topk_batch(dw.ravel(), n, w, qw.ravel(), k, bits, 2)
     kk = min(k, n)
+    row_ids = np.arange(n, dtype=np.int64)[::-1] * 7 + 3  # the index's one-query call maps rows to these
+    for i in range(len(qw)):
+        ids, d, count = K.topk_one(dw.ravel(), n, w, qw[i], k, bits, 1 + i % 3, row_ids)
+        assert ids.shape == d.shape == (1, k) and count[0] == kk
+        np.testing.assert_array_equal(ids[0, :kk], row_ids[ref[i, :kk]])
+        np.testing.assert_array_equal(d[0, :kk], dist[i, ref[i, :kk]])
+        assert (ids[0, kk:] == -1).all() and (d[0, kk:] == -1).all()
+    ids, d = K.topk_batch(dw.ravel(), n, w, qw.ravel(), k, bits, 2)
     np.testing.assert_array_equal(ids[:, :kk], ref)
     np.testing.assert_array_equal(d[:, :kk], np.take_along_axis(dist, ref, 1))
     assert (ids[:, kk:] == -1).all()
