@@ -7,6 +7,7 @@ so callers (Searcher, server, CLI) never name a backend.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -314,14 +315,22 @@ def _float_rows(values, what: str) -> np.ndarray:
 def normalize(x: np.ndarray, what: str) -> np.ndarray:
     """Row-wise L2 normalization of float32 rows (zero rows stay zero); InvalidInput naming `what` if any value is
     NaN or infinite. One Numba pass: the numpy version cost ~20 us per query, a tenth of a small index's search."""
-    from latenthash import kernels, numpy_search  # lazy: numba is heavy to import
-
+    compiled, fallback = _unit_rows()
     rows = np.ascontiguousarray(x, dtype=np.float32)
     # until the kernel is compiled (a fresh install's first seconds), numpy answers instead of waiting for it
-    unit, finite = (kernels.unit_rows if kernels.unit_rows.overloads else numpy_search.unit_rows)(rows)
+    unit, finite = (compiled if compiled.overloads else fallback)(rows)
     if not finite:
         raise InvalidInput(f"{what} contain NaN or infinite values")
     return unit
+
+
+@functools.cache
+def _unit_rows():
+    """(the compiled row normalizer, numpy's): imported at the first call, as numba is heavy to import, and once
+    (an import statement in a query's path costs a module lookup every call)."""
+    from latenthash import kernels, numpy_search
+
+    return kernels.unit_rows, numpy_search.unit_rows
 
 
 def _open_dir(uri: str, *, bits: int | None = None, feature_dim: int | None = None, create: bool = False,

@@ -1155,6 +1155,29 @@ def sketch_rows(f, centre, flips, bits):
 
 
 @njit(cache=True, fastmath=FAST)
+def _hadamard_one(v, tmp, side):
+    """v := H v for one vector (P,), P a power of two; tmp, side scratch (P,). As `_hadamard` on v seen as a
+    (P / C, C) matrix, C about sqrt(P), then on its transpose: H_P = H_(P/C) (x) H_C, and each pass's butterflies
+    run along whole rows of C (or P / C) lanes, where on the flat vector the stages with strides below the vector
+    width stay scalar."""
+    p = v.shape[0]
+    cols = 1
+    while cols * cols * 4 <= p:
+        cols *= 2
+    rows = p // cols
+    m = v.reshape(rows, cols)
+    t = side.reshape(cols, rows)
+    _hadamard(m, tmp.reshape(rows, cols))
+    for i in range(rows):
+        for j in range(cols):
+            t[j, i] = m[i, j]
+    _hadamard(t, tmp.reshape(cols, rows))
+    for j in range(cols):
+        for i in range(rows):
+            m[i, j] = t[j, i]
+
+
+@njit(cache=True, fastmath=FAST)
 def query_levels(qf, centre, flips, bits):
     """The query's side of the sketch distance: its centred feature rotated as `sketch_rows` rotates the rows', each
     of the first `bits` coordinates y_j quantized to a level v_j = round(L / 2 + y_j L / (2 max|y|)) in 0..L
@@ -1164,11 +1187,13 @@ def query_levels(qf, centre, flips, bits):
     The rows keep one sign bit a coordinate, the query keeps its magnitudes (asymmetric, as RaBitQ and Qdrant's
     binary quantization query): sum_j |L s_j - v_j| ranks rows by the dot product of their signs with the rotated
     query, where the Hamming distance between two sign sketches needed about three times the re-scores for the same
-    recall (RESULTS.md). One vector's own transform: `sketch_rows` on one row would leave its lanes idle."""
+    recall (RESULTS.md). One vector's own transform (`_hadamard_one`): `sketch_rows` on one row would leave its
+    lanes idle."""
     dim = qf.shape[0]
     rotations, rounds, p = flips.shape
     y = np.zeros(rotations * p, np.float32)
     tmp = np.empty(p, np.float32)
+    side = np.empty(p, np.float32)
     for r in range(rotations):
         v = y[r * p:(r + 1) * p]
         for t in range(dim):
@@ -1177,21 +1202,23 @@ def query_levels(qf, centre, flips, bits):
             if k:
                 for t in range(p):
                     v[t] *= flips[r, k, t]
-            _hadamard(v, tmp)
+            _hadamard_one(v, tmp, side)
     top = (1 << QUERY_LEVEL_BITS) - 1
     amax = np.float32(0.0)
     for j in range(bits):
         amax = max(amax, abs(y[j]))
     scale = np.float32(top / 2) / amax if amax > 0 else np.float32(0.0)
-    levels = np.empty(bits, np.int64)
+    levels = np.empty(bits, np.uint8)
     for j in range(bits):
-        levels[j] = min(top, max(0, np.int64(np.floor(y[j] * scale + np.float32(top / 2) + np.float32(0.5)))))
+        levels[j] = min(top, max(0, np.int32(np.floor(y[j] * scale + np.float32(top / 2) + np.float32(0.5)))))
     planes = np.zeros((QUERY_LEVEL_BITS, bits // 64), np.uint64)
-    for t in range(bits // 64):
-        for j in range(64):
-            shift = np.uint64(8 * (j // 8) + 7 - j % 8)
-            for b in range(QUERY_LEVEL_BITS):
-                planes[b, t] |= np.uint64((levels[64 * t + j] >> b) & 1) << shift
+    plane_bytes = planes.view(np.uint8)  # byte i of a plane holds levels 8i..8i+7, the first in its high bit
+    for b in range(QUERY_LEVEL_BITS):
+        for i in range(bits // 8):
+            byte = np.uint8(0)
+            for e in range(8):
+                byte |= ((levels[8 * i + e] >> b) & 1) << (7 - e)
+            plane_bytes[b, i] = byte
     return planes
 
 
