@@ -356,6 +356,41 @@ def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
     assert split >= 20  # most of the 30 big buckets split
 
 
+def shells_reference(du, rows, cells, target, shell, max_cells, bits):
+    """Step 1's buckets in numpy: the smallest distance covering `target` rows, widened towards `shell` rows while
+    the cells stay within `max_cells`; the buckets within it, nearest first, ties by bucket."""
+    cov = np.cumsum(np.bincount(du, weights=rows, minlength=bits + 1))
+    cc = np.cumsum(np.bincount(du, weights=cells, minlength=bits + 1))
+    cut = min(int(np.searchsorted(cov, target)), bits)
+    while cut < bits and cov[cut] < shell and cc[cut + 1] <= max_cells:
+        cut += 1
+    return np.flatnonzero(du <= cut)[np.argsort(du[du <= cut], kind="stable")]
+
+
+@pytest.mark.parametrize("spread", ["clustered", "uniform"])
+@pytest.mark.parametrize("target", [1, 300, 20_000, 10**9])
+def test_shell_picks_against_numpy(rng, spread, target):
+    """The shells' buckets equal numpy's, whether d* lies within the first bound of distances searched
+    (clustered codes near the query) or far beyond it (uniform codes: the bound doubles until it decides)."""
+    bits, nu = 48, 3000
+    centre = rng.random(bits) < 0.5
+    flip = 0.03 if spread == "clustered" else 0.5
+    codes = pack_codes(centre ^ (rng.random((nu, bits)) < flip), bits)
+    rows, cells = rng.integers(1, 40, nu), rng.integers(1, 4, nu)
+    sizes = (rows << 32 | cells).astype(np.int64)
+    uw = to_words(codes, bits)
+    for qbits in (centre, rng.random(bits) < 0.5):
+        qw = to_words(pack_codes(qbits, bits), bits)
+        for shell, max_cells in ((target, 10**9), (4 * target, max(1, target // 8))):
+            picked, pdist, nrows = K._shell_picks(uw.reshape(-1), nu, 1, sizes, qw[0], target, shell, max_cells,
+                                                  bits, np.empty(nu, np.int64))
+            du = brute_distances(qw, uw)[0]
+            want = shells_reference(du, rows, cells, target, shell, max_cells, bits)
+            np.testing.assert_array_equal(picked, want)
+            np.testing.assert_array_equal(pdist, du[want])
+            assert nrows == rows[want].sum()
+
+
 @pytest.mark.parametrize("target", [1, 50, 700, 5000])
 @pytest.mark.parametrize("keep", [1, 7, 300])
 def test_twostep_candidates_against_numpy(cell_layout, target, keep):
@@ -377,12 +412,7 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
     for i in range(3):
         # step 1, the shells, in integers: exact
         du = brute_distances(qw[i:i + 1], b.codes)[0]
-        cov = np.cumsum(np.bincount(du, weights=sizes, minlength=bits + 1))
-        cc = np.cumsum(np.bincount(du, weights=ncells, minlength=bits + 1))
-        cut = min(int(np.searchsorted(cov, target)), bits)
-        while cut < bits and cov[cut] < shell and cc[cut + 1] <= max_cells:
-            cut += 1
-        picked = np.flatnonzero(du <= cut)[np.argsort(du[du <= cut], kind="stable")]
+        picked = shells_reference(du, sizes, ncells, target, shell, max_cells, bits)
         lo, hi, rd, covered = K._cell_ranges(qf[i], picked, du[picked], int(sizes[picked].sum()), b.bucket_cells,
                                              b.cells, b.centroids, np.int64(target))
         if sizes[picked].sum() <= target:  # nothing to cut: the shells' buckets whole
