@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -202,8 +203,12 @@ def open_searcher(config: ServerConfig) -> tuple[Searcher, WriteAheadLog | None,
     return Searcher(index, encoder), wal, lock
 
 
-def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
-    """Build and start the server; returns it and the bound port (config.port 0 picks a free one)."""
+def create_server(config: ServerConfig, *, on_serving: Callable[[LatentHashServer, int], None] | None = None
+                  ) -> tuple[LatentHashServer, int]:
+    """Build and start the server; returns it and the bound port (config.port 0 picks a free one) once its kernels
+    are compiled. It serves before that (until then searches are answered without compiled kernels):
+    `on_serving(server, port)` is called, in this thread, as soon as it does (what `serve` announces itself from:
+    a fresh install's first compilation takes a minute on two busy cores)."""
     from grpc_health.v1 import health, health_pb2
     from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -246,6 +251,8 @@ def create_server(config: ServerConfig) -> tuple[LatentHashServer, int]:
                          "tls": bool(config.tls_cert), "auth": bool(tokens), "metrics_port": metrics.port}))
     running = LatentHashServer(server, service, health_servicer, metrics, lock, tokens, stopped)
     try:  # serving already (without compiled kernels); compiled in this thread, as it runs on (see warmup)
+        if on_serving is not None:
+            on_serving(running, port)
         log.info(json.dumps({"event": "warm", "seconds": round(searcher.warmup(), 3)}))
     except BaseException:
         running.stop(0)
@@ -286,16 +293,18 @@ def serve(config: ServerConfig) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    server, port = create_server(config)
     done = threading.Event()
 
     def on_signal(signum, frame):
         log.info(json.dumps({"event": "signal", "signal": signal.Signals(signum).name}))
         done.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=server.reload_tokens).start())
-    print(f"latenthash serving on {config.host}:{port}", flush=True)
+    def serving(server: LatentHashServer, port: int) -> None:  # as soon as it serves, while the kernels compile
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(target=server.reload_tokens).start())
+        print(f"latenthash serving on {config.host}:{port}", flush=True)
+
+    server, _ = create_server(config, on_serving=serving)
     done.wait()
     server.stop(config.grace_s)

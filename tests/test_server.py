@@ -153,6 +153,33 @@ def test_a_server_without_a_model_serves_codes_and_refuses_images_clearly(index_
         server.stop(1)
 
 
+def test_on_serving_comes_before_the_kernels_are_compiled(index_dir, tmp_path, small_fashion, onnx_model, caplog):
+    """create_server serves before it compiles its kernels: `on_serving` (what `latenthash serve` prints its address
+    from) is called before the "warm" event, and a search made from it is answered."""
+    import logging
+    import shutil
+
+    shutil.copytree(index_dir, tmp_path / "ix")
+    enc = Encoder.open(onnx_model).encode(small_fashion.test.images[:2])
+    seen = []
+
+    def events():
+        return [json.loads(r.getMessage())["event"] for r in caplog.records if r.name.startswith("latenthash")]
+
+    def serving(server, port):
+        seen.append(events())
+        with Client(f"127.0.0.1:{port}", timeout=10) as client:
+            seen.append(client.search(codes=enc.codes, features=enc.features, k=3).counts.tolist())
+
+    with caplog.at_level(logging.INFO):
+        server, port = create_server(ServerConfig(index=str(tmp_path / "ix"), port=0), on_serving=serving)
+    try:
+        assert "started" in seen[0] and "warm" not in seen[0] and seen[1] == [3, 3]
+        assert events()[-1] == "warm"  # compiled once create_server returned
+    finally:
+        server.stop(1)
+
+
 def stub_call(client, method, request):
     return getattr(pb_grpc.HashSearchStub(client.channel), method)(request, timeout=10)
 
