@@ -410,8 +410,8 @@ _topk_single = topk_single  # for compiled callers: the public name is rebound b
 @njit(cache=True)
 def topk_one(db, n, w, q, k, bits, chunks, ids):
     """One query's exact top-k as the index answers it: ids (1, k), distances (1, k), counts (1,), -1 padded
-    where n < k. `topk_single` with its rows mapped to `ids` here, where the Python around one call was a sixth
-    of a million-code search."""
+    where n < k. `topk_single` with its rows mapped to `ids` in the same compiled call: no Python between the
+    scan and the result, whose cost counts against a scan of microseconds."""
     rows, dists, counts = _topk_single(db, n, w, q, min(k, max(n, 1)), bits, chunks)
     out_i = np.full((1, k), -1, np.int64)
     out_d = np.full((1, k), -1, np.int64)

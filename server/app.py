@@ -208,7 +208,7 @@ def create_server(config: ServerConfig, *, on_serving: Callable[[LatentHashServe
     """Build and start the server; returns it and the bound port (config.port 0 picks a free one) once its kernels
     are compiled. It serves before that (until then searches are answered without compiled kernels):
     `on_serving(server, port)` is called, in this thread, as soon as it does (what `serve` announces itself from:
-    a fresh install's first compilation takes a minute on two busy cores)."""
+    a fresh install's first compilation is slow, see RESULTS.md)."""
     from grpc_health.v1 import health, health_pb2
     from grpc_reflection.v1alpha import reflection, reflection_pb2
 
