@@ -30,6 +30,7 @@ from numba import njit, prange
 
 from latenthash import HashIndex, kernels
 from latenthash.codes import to_words
+from latenthash.cpu import cpu_info
 from latenthash.limits import pool_size
 
 
@@ -412,6 +413,8 @@ def main() -> None:
         tag += f"_copies{args.copies}"
     if args.part == "twostep" and args.n != 1_000_000:
         tag += f"_{args.n}"
+    if args.part == "hamming":  # its figures differ per CPU kind, and the results page keeps one row per kind
+        tag += "_" + cpu_info()["llvm_cpu"]
     if os.environ.get("NUMBA_CPU_NAME"):  # code built for another CPU kind keeps its own file
         tag += "_" + os.environ["NUMBA_CPU_NAME"]
     save(f"search_{args.part}{tag}", result)
