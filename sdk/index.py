@@ -318,7 +318,7 @@ class HashIndex:
                         *_cell_args(buckets), buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.flips,
                         np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
                         *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
-                        np.int64(k), snap.ids)
+                        np.int64(k), snap.ids, _kernels().threads())
                     return SearchResult(ids, dists, counts, scores)
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
@@ -478,7 +478,7 @@ class HashIndex:
             K.twostep_candidates(*layout, qw.reshape(-1), qf, centre, flips, np.int64(1), np.int64(1), self.bits,
                                  np.int64(1))
             K.twostep_one(*layout, one[:1], qw[0], qf[0], centre, flips, np.int64(1), np.int64(1), self.bits,
-                          *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids)
+                          *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids, 2)
 
     def stats(self) -> dict:
         snap = self._snap

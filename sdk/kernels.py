@@ -207,6 +207,21 @@ def _distance(db, i, q, w):
     return d
 
 
+@njit(inline="always", cache=True)
+def _pieces(parts, work, grain):
+    """How many of `parts` threads a pass of `work` items takes: pieces of at least `grain` items (a parallel launch
+    costs microseconds)."""
+    return max(1, min(parts, work // grain))
+
+
+@njit(inline="always", cache=True)
+def _piece(n, parts, c):
+    """Piece c of `parts` near-equal pieces of 0..n-1: (lo, hi)."""
+    per = (n + parts - 1) // parts
+    lo = min(n, c * per)
+    return lo, min(n, lo + per)
+
+
 @njit(cache=True)
 def _below_mask(db, start, m, q, w, thr):
     """Bit j set where code start + j (j < m <= 64) lies below distance thr.
@@ -632,6 +647,8 @@ CELL_SHARE = 8  # a widened shell holds at most one cell per this many pool rows
 SKETCH_LANES = 64  # rows rotated side by side by `sketch_rows` (measured: 3x faster per row than 16 or 32)
 SIM_BINS = 2048  # resolution of the cell cut (`_cell_ranges`): cosine -1..1 in steps of 1/1024
 QUERY_LEVEL_BITS = 6  # the query's side of the sketch distance: each rotated coordinate as one of 64 levels
+# the least work per thread of one query's parallel passes (`twostep_one`; measured: smaller pieces lose the launch)
+GRAIN_ROWS, GRAIN_SCORES = 1024, 64
 SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (measured: 4-16 best, 1.7x over none)
 SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
 SAMPLE_MARGIN = 1.5  # ... as the distance that SAMPLE_MARGIN x the rows it keeps reach
@@ -766,6 +783,15 @@ def _score_rows(q, feats, scales, rows, lo, hi, out):
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
+def _parallel_scores(q, feats, scales, rows, m, parts, out):
+    """`_score_rows` of rows[:m] in `parts` parallel pieces: a pool's rows are random reads, so one query's are
+    split over the threads."""
+    for c in prange(parts):
+        lo, hi = _piece(m, parts, c)
+        _score_rows(q, feats, scales, rows, lo, hi, out)
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
 def cosine_rerank(qf, feats, scales, pool, pool_n, k):
     """Re-rank each query's Hamming pool by cosine similarity.
 
@@ -777,13 +803,11 @@ def cosine_rerank(qf, feats, scales, pool, pool_n, k):
     nq = qf.shape[0]
     out_p = np.full((nq, k), -1, np.int64)
     out_s = np.full((nq, k), np.nan, np.float32)
-    if nq == 1:  # one query: its pool's rows are random reads, so split them over the threads
+    if nq == 1:
         m = pool_n[0]
         scores = np.empty(m, np.float32)
-        parts = max(1, min(PARTS, m // 128))  # a constant, not the thread count: that would defeat caching
-        per = (m + parts - 1) // parts
-        for c in prange(parts):
-            _score_rows(qf[0], feats, scales, pool[0], c * per, min(m, (c + 1) * per), scores)
+        # a constant, not the thread count: that would defeat caching
+        _parallel_scores(qf[0], feats, scales, pool[0], m, max(1, min(PARTS, m // 128)), scores)
         _keep_best(scores, k, out_p[0], out_s[0])
         return out_p, out_s
     for i in prange(nq):
@@ -827,7 +851,10 @@ def _shell_cut(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist):
     """Distances of one query to the nu distinct codes (into dist) and the shell distance d*: the smallest d with at
     least `target` rows at distance <= d (bits when the index holds fewer), then widened until it covers `shell`
     rows, as long as its cells stay within `max_cells`: far shells hold many small buckets, each a cell whose
-    centroid the cut would have to compare. sizes[u] = bucket u's rows << 32 | its cells (one count per code)."""
+    centroid the cut would have to compare. sizes[u] = bucket u's rows << 32 | its cells (one count per code).
+
+    On the calling thread: split over two threads (the distances and histograms, then the codes within d*), it
+    measured no faster at 32,000 codes."""
     _distances(ucodes, 0, nu, q, w, dist)
     # four histograms, merged after: code distances crowd a few values, and one histogram's increments would wait
     # on each other
@@ -927,36 +954,90 @@ def _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, targe
     return lo, hi, rd, covered
 
 
+@njit(inline="always", cache=True)
+def _blocks_distances(planes, signs, flat, lo, first, base, start, stop, sd):
+    """`_block_levels` of blocks start..stop-1 of the pool's block order, where range b's blocks (from lo[b] // 8 of
+    the cell order) are blocks first[b]..first[b + 1]-1 of it, their distances at sd[base[b] + 8 * block]; the
+    sketches of SKETCH_AHEAD blocks ahead requested before each (across ranges, however short)."""
+    if start >= stop:
+        return
+    b = np.searchsorted(first, start, side="right") - 1
+    pb, pg = b, start  # the next block to request, and its range
+    for g in range(start, stop):
+        while pg < min(stop, g + SKETCH_AHEAD + 1):
+            while pg >= first[pb + 1]:
+                pb += 1
+            prefetch_row(flat, lo[pb] // 8 + pg - first[pb])
+            pg += 1
+        while g >= first[b + 1]:
+            b += 1
+        blk = lo[b] // 8 + g - first[b]
+        _block_levels(signs, blk, planes, sd, base[b] + 8 * blk)
+
+
+@njit(parallel=True, cache=True)
+def _parallel_blocks(planes, signs, flat, lo, first, base, parts, sd):
+    """`_blocks_distances` of every block of the pool in `parts` parallel pieces of near-equal blocks."""
+    for c in prange(parts):
+        start, stop = _piece(first[-1], parts, c)
+        _blocks_distances(planes, signs, flat, lo, first, base, start, stop, sd)
+
+
 @njit(cache=True)
-def _pool_distances(planes, signs, lo, hi):
+def _pool_distances(planes, signs, lo, hi, parts):
     """The sketch distance (`_block_levels`) of every row of the ranges [lo, hi) of the cell order, whole blocks of 8
-    at a time, prefetching SKETCH_AHEAD blocks ahead (into the next range where one ends). Returns (distances,
-    base): row r of range b has its distance at distances[base[b] + r] (a range's first and last block may hold
-    others' rows)."""
+    at a time, in `parts` parallel pieces. Returns (distances, base): row r of range b has its distance at
+    distances[base[b] + r] (a range's first and last block may hold others' rows)."""
     nb = lo.shape[0]
     base = np.empty(nb, np.int64)
-    slots = 0
+    first = np.empty(nb + 1, np.int64)
+    first[0] = 0
     for b in range(nb):
-        base[b] = slots - lo[b] // 8 * 8
-        slots += ((hi[b] + 7) // 8 - lo[b] // 8) * 8
-    sd = np.empty(slots, np.int32)
+        base[b] = 8 * first[b] - lo[b] // 8 * 8
+        first[b + 1] = first[b] + (hi[b] + 7) // 8 - lo[b] // 8
+    sd = np.empty(8 * first[nb], np.int32)
     flat = signs.reshape(signs.shape[0], -1)  # a block's sketches as one row, for prefetch_row
-    for blk in range(lo[0] // 8, min((hi[0] + 7) // 8, lo[0] // 8 + SKETCH_AHEAD)):
-        prefetch_row(flat, blk)
-    for b in range(nb):
-        end = (hi[b] + 7) // 8
-        for blk in range(lo[b] // 8, end):
-            ahead = blk + SKETCH_AHEAD
-            if ahead < end:
-                prefetch_row(flat, ahead)
-            elif b + 1 < nb and lo[b + 1] // 8 + ahead - end < (hi[b + 1] + 7) // 8:
-                prefetch_row(flat, lo[b + 1] // 8 + ahead - end)
-            _block_levels(signs, blk, planes, sd, base[b] + 8 * blk)
+    if parts > 1:
+        _parallel_blocks(planes, signs, flat, lo, first, base, parts, sd)
+    else:
+        _blocks_distances(planes, signs, flat, lo, first, base, 0, first[nb], sd)
     return sd, base
 
 
+@njit(inline="always", cache=True)
+def _rows_within(sd, lo, base, cum, limit, r0, r1, keep_r, keep_b, keep_d):
+    """The rows r0..r1-1 of the pool (range b holds rows cum[b]..cum[b + 1]-1, its row r's sketch distance at
+    sd[base[b] + r]) at sketch distance <= limit, in order, into keep_* from r0: their positions in the cell
+    order, ranges and distances. Returns how many."""
+    c = r0
+    b = np.searchsorted(cum, r0, side="right") - 1
+    g = r0
+    while g < r1:
+        while g >= cum[b + 1]:
+            b += 1
+        end = min(r1, cum[b + 1])
+        for r in range(lo[b] + g - cum[b], lo[b] + end - cum[b]):
+            d = sd[base[b] + r]
+            if d <= limit:
+                keep_r[c] = r
+                keep_b[c] = b
+                keep_d[c] = d
+                c += 1
+        g = end
+    return c - r0
+
+
+@njit(parallel=True, cache=True)
+def _parallel_rows_within(sd, lo, base, cum, limit, parts, keep_r, keep_b, keep_d, counts):
+    """`_rows_within` of every pool row in `parts` parallel pieces: piece c's rows from its first row's slot,
+    counts[c] of them."""
+    for c in prange(parts):
+        r0, r1 = _piece(cum[-1], parts, c)
+        counts[c] = _rows_within(sd, lo, base, cum, limit, r0, r1, keep_r, keep_b, keep_d)
+
+
 @njit(cache=True)
-def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
+def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d, parts):
     """Step 2's first pass for one query over its pool, ranges [lo, hi) of the cell order at code distances
     rdist: each pool row's sketch distance to the query, sum_j |L s_j - v_j| over the row's sign bits s and the
     query's levels v (`query_levels`; see buckets.py; a few popcounts a row, contiguous reads), and the m rows
@@ -965,9 +1046,10 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
 
     The cut: a sample of SAMPLE_ROWS of the distances gives one that about SAMPLE_MARGIN x m rows reach; the rows
     within it are kept (a wider one again if fewer than m were), and the exact cut is counted among those few (a
-    histogram of every row's distance cost as much as the popcounts)."""
+    histogram of every row's distance cost as much as the popcounts). The distances are computed in `parts` parallel
+    pieces."""
     nb = lo.shape[0]
-    sd, base = _pool_distances(planes, signs, lo, hi)
+    sd, base = _pool_distances(planes, signs, lo, hi, parts)
     nrows = np.sum(hi - lo)
     want = min(nrows, m)
     step = max(1, nrows // SAMPLE_ROWS)
@@ -982,30 +1064,36 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
         skip = r - hi[b]
     sample = sample[:ns]
     at = np.int64(np.ceil(ns * SAMPLE_MARGIN * want / nrows))
+    cum = np.empty(nb + 1, np.int64)  # range b holds rows cum[b]..cum[b + 1]-1 of the pool
+    cum[0] = 0
+    for b in range(nb):
+        cum[b + 1] = cum[b] + hi[b] - lo[b]
     keep_r = np.empty(nrows, np.int64)
     keep_b = np.empty(nrows, np.int64)
     keep_d = np.empty(nrows, np.int32)
+    counts = np.empty(parts, np.int64)
     while True:  # the rows within the sampled limit, in pool order; widened until at least m
         limit = np.partition(sample, at)[at] if at < ns else np.iinfo(np.int32).max
-        c = 0
-        for b in range(nb):
-            for r in range(lo[b], hi[b]):
-                d = sd[base[b] + r]
-                if d <= limit:
-                    keep_r[c] = r
-                    keep_b[c] = b
-                    keep_d[c] = d
-                    c += 1
+        if parts > 1:
+            _parallel_rows_within(sd, lo, base, cum, limit, parts, keep_r, keep_b, keep_d, counts)
+            c = 0
+            for p in range(parts):  # the pieces' rows joined, in order
+                r0 = _piece(nrows, parts, p)[0]
+                for j in range(counts[p]):
+                    keep_r[c + j], keep_b[c + j], keep_d[c + j] = keep_r[r0 + j], keep_b[r0 + j], keep_d[r0 + j]
+                c += counts[p]
+        else:
+            c = _rows_within(sd, lo, base, cum, limit, 0, nrows, keep_r, keep_b, keep_d)
         if c >= want:
             break
         at = 2 * at + 1
     low, high = keep_d[:c].min(), keep_d[:c].max()
-    counts = np.zeros(high - low + 1, np.int64)
+    by_d = np.zeros(high - low + 1, np.int64)
     for j in range(c):
-        counts[keep_d[j] - low] += 1
+        by_d[keep_d[j] - low] += 1
     cut, below = 0, 0  # rows nearer than low + cut all go; of those at it, the first (want - below) in pool order
-    while below + counts[cut] < want:
-        below += counts[cut]
+    while below + by_d[cut] < want:
+        below += by_d[cut]
         cut += 1
     cut += low
     room = want - below
@@ -1023,13 +1111,14 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d):
 
 @njit(cache=True)
 def _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
-                target, bits, out_p, out_d):
+                target, bits, out_p, out_d, parts):
     """Steps 1 and 2's sketch pass for one query: the buckets of the shells covering `shell` rows, cut by cells to
     about `target` rows (`_cell_ranges`), and of those the out_p.shape[0] nearest by sketch (`_sketch_pick`; a pool
-    that fits takes no sketch pass, and no query sketch)."""
+    that fits takes no sketch pass, and no query sketch). The sketch pass runs in up to `parts` parallel pieces
+    (one: all on the calling thread, as a batch's queries run)."""
     dist = np.empty(nu, np.int64)
-    picked, pdist, nrows = _shell_picks(ucodes, nu, w, sizes, q, target, shell,
-                                        max(1, target // CELL_SHARE), bits, dist)
+    picked, pdist, nrows = _shell_picks(ucodes, nu, w, sizes, q, target, shell, max(1, target // CELL_SHARE), bits,
+                                        dist)
     lo, hi, rd, rows = _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, target)
     if rows <= out_p.shape[0]:
         c = 0
@@ -1040,7 +1129,7 @@ def _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, 
                 c += 1
         return c
     planes = query_levels(qf, centre, flips, signs.shape[1] * 64)
-    return _sketch_pick(planes, signs, lo, hi, rd, out_p.shape[0], out_p, out_d)
+    return _sketch_pick(planes, signs, lo, hi, rd, out_p.shape[0], out_p, out_d, _pieces(parts, rows, GRAIN_ROWS))
 
 
 @njit(parallel=True, cache=True)
@@ -1055,7 +1144,7 @@ def twostep_candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, sig
     counts = np.zeros(nq, np.int64)
     for i in prange(nq):
         counts[i] = _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, qs[i * w:(i + 1) * w],
-                                qf[i], centre, flips, shell, target, bits, out_p[i], out_d[i])
+                                qf[i], centre, flips, shell, target, bits, out_p[i], out_d[i], 1)
     return out_p, out_d, counts
 
 
@@ -1224,21 +1313,25 @@ def query_levels(qf, centre, flips, bits):
 
 @njit(cache=True, fastmath=FAST)
 def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, cell_rows, q, qf, centre, flips,
-                shell, target, bits, feats, scales, rescore, k, ids):
+                shell, target, bits, feats, scales, rescore, k, ids, parts):
     """Both steps of one query over a bucketed index in one call (the batch path's `twostep_candidates`,
     `cosine_rerank` and `take_hits`, without the Python between them): the pool by shells and cells, the `rescore`
-    rows nearest by sketch, their exact cosine, the best k.
+    rows nearest by sketch, their exact cosine, the best k. Every pass over codes, centroids, sketches or features
+    runs in `parts` parallel pieces (`single_parts`): one query's latency on all cores, the same result.
 
     Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded."""
     cand = np.empty(max(1, rescore), np.int64)
     cand_d = np.empty(max(1, rescore), np.int64)
     c = _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
-                    target, bits, cand, cand_d)
+                    target, bits, cand, cand_d, parts)
     rows = np.empty(c, np.int64)
     for j in range(c):
         rows[j] = cell_rows[cand[j]]
     scores = np.empty(c, np.float32)
-    _score_rows(qf, feats, scales, rows, 0, c, scores)
+    if _pieces(parts, c, GRAIN_SCORES) > 1:
+        _parallel_scores(qf, feats, scales, rows, c, _pieces(parts, c, GRAIN_SCORES), scores)
+    else:
+        _score_rows(qf, feats, scales, rows, 0, c, scores)
     out_p = np.full((1, k), -1, np.int64)
     out_s = np.full((1, k), np.nan, np.float32)
     _keep_best(scores, k, out_p[0], out_s[0])
@@ -1489,7 +1582,7 @@ def _one_launch_at_a_time(kernel):
 
 # the entry points that launch parallel regions (compiled code calls them by other names: these can be rebound)
 for _name in ("topk_single", "topk_one", "topk_batch", "topk_buckets", "radius_counts", "radius_search",
-              "cosine_rerank", "twostep_candidates", "hamming_ranking_stats", "code_pairs"):
+              "cosine_rerank", "twostep_candidates", "twostep_one", "hamming_ranking_stats", "code_pairs"):
     globals()[_name] = _one_launch_at_a_time(globals()[_name])
 
 

@@ -1,6 +1,8 @@
 """Every Numba kernel against a brute-force numpy reference, on random codes and on codes of real images
 (LSH of Fashion-MNIST pixels: clustered, with many ties, as real hash codes are)."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -455,11 +457,11 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
     hits, scores = K.cosine_rerank(qf, f, s, rows, counts, np.int64(5))
     ids = np.arange(len(db), dtype=np.int64) * 10  # ids other than rows: the kernel must map them
     want_i, want_d, want_n = K.take_hits(hits, rows, pos_d, ids)
-    for i in range(3):
+    for i, parts in itertools.product(range(3), (1, 2, 7)):  # one query's passes on 1, 2 or 7 threads alike
         got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.sizes, b.bucket_cells,
                                                    b.cells, b.centroids, b.signs, b.cell_rows, qw[i], qf[i],
                                                    b.centre, b.flips, np.int64(shell), np.int64(target), bits,
-                                                   f, s, np.int64(keep), np.int64(5), ids)
+                                                   f, s, np.int64(keep), np.int64(5), ids, parts)
         np.testing.assert_array_equal(got_i[0], want_i[i])
         np.testing.assert_array_equal(got_d[0], want_d[i])
         np.testing.assert_array_equal(got_s[0], scores[i])
@@ -468,14 +470,16 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
 
 @pytest.mark.parametrize("pattern", ["random", "ties", "sample_nearest"])
 @pytest.mark.parametrize("m", [1, 40, 500])
-def test_sketch_pick_keeps_exactly_the_nearest(rng, pattern, m):
+@pytest.mark.parametrize("parts", [1, 2, 5])
+def test_sketch_pick_keeps_exactly_the_nearest(rng, pattern, m, parts):
     """The sketch pass's cut, estimated from a sample of the distances, is exact: the m rows of the pool nearest by
     sketch distance, ties by pool order, also when the sample is unrepresentative (every sampled row nearer than all
     others, so the first estimate keeps too few and must widen) and when most rows tie."""
     n, words = 4000, 8
     top = (1 << K.QUERY_LEVEL_BITS) - 1
-    lo, hi = np.array([500, 1203, 3000]), np.array([1203, 2500, 3599])  # three ranges, not block-aligned
-    rdist = np.array([2, 3, 5])
+    # ranges not block-aligned, two shorter than a block, sharing blocks: the parallel pieces split inside ranges
+    lo, hi = np.array([500, 1203, 1206, 1300, 3000]), np.array([1203, 1206, 1207, 2500, 3599])
+    rdist = np.array([2, 3, 3, 4, 5])
     pool = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
     if pattern == "random":
         bits = rng.random((n, words * 64)) < 0.5
@@ -490,7 +494,7 @@ def test_sketch_pick_keeps_exactly_the_nearest(rng, pattern, m):
     planes = np.packbits((levels[None, :] >> np.arange(K.QUERY_LEVEL_BITS)[:, None]) & 1, axis=1)
     planes = planes.view(np.uint64).reshape(K.QUERY_LEVEL_BITS, words)
     out_p, out_d = np.full(m, -1, np.int64), np.full(m, -1, np.int64)
-    got = K._sketch_pick(planes, signs, lo, hi, rdist, np.int64(m), out_p, out_d)
+    got = K._sketch_pick(planes, signs, lo, hi, rdist, np.int64(m), out_p, out_d, parts)
     dist = np.abs(top * bits[pool] - levels).sum(axis=1)
     take = np.sort(np.argsort(dist, kind="stable")[:m])
     assert got == m
