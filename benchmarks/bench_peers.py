@@ -294,7 +294,8 @@ def main() -> None:
     n = results[0]["n"]
     print(load_note("after"))
     save(f"peers_{n}_t{args.threads}", results)  # first: its stamp then sees the tree as committed
-    plot(results, Path(__file__).parent / "plots" / f"peers_{n}.png")
+    plot(results, Path(__file__).parent / "plots" / (f"peers_{n}.png" if args.threads == 1 else
+                                                     f"peers_{n}_t{args.threads}.png"))
 
 
 if __name__ == "__main__":
