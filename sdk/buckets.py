@@ -39,6 +39,7 @@ import weakref
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from latenthash.numpy_search import float_rows
 
@@ -89,9 +90,12 @@ def build(snapshot) -> Buckets:
     layout = (np.ascontiguousarray(ordered[starts]), np.append(starts, n).astype(np.int64), order.astype(np.int64))
     if snapshot.features is None:
         return Buckets(ref, *layout)
-    cell_order, sizes, per_bucket = _cell_layout(snapshot, order, starts)
-    cell_rows = layout[2][cell_order]
-    centroids, sketch = _scan_cells(snapshot, cell_rows, sizes)
+    # numpy's BLAS on one thread: its threads spin on the cores for a while after each k-means product, and the
+    # parallel kernels that follow (the sketches) then ran at the speed of one thread
+    with threadpool_limits(limits=1, user_api="blas"):
+        cell_order, sizes, per_bucket = _cell_layout(snapshot, order, starts)
+        cell_rows = layout[2][cell_order]
+        centroids, sketch = _scan_cells(snapshot, cell_rows, sizes)
     bucket_sizes = (np.diff(layout[1]) << 32) | per_bucket  # rows < 2^31: an in-memory index is far smaller
     return Buckets(ref, *layout, cell_rows, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
                    np.concatenate([[0], np.cumsum(per_bucket)]).astype(np.int64), bucket_sizes, centroids, *sketch)
