@@ -4,7 +4,8 @@ against the FP32 file's codes, with mAP@all of each against the FP32 database co
 
     python benchmarks/int8_cpus.py --model runs/fm48/model.onnx   # needs model.int8.onnx beside it, qemu-user-static
 
-Speeds under emulation mean nothing; only the codes are compared. Results: benchmarks/results/int8_cpus.json.
+Speeds under emulation mean nothing; only the codes are compared. Results: benchmarks/results/int8_cpus_<this CPU's
+LLVM name>.json.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def main() -> None:
                "agree_int8_here": float(((p >= 0.5) == (probs["int8 here"] >= 0.5)).mean()), "map_all": rep.map_all}
         rows.append(row)
         print(f"| {name} | {row['agree_fp32']:.4f} | {row['agree_int8_here']:.4f} | {row['map_all']:.4f} |")
-    print("saved", save("int8_cpus", {"model": str(fp32), "rows": rows}))
+    print("saved", save(f"int8_cpus_{cpu_info()['llvm_cpu']}", {"model": str(fp32), "rows": rows}))
 
 
 if __name__ == "__main__":
