@@ -7,7 +7,7 @@ to its first answered search by code, with Numba's cache cold, warm, and with no
 install .`); the probe runs here. Cases: `cold` (an empty NUMBA_CACHE_DIR: a fresh install's first start), `warm`
 (the same folder again), `read-only` (run as the user `nobody` with no home, so neither site-packages nor a home
 folder is writable; its first start is cold, later ones use the private temp folder the kernels fall back to; needs
-root to switch user). Results: benchmarks/results/startup.json.
+root to switch user). Results: benchmarks/results/startup_<this CPU's LLVM name>.json.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 from common import load_note, save
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from latenthash.cpu import cpu_info
 from latenthash.errors import LatentHashError
 from latenthash.index import HashIndex
 
@@ -130,7 +131,7 @@ def main() -> None:
             row = ", ".join(f"{key} {v['median']:.2f} (max {v['max']:.2f})" for key, v in result["cases"][name].items())
             print(f"{name:16s} {row}")
     print(load_note("after"))
-    print("saved", save("startup", result))
+    print("saved", save(f"startup_{cpu_info()['llvm_cpu']}", result))
     shutil.rmtree(work, ignore_errors=True)
 
 
