@@ -16,7 +16,8 @@ glibc's mmap threshold low so that freed temporaries leave it; see `mmap_thresho
 For each setting: median ms per single query and recall@10, then one batch of all queries (ms per query). Build
 time, bytes per item in memory (and on disk where the library saves), and the cost of deleting 1% of the items
 and inserting them again under new ids, with recall after (faiss's HNSW cannot delete). Every thread count is set
-explicitly (`--threads`, default 1; BLAS too). Plots recall against time per method (benchmarks/plots/peers_N.png).
+explicitly (`--threads`, default 1; BLAS too). Plots recall against time per method. Results and plot:
+peers_N_tTHREADS_CPU.json / .png (CPU: LLVM's name for this CPU kind) in benchmarks/results/ and benchmarks/plots/.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 import numpy as np
 from bench_search import VARIANTS
 from common import load_note, save, save_figure
+
+from latenthash.cpu import cpu_info
 
 K = 10
 CHURN = 0.01
@@ -293,9 +296,9 @@ def main() -> None:
                       f"recall {c['recall_before']:.4f} -> {c['recall_after']:.4f} | | | | |", flush=True)
     n = results[0]["n"]
     print(load_note("after"))
-    save(f"peers_{n}_t{args.threads}", results)  # first: its stamp then sees the tree as committed
-    plot(results, Path(__file__).parent / "plots" / (f"peers_{n}.png" if args.threads == 1 else
-                                                     f"peers_{n}_t{args.threads}.png"))
+    name = f"peers_{n}_t{args.threads}_{cpu_info()['llvm_cpu']}"  # the figures differ per CPU kind
+    save(name, results)  # first: its stamp then sees the tree as committed
+    plot(results, Path(__file__).parent / "plots" / f"{name}.png")
 
 
 if __name__ == "__main__":
