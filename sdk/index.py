@@ -318,7 +318,7 @@ class HashIndex:
                         *_cell_args(buckets), buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.flips,
                         np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
                         *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
-                        np.int64(k), snap.ids, _kernels().threads())
+                        np.int64(k), snap.ids, _kernels().one_query_parts())
                     return SearchResult(ids, dists, counts, scores)
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:

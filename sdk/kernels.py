@@ -25,6 +25,7 @@ import os
 import stat
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -650,6 +651,7 @@ SIM_BINS = 2048  # resolution of the cell cut (`_cell_ranges`): cosine -1..1 in 
 QUERY_LEVEL_BITS = 6  # the query's side of the sketch distance: each rotated coordinate as one of 64 levels
 # the least work per thread of one query's parallel passes (`twostep_one`; measured: smaller pieces lose the launch)
 GRAIN_ROWS, GRAIN_SCORES = 1024, 64
+CHEAP_LAUNCH = 10e-6  # seconds: a parallel launch costing more makes one query's two-step serial (`one_query_parts`)
 SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (measured: 4-16 best, 1.7x over none)
 SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
 SAMPLE_MARGIN = 1.5  # ... as the distance that SAMPLE_MARGIN x the rows it keeps reach
@@ -1569,6 +1571,13 @@ def components(n, a, b):
     return parent
 
 
+@njit(parallel=True, cache=True)
+def _empty_launch(x):
+    """A parallel loop that does nothing worth timing but its launch (`launch_cost`)."""
+    for c in prange(x.shape[0]):
+        x[c] = c
+
+
 _LAUNCH = threading.Lock()
 _layer: list[str] = []  # the threading layer Numba chose, once a parallel kernel has run
 
@@ -1600,9 +1609,9 @@ def _one_launch_at_a_time(kernel):
 
 
 # the entry points that launch parallel regions (compiled code calls them by other names: these can be rebound)
-for _name in ("topk_single", "topk_one", "topk_batch", "topk_buckets", "radius_counts", "radius_search",
-              "cosine_rerank", "twostep_candidates", "twostep_one", "sketch_rows", "hamming_ranking_stats",
-              "code_pairs"):
+for _name in ("_empty_launch", "topk_single", "topk_one", "topk_batch", "topk_buckets", "radius_counts",
+              "radius_search", "cosine_rerank", "twostep_candidates", "twostep_one", "sketch_rows",
+              "hamming_ranking_stats", "code_pairs"):
     globals()[_name] = _one_launch_at_a_time(globals()[_name])
 
 
@@ -1613,6 +1622,33 @@ def set_threads(n: int) -> None:
 
 def threads() -> int:
     return numba.get_num_threads()
+
+
+_launches = threading.local()
+
+
+def launch_cost() -> float:
+    """Seconds one parallel launch costs when made from the calling thread, measured once per thread (the fastest
+    of a few empty launches). It differs by thread, not only by threading layer: on the omp layer a launch from the
+    main thread reuses spinning workers, one from any other thread (a server's request threads) costs tens of times
+    more; the workqueue layer is slow from every thread (RESULTS.md has the figures)."""
+    cost = getattr(_launches, "cost", None)
+    if cost is None:
+        x = np.zeros(2)
+        _empty_launch(x)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            _empty_launch(x)
+            best = min(best, time.perf_counter() - t0)
+        cost = _launches.cost = best
+    return cost
+
+
+def one_query_parts() -> int:
+    """Threads one query's two-step (`twostep_one`) splits its passes over: all of them where a launch from this
+    thread is cheap (CHEAP_LAUNCH), else one: its two or three launches would cost more than they save."""
+    return threads() if threads() > 1 and launch_cost() <= CHEAP_LAUNCH else 1
 
 
 def single_chunks(n: int) -> int:

@@ -526,3 +526,26 @@ def test_float16_conversions_match_numpy(rng):
     rows = rng.integers(0, 300, 500)
     got = K.half_gather(want.view(np.uint16), rows)
     np.testing.assert_array_equal(got.view(np.uint32), want[rows].astype(np.float32).view(np.uint32))
+
+
+def test_launch_cost_is_measured_per_thread():
+    """Each thread measures what a parallel launch costs from it, once; one query's two-step splits over the
+    threads only where that cost is below CHEAP_LAUNCH (on Numba's omp layer a thread other than the one that
+    launched first pays far more per launch, and the workqueue layer more from any thread)."""
+    import threading
+
+    K.set_threads(2)
+    here = K.launch_cost()
+    assert 0 < here < 1 and K.launch_cost() == here  # measured once, then kept
+    seen = {}
+
+    def other():
+        K.set_threads(2)
+        seen["cost"], seen["parts"] = K.launch_cost(), K.one_query_parts()
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert 0 < seen["cost"] < 1 and seen["cost"] != here  # its own measurement
+    assert seen["parts"] == (2 if seen["cost"] <= K.CHEAP_LAUNCH and K.threads() > 1 else 1)
+    assert K.one_query_parts() == (K.threads() if K.threads() > 1 and here <= K.CHEAP_LAUNCH else 1)
