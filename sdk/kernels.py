@@ -1248,6 +1248,7 @@ def _sketch_blocks(f, lo, hi, centre, flips, out):
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def _parallel_sketches(f, centre, flips, pieces, out):
+    """`_sketch_blocks` of every block of f in `pieces` parallel pieces."""
     for c in prange(pieces):
         lo, hi = _piece((f.shape[0] + SKETCH_LANES - 1) // SKETCH_LANES, pieces, c)
         _sketch_blocks(f, lo, hi, centre, flips, out)
@@ -1337,8 +1338,8 @@ def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, cel
                 shell, target, bits, feats, scales, rescore, k, ids, parts):
     """Both steps of one query over a bucketed index in one call (the batch path's `twostep_candidates`,
     `cosine_rerank` and `take_hits`, without the Python between them): the pool by shells and cells, the `rescore`
-    rows nearest by sketch, their exact cosine, the best k. Every pass over codes, centroids, sketches or features
-    runs in `parts` parallel pieces (`single_parts`): one query's latency on all cores, the same result.
+    rows nearest by sketch, their exact cosine, the best k. The sketch pass and the exact re-score run in up to
+    `parts` parallel pieces where they are long enough (`one_query_parts` picks `parts`); the result is the same.
 
     Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded."""
     cand = np.empty(max(1, rescore), np.int64)
@@ -1349,8 +1350,9 @@ def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, cel
     for j in range(c):
         rows[j] = cell_rows[cand[j]]
     scores = np.empty(c, np.float32)
-    if _pieces(parts, c, GRAIN_SCORES) > 1:
-        _parallel_scores(qf, feats, scales, rows, c, _pieces(parts, c, GRAIN_SCORES), scores)
+    pieces = _pieces(parts, c, GRAIN_SCORES)
+    if pieces > 1:
+        _parallel_scores(qf, feats, scales, rows, c, pieces, scores)
     else:
         _score_rows(qf, feats, scales, rows, 0, c, scores)
     out_p = np.full((1, k), -1, np.int64)
@@ -1648,7 +1650,8 @@ def launch_cost() -> float:
 def one_query_parts() -> int:
     """Threads one query's two-step (`twostep_one`) splits its passes over: all of them where a launch from this
     thread is cheap (CHEAP_LAUNCH), else one: its two or three launches would cost more than they save."""
-    return threads() if threads() > 1 and launch_cost() <= CHEAP_LAUNCH else 1
+    n = threads()
+    return n if n > 1 and launch_cost() <= CHEAP_LAUNCH else 1
 
 
 def single_chunks(n: int) -> int:
