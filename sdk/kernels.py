@@ -644,7 +644,7 @@ FAST = {"reassoc", "contract"}
 
 PARTS = 16  # pieces one query's pool is split into for the threads
 PREFETCH_AHEAD = 6  # rows requested ahead of the one being scored (measured: 4-8 best, 2.7x over none)
-CELL_SHARE = 8  # a widened shell holds at most one cell per this many pool rows (see `_shell_cut`)
+CELL_SHARE = 8  # a widened shell holds at most one cell per this many pool rows (see `_shell_picks`)
 SKETCH_LANES = 64  # rows rotated side by side by `sketch_rows` (measured: 3x faster per row than 16 or 32)
 SKETCH_PIECES = 64  # parallel pieces of one `sketch_rows` call (buckets._scan_cells: 65,536 rows at most)
 SIM_BINS = 2048  # resolution of the cell cut (`_cell_ranges`): cosine -1..1 in steps of 1/1024
@@ -849,63 +849,129 @@ def _keep_best(scores, k, out_p, out_s):
         out_s[j] = scores[order[j]]
 
 
-@njit(cache=True)
-def _shell_cut(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist):
-    """Distances of one query to the nu distinct codes (into dist) and the shell distance d*: the smallest d with at
-    least `target` rows at distance <= d (bits when the index holds fewer), then widened until it covers `shell`
-    rows, as long as its cells stay within `max_cells`: far shells hold many small buckets, each a cell whose
-    centroid the cut would have to compare. sizes[u] = bucket u's rows << 32 | its cells (one count per code).
+LANES16 = np.uint64(0x0001000100010001)  # one in each 16-bit lane of a word (`_level`)
+HIGH16 = np.uint64(0x8000800080008000)  # the top bit of each lane
+SHELL_LEVELS = 8  # distances `_shell_picks` takes one pass each before it counts the rest by one histogram ...
+SHELL_SCAN_CODES = 8192  # ... over more distinct codes than this; fewer are counted by the histogram at once
 
-    On the calling thread: split over two threads (the distances and histograms, then the codes within d*), it
-    measured no faster at 32,000 codes."""
-    _distances(ucodes, 0, nu, q, w, dist)
-    # four histograms, merged after: code distances crowd a few values, and one histogram's increments would wait
-    # on each other
-    h = np.zeros((4, bits + 1), np.int64)
+
+@njit(inline="always", cache=True)
+def _level(dist, nu, d, sizes, out, n):
+    """Append to out (from n) every u < nu with dist[u] == d, in order; returns (new n, their rows, their cells),
+    sizes[u] = rows << 32 | cells. dist is uint16, padded with 0xFFFF to whole words: four distances per word are
+    tested at once (a word holds a lane equal to d exactly when x - 1 per lane borrows into the top bit of a lane
+    whose own top bit is clear, x = word ^ d per lane), sixteen words OR-ed before one branch, and only the few
+    words that hold one are read code by code."""
+    words = dist.view(np.uint64)
+    nw = words.shape[0]
+    pattern = np.uint64(d) * LANES16
+    rows = np.int64(0)
+    cells = np.int64(0)
+    for g in range(0, nw, 16):
+        hit = np.uint64(0)
+        for i in range(g, min(g + 16, nw)):
+            x = words[np.uint64(i)] ^ pattern
+            hit |= (x - LANES16) & ~x & HIGH16
+        if hit:
+            for i in range(g, min(g + 16, nw)):
+                x = words[np.uint64(i)] ^ pattern
+                if (x - LANES16) & ~x & HIGH16:
+                    for u in range(4 * i, min(nu, 4 * i + 4)):
+                        if dist[u] == d:
+                            out[n] = u
+                            n += 1
+                            rows += sizes[u] >> 32
+                            cells += sizes[u] & 0xFFFFFFFF
+    return n, rows, cells
+
+
+@njit(inline="always", cache=True)
+def _wider(covered, cells, more, c, target, shell, max_cells):
+    """Whether the shells take the next distance, which adds `more` rows and `c` cells: always while they hold
+    fewer than `target` rows, then towards `shell` rows as long as the cells stay within `max_cells`."""
+    return covered < target or (covered < shell and cells + c <= max_cells)
+
+
+@njit(cache=True)
+def _shells_by_histogram(dist, nu, sizes, d, covered, cells, target, shell, max_cells, bits, picked, pdist, n):
+    """The rest of `_shell_picks` past distance d in one histogram of every code's rows and cells (four of them,
+    merged after: code distances crowd a few values, and one histogram's increments would wait on each other),
+    then the codes past d within the cut, counting-sorted by distance (stable, so ties stay in bucket order).
+    Returns (n, rows covered)."""
+    h = np.zeros((4, bits + 2), np.int64)
     for u in range(nu):
         h[u & 3, dist[u]] += sizes[u]
     both = h[0] + h[1] + h[2] + h[3]
     rows = both >> 32
     ncells = both & 0xFFFFFFFF
-    covered, cells, cut = rows[0], ncells[0], 0
-    while covered < target and cut < bits:
+    cut = d
+    while cut < bits and _wider(covered, cells, rows[cut + 1], ncells[cut + 1], target, shell, max_cells):
         cut += 1
         covered += rows[cut]
         cells += ncells[cut]
-    while cut < bits and covered < shell and cells + ncells[cut + 1] <= max_cells:
-        cut += 1
-        covered += rows[cut]
-        cells += ncells[cut]
-    return cut
+    count = np.zeros(cut + 2, np.int64)
+    for u in range(nu):
+        e = dist[u]
+        if d < e <= cut:
+            count[e] += 1
+    start = np.zeros(cut + 2, np.int64)
+    at = n
+    for e in range(d + 1, cut + 1):
+        start[e] = at
+        at += count[e]
+    for u in range(nu):
+        e = dist[u]
+        if d < e <= cut:
+            picked[start[e]] = u
+            pdist[start[e]] = e
+            start[e] += 1
+    return at, covered
 
 
 @njit(cache=True)
-def _shell_picks(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist):
-    """The buckets of one query's shells (see `_shell_cut`), nearest first (ties by bucket), their distances and
-    their rows in all. One pass over the codes finds the few within d*; only those are sorted (by counting)."""
-    cut = _shell_cut(ucodes, nu, w, sizes, q, target, shell, max_cells, bits, dist)
-    within = np.empty(nu, np.int64)
-    m = 0
+def _shell_picks(ucodes, nu, w, sizes, q, target, shell, max_cells, bits):
+    """The buckets of one query's shells, nearest code first (ties by bucket), their distances and their rows in
+    all: the smallest distance d* with at least `target` rows within it (every bucket when the index holds fewer),
+    then widened a distance at a time towards `shell` rows while its cells stay within `max_cells` (far shells hold
+    many small buckets, each a cell whose centroid the cut would have to compare). sizes[u] = bucket u's
+    rows << 32 | its cells.
+
+    One vectorised pass of distances to the nu distinct codes, then one pass per distance from the nearest code's
+    (`_level`, which reads only the codes at that distance, and they come out sorted): learned codes over a large
+    index decide within two to four. A histogram of every code's rows per distance costs a scattered
+    read-modify-write per code, three times as long as those passes, but less than many of them: shells that go on
+    past SHELL_LEVELS distances finish by one, and a small index (few codes with many rows each, whose shells reach
+    far) takes it at once."""
+    dist = np.empty((nu + 3) // 4 * 4, np.uint16)
+    if w == 1:  # a literal word count: LLVM vectorises the one-word loop
+        _distances(ucodes, 0, nu, q, 1, dist)
+    else:
+        _distances(ucodes, 0, nu, q, w, dist)
+    dist[nu:] = 0xFFFF
+    low = np.uint16(0xFFFF)
     for u in range(nu):
-        if dist[u] <= cut:
-            within[m] = u
-            m += 1
-    start = np.zeros(cut + 2, np.int64)  # a counting sort by distance: stable, so ties stay in bucket order
-    for j in range(m):
-        start[dist[within[j]] + 1] += 1
-    for d in range(cut + 1):
-        start[d + 1] += start[d]
-    picked = np.empty(m, np.int64)
-    pdist = np.empty(m, np.int64)
-    rows = 0
-    for j in range(m):
-        u = within[j]
-        d = dist[u]
-        picked[start[d]] = u
-        pdist[start[d]] = d
-        start[d] += 1
-        rows += sizes[u] >> 32
-    return picked, pdist, rows
+        low = min(low, dist[np.uint64(u)])
+    picked = np.empty(nu, np.int64)
+    pdist = np.empty(nu, np.int64)
+    d = np.int64(low) - 1 if nu else np.int64(bits)
+    n, covered, cells = 0, np.int64(0), np.int64(0)
+    levels = 0 if nu > SHELL_SCAN_CODES else SHELL_LEVELS
+    while d < bits:
+        if levels == SHELL_LEVELS:
+            n, covered = _shells_by_histogram(dist, nu, sizes, d, covered, cells, target, shell, max_cells, bits,
+                                              picked, pdist, n)
+            break
+        n0 = n
+        n, more, c = _level(dist, nu, d + 1, sizes, picked, n)
+        levels += 1
+        if not _wider(covered, cells, more, c, target, shell, max_cells):
+            n = n0
+            break
+        d += 1
+        pdist[n0:n] = d
+        covered += more
+        cells += c
+    return picked[:n], pdist[:n], covered
 
 
 @njit(cache=True, fastmath=FAST)
@@ -1008,35 +1074,33 @@ def _pool_distances(planes, signs, lo, hi, parts):
 
 
 @njit(inline="always", cache=True)
-def _rows_within(sd, lo, base, cum, limit, r0, r1, keep_r, keep_b, keep_d):
-    """The rows r0..r1-1 of the pool (range b holds rows cum[b]..cum[b + 1]-1, its row r's sketch distance at
-    sd[base[b] + r]) at sketch distance <= limit, in order, into keep_* from r0: their positions in the cell
-    order, ranges and distances. Returns how many."""
-    c = r0
-    b = np.searchsorted(cum, r0, side="right") - 1
-    g = r0
-    while g < r1:
-        while g >= cum[b + 1]:
-            b += 1
-        end = min(r1, cum[b + 1])
-        for r in range(lo[b] + g - cum[b], lo[b] + end - cum[b]):
-            d = sd[base[b] + r]
-            if d <= limit:
-                keep_r[c] = r
+def _within_mask(sd, start, m, limit):
+    """Bit j set where sd[start + j] <= limit (j < m <= 64): branch-free, so LLVM vectorises it."""
+    mask = np.uint64(0)
+    for j in range(m):
+        mask |= np.uint64(sd[np.uint64(start + j)] <= limit) << np.uint64(j)
+    return mask
+
+
+@njit(inline="always", cache=True)
+def _rows_within(sd, lo, hi, base, limit, keep_r, keep_b, keep_d):
+    """The rows of the ranges [lo, hi) of the cell order (row r of range b at sketch distance sd[base[b] + r]) at
+    distance <= limit, in pool order, into keep_*: their positions in the cell order, ranges and distances.
+    Returns how many. Tested 64 rows per mask: the few kept rows are the only branches."""
+    c = 0
+    for b in range(lo.shape[0]):
+        s0 = base[b] + lo[b]
+        n = hi[b] - lo[b]
+        for g in range(0, n, 64):
+            mask = _within_mask(sd, s0 + g, min(64, n - g), limit)
+            while mask:
+                j = g + trailing_zeros(mask)
+                mask &= mask - np.uint64(1)
+                keep_r[c] = lo[b] + j
                 keep_b[c] = b
-                keep_d[c] = d
+                keep_d[c] = sd[s0 + j]
                 c += 1
-        g = end
-    return c - r0
-
-
-@njit(parallel=True, cache=True)
-def _parallel_rows_within(sd, lo, base, cum, limit, parts, keep_r, keep_b, keep_d, counts):
-    """`_rows_within` of every pool row in `parts` parallel pieces: piece c's rows from its first row's slot,
-    counts[c] of them."""
-    for c in prange(parts):
-        r0, r1 = _piece(cum[-1], parts, c)
-        counts[c] = _rows_within(sd, lo, base, cum, limit, r0, r1, keep_r, keep_b, keep_d)
+    return c
 
 
 @njit(cache=True)
@@ -1067,26 +1131,12 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d, parts):
         skip = r - hi[b]
     sample = sample[:ns]
     at = np.int64(np.ceil(ns * SAMPLE_MARGIN * want / nrows))
-    cum = np.empty(nb + 1, np.int64)  # range b holds rows cum[b]..cum[b + 1]-1 of the pool
-    cum[0] = 0
-    for b in range(nb):
-        cum[b + 1] = cum[b] + hi[b] - lo[b]
     keep_r = np.empty(nrows, np.int64)
     keep_b = np.empty(nrows, np.int64)
     keep_d = np.empty(nrows, np.int32)
-    counts = np.empty(parts, np.int64)
     while True:  # the rows within the sampled limit, in pool order; widened until at least m
         limit = np.partition(sample, at)[at] if at < ns else np.iinfo(np.int32).max
-        if parts > 1:
-            _parallel_rows_within(sd, lo, base, cum, limit, parts, keep_r, keep_b, keep_d, counts)
-            c = 0
-            for p in range(parts):  # the pieces' rows joined, in order
-                r0 = _piece(nrows, parts, p)[0]
-                for j in range(counts[p]):
-                    keep_r[c + j], keep_b[c + j], keep_d[c + j] = keep_r[r0 + j], keep_b[r0 + j], keep_d[r0 + j]
-                c += counts[p]
-        else:
-            c = _rows_within(sd, lo, base, cum, limit, 0, nrows, keep_r, keep_b, keep_d)
+        c = _rows_within(sd, lo, hi, base, limit, keep_r, keep_b, keep_d)
         if c >= want:
             break
         at = 2 * at + 1
@@ -1119,9 +1169,7 @@ def _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, 
     about `target` rows (`_cell_ranges`), and of those the out_p.shape[0] nearest by sketch (`_sketch_pick`; a pool
     that fits takes no sketch pass, and no query sketch). The sketch pass runs in up to `parts` parallel pieces
     (one: all on the calling thread, as a batch's queries run)."""
-    dist = np.empty(nu, np.int64)
-    picked, pdist, nrows = _shell_picks(ucodes, nu, w, sizes, q, target, shell, max(1, target // CELL_SHARE), bits,
-                                        dist)
+    picked, pdist, nrows = _shell_picks(ucodes, nu, w, sizes, q, target, shell, max(1, target // CELL_SHARE), bits)
     lo, hi, rd, rows = _cell_ranges(qf, picked, pdist, nrows, bucket_cells, cells, centroids, target)
     if rows <= out_p.shape[0]:
         c = 0

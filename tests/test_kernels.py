@@ -371,10 +371,13 @@ def shells_reference(du, rows, cells, target, shell, max_cells, bits):
 
 @pytest.mark.parametrize("spread", ["clustered", "uniform"])
 @pytest.mark.parametrize("target", [1, 300, 20_000, 10**9])
-def test_shell_picks_against_numpy(rng, spread, target):
-    """The shells' buckets equal numpy's, whether d* lies within the first bound of distances searched
-    (clustered codes near the query) or far beyond it (uniform codes: the bound doubles until it decides)."""
-    bits, nu = 48, 3000
+@pytest.mark.parametrize("bits, nu", [(48, 3000), (48, K.SHELL_SCAN_CODES + 1), (128, K.SHELL_SCAN_CODES + 3),
+                                      (1024, 402)])
+def test_shell_picks_against_numpy(rng, spread, target, bits, nu):
+    """The shells' buckets equal numpy's, whether d* lies at the nearest code's distance (clustered codes near the
+    query) or many distances beyond it (uniform codes: past SHELL_LEVELS passes, the histogram finishes), counted
+    by histogram (few codes) or distance by distance (more), for one-word, two-word and 1024-bit codes (distances
+    past 255), and counts of codes that do not fill the last word of four distances."""
     centre = rng.random(bits) < 0.5
     flip = 0.03 if spread == "clustered" else 0.5
     codes = pack_codes(centre ^ (rng.random((nu, bits)) < flip), bits)
@@ -384,8 +387,8 @@ def test_shell_picks_against_numpy(rng, spread, target):
     for qbits in (centre, rng.random(bits) < 0.5):
         qw = to_words(pack_codes(qbits, bits), bits)
         for shell, max_cells in ((target, 10**9), (4 * target, max(1, target // 8))):
-            picked, pdist, nrows = K._shell_picks(uw.reshape(-1), nu, 1, sizes, qw[0], target, shell, max_cells,
-                                                  bits, np.empty(nu, np.int64))
+            picked, pdist, nrows = K._shell_picks(uw.reshape(-1), nu, uw.shape[1], sizes, qw[0], target, shell,
+                                                  max_cells, bits)
             du = brute_distances(qw, uw)[0]
             want = shells_reference(du, rows, cells, target, shell, max_cells, bits)
             np.testing.assert_array_equal(picked, want)
