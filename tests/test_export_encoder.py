@@ -182,6 +182,21 @@ def test_encoder_errors(tmp_path, onnx_model):
         Encoder.open(onnx_model, runtime="openvino")
 
 
+def test_spinning_policies_change_when_threads_wait_not_what_they_compute(onnx_model, small_fashion):
+    """Each of ONNX Runtime's spinning policies (see runtimes/onnxruntime.py; benchmarks/bench_interleave.py times
+    them) gives the same codes and features; a wrong name is refused, naming the ones that exist."""
+    from latenthash.runtimes.onnxruntime import SPINNING
+
+    images = small_fashion.test.images[:64]
+    want = Encoder.open(onnx_model, runtime="onnxruntime", threads=2).encode(images)
+    for policy in SPINNING:
+        got = Encoder.open(onnx_model, runtime="onnxruntime", threads=2, spinning=policy).encode(images)
+        np.testing.assert_array_equal(got.codes, want.codes)
+        np.testing.assert_allclose(got.features, want.features, atol=1e-6)
+    with pytest.raises(InvalidInput, match="spinning must be one of run, always, never"):
+        Encoder.open(onnx_model, runtime="onnxruntime", spinning="sometimes")
+
+
 def test_tensorrt_missing_is_a_fix_it_error(onnx_model):
     try:
         import tensorrt  # noqa: F401

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from latenthash.errors import ModelMismatch, require
+from latenthash.errors import InvalidInput, ModelMismatch, require
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# when ONNX Runtime's intra-op threads may busy-wait for work: within a run only (they stop as it returns), also
+# between runs (ONNX Runtime's own default), or never
+SPINNING = {"run": ("session.force_spinning_stop", "1"), "always": None,
+            "never": ("session.intra_op.allow_spinning", "0")}
 
 
 def default_providers(cache_dir: str | os.PathLike | None = None) -> list:
@@ -30,15 +34,27 @@ def default_providers(cache_dir: str | os.PathLike | None = None) -> list:
 
 
 class OnnxRuntime:
-    """An ONNX Runtime session over an exported latenthash model."""
+    """An ONNX Runtime session over an exported latenthash model.
+
+    `spinning` says when its threads may busy-wait for work. ONNX Runtime's default ("always") keeps them spinning
+    on the cores for a while after each run, where they slow the index search that follows an encode in the same
+    process (search by image, in the Searcher and the server) by as much as they speed up the next encode;
+    "run" (the default here) lets them spin while a run lasts and stops them as it returns; "never" makes each
+    operator's threads sleep between its tasks (benchmarks/bench_interleave.py measures all three).
+    """
 
     name = "onnxruntime"
     max_batch = 1024
 
     def __init__(self, model_path: str | os.PathLike, *, providers: list | None = None, threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None):
+                 cache_dir: str | os.PathLike | None = None, spinning: str = "run"):
         ort = require("onnxruntime", extra=None, purpose="the ONNX Runtime encoder")
+        if spinning not in SPINNING:
+            raise InvalidInput(f"spinning must be one of {', '.join(SPINNING)}, got {spinning!r}")
         opts = ort.SessionOptions()
+        entry = SPINNING[spinning]
+        if entry is not None:
+            opts.add_session_config_entry(*entry)
         # small CPUs: all cores on one op at a time, no inter-op pool competing with them
         opts.intra_op_num_threads = threads or os.cpu_count() or 1
         opts.inter_op_num_threads = 1
