@@ -7,7 +7,7 @@ ONNX Runtime's intra-op threads busy-wait for work after a run by default, and a
 finds its cores taken. For each policy (`runtimes.onnxruntime.SPINNING`: "run", the default, spins only while a run
 lasts; "always" is ONNX Runtime's own default; "never") this times, from the main thread, one image and a batch of
 64: the encode alone (encodes back to back), the search alone (searches back to back, by the codes and features
-the model gave), and search by image (encode, then search; the search's own part reported beside the pair). The
+the model gave; the first of them follows the encodes), and search by image (encode, then search; the search's own part reported beside the pair). The
 index is the run's training set (with `--copies` shifted/mirrored copies of each image, as bench_search builds it),
 default pool, k = 10; medians over queries and repetitions, the policies alternating by repetition.
 """
@@ -24,6 +24,7 @@ from bench_search import copies_database
 from common import load_note, save
 
 BATCH = 64
+BATCH_REPS = 8  # batches of each kind per repetition
 
 
 def main() -> None:
@@ -80,13 +81,15 @@ def main() -> None:
             note(policy, "by image 1", t2 - t0)
             note(policy, "its search 1", t2 - t1)
         batch = images[:BATCH]
-        for _ in range(4):
+        for _ in range(BATCH_REPS):
             t0 = time.perf_counter()
             enc.encode(batch)
             note(policy, "encode 64", time.perf_counter() - t0)
+        for _ in range(BATCH_REPS):
             t0 = time.perf_counter()
             index.search(q.codes[:BATCH], 10, features=q.features[:BATCH])
             note(policy, "search 64", time.perf_counter() - t0)
+        for _ in range(BATCH_REPS):
             t0 = time.perf_counter()
             e = enc.encode(batch)
             t1 = time.perf_counter()
