@@ -655,6 +655,7 @@ CHEAP_LAUNCH = 10e-6  # seconds: a parallel launch costing more makes one query'
 SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (measured: 4-16 best, 1.7x over none)
 SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
 SAMPLE_MARGIN = 1.5  # ... as the distance that SAMPLE_MARGIN x the rows it keeps reach
+SELECT_BY_INSERTION = 40  # `_kth_smallest` keeps a sorted buffer below this rank, else partitions
 
 
 @intrinsic
@@ -1104,6 +1105,30 @@ def _rows_within(sd, lo, hi, base, limit, keep_r, keep_b, keep_d):
 
 
 @njit(cache=True)
+def _kth_smallest(values, at):
+    """The at-th smallest of values (0-based, at < len(values)). A small `at` (the sketch pass's sampled cut: a few
+    dozen of a few hundred) keeps the at + 1 smallest seen in a sorted buffer, a few times faster than numpy's
+    partition, which copies and selects the whole sample; a larger one takes the partition."""
+    if at >= SELECT_BY_INSERTION:
+        return np.partition(values, at)[at]
+    buf = np.empty(at + 1, values.dtype)
+    m = 0
+    for x in values:
+        if m <= at:
+            j = m
+            m += 1
+        elif x < buf[at]:
+            j = at
+        else:
+            continue
+        while j > 0 and buf[j - 1] > x:
+            buf[j] = buf[j - 1]
+            j -= 1
+        buf[j] = x
+    return buf[at]
+
+
+@njit(cache=True)
 def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d, parts):
     """Step 2's first pass for one query over its pool, ranges [lo, hi) of the cell order at code distances
     rdist: each pool row's sketch distance to the query, sum_j |L s_j - v_j| over the row's sign bits s and the
@@ -1135,7 +1160,7 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d, parts):
     keep_b = np.empty(nrows, np.int64)
     keep_d = np.empty(nrows, np.int32)
     while True:  # the rows within the sampled limit, in pool order; widened until at least m
-        limit = np.partition(sample, at)[at] if at < ns else np.iinfo(np.int32).max
+        limit = _kth_smallest(sample, at) if at < ns else np.iinfo(np.int32).max
         c = _rows_within(sd, lo, hi, base, limit, keep_r, keep_b, keep_d)
         if c >= want:
             break

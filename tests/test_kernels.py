@@ -471,6 +471,14 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
         assert got_n[0] == want_n[i]
 
 
+@pytest.mark.parametrize("n", [1, 2, 37, 256, 1000])
+def test_kth_smallest_against_numpy(rng, n):
+    """The sampled cut's selection equals numpy's at every rank, on both sides of SELECT_BY_INSERTION, with ties."""
+    for values in (rng.integers(0, 50, n).astype(np.int32), rng.integers(0, 10**6, n).astype(np.int32)):
+        for at in sorted({0, n // 2, n - 1, min(n - 1, K.SELECT_BY_INSERTION - 1), min(n - 1, K.SELECT_BY_INSERTION)}):
+            assert K._kth_smallest(values, at) == np.partition(values, at)[at]
+
+
 @pytest.mark.parametrize("pattern", ["random", "ties", "sample_nearest"])
 @pytest.mark.parametrize("m", [1, 40, 500])
 @pytest.mark.parametrize("parts", [1, 2, 5])
