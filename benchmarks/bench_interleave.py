@@ -7,9 +7,10 @@ ONNX Runtime's intra-op threads busy-wait for work after a run by default, and a
 finds its cores taken. For each policy (`runtimes.onnxruntime.SPINNING`: "run", the default, spins only while a run
 lasts; "always" is ONNX Runtime's own default; "never") this times, from the main thread, one image and a batch of
 64: the encode alone (encodes back to back), the search alone (searches back to back, by the codes and features
-the model gave; the first of them follows the encodes), and search by image (encode, then search; the search's own part reported beside the pair). The
-index is the run's training set (with `--copies` shifted/mirrored copies of each image, as bench_search builds it),
-default pool, k = 10; medians over queries and repetitions, the policies alternating by repetition.
+the model gave; the first of them follows the encodes), and search by image (encode, then search; the search's
+own part reported beside the pair). The index is the run's training set (with `--copies` shifted/mirrored
+copies of each image, as bench_search builds it), default pool, k = 10; medians over queries and repetitions, the
+policies alternating by repetition.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def main() -> None:
 
     from latenthash import HashIndex
     from latenthash import kernels as K
+    from latenthash.cpu import cpu_info
     from latenthash.encoder import Encoder
     from latenthash.export.data import load_dataset
     from latenthash.export.train import load_model
-    from latenthash.cpu import cpu_info
     from latenthash.runtimes.onnxruntime import SPINNING
 
     model = Path(args.run) / "model.onnx"
