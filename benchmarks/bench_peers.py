@@ -45,12 +45,12 @@ K = 10
 CHURN = 0.01
 SETTINGS = {
     # each curve sampled finely enough near recall 0.95 and 0.99 that the crossing is read, not interpolated
-    "latenthash": [1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000, 50000],  # pool
+    "latenthash": [1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000, 50000],  # pool
     "latenthash-codes": [None],
-    "faiss-hnsw16": [16, 24, 32, 48, 64, 96, 128, 256],  # efSearch
-    "faiss-hnsw32": [16, 24, 32, 48, 64, 96, 128, 256],
-    "usearch-f16": [16, 24, 32, 48, 64, 96, 128, 256],  # expansion_search
-    "usearch-i8": [16, 24, 32, 48, 64, 96, 128, 256],
+    "faiss-hnsw16": [16, 20, 24, 32, 48, 64, 96, 128, 256],  # efSearch
+    "faiss-hnsw32": [16, 20, 24, 32, 48, 64, 96, 128, 256],
+    "usearch-f16": [16, 20, 24, 32, 48, 64, 96, 128, 256],  # expansion_search
+    "usearch-i8": [16, 20, 24, 32, 48, 64, 96, 128, 256],
 }
 
 
