@@ -857,12 +857,19 @@ SHELL_SCAN_CODES = 8192  # ... over more distinct codes than this; fewer are cou
 
 
 @njit(inline="always", cache=True)
+def _lanes_equal(word, pattern):
+    """Non-zero exactly when one of word's four 16-bit lanes equals pattern's (x = word ^ pattern has a zero lane:
+    x - 1 per lane borrows into the top bit of a lane whose own top bit is clear)."""
+    x = word ^ pattern
+    return (x - LANES16) & ~x & HIGH16
+
+
+@njit(inline="always", cache=True)
 def _level(dist, nu, d, sizes, out, n):
     """Append to out (from n) every u < nu with dist[u] == d, in order; returns (new n, their rows, their cells),
     sizes[u] = rows << 32 | cells. dist is uint16, padded with 0xFFFF to whole words: four distances per word are
-    tested at once (a word holds a lane equal to d exactly when x - 1 per lane borrows into the top bit of a lane
-    whose own top bit is clear, x = word ^ d per lane), sixteen words OR-ed before one branch, and only the few
-    words that hold one are read code by code."""
+    tested at once (`_lanes_equal`), sixteen words OR-ed before one branch, and only the few words that hold one
+    are read code by code."""
     words = dist.view(np.uint64)
     nw = words.shape[0]
     pattern = np.uint64(d) * LANES16
@@ -871,18 +878,18 @@ def _level(dist, nu, d, sizes, out, n):
     for g in range(0, nw, 16):
         hit = np.uint64(0)
         for i in range(g, min(g + 16, nw)):
-            x = words[np.uint64(i)] ^ pattern
-            hit |= (x - LANES16) & ~x & HIGH16
-        if hit:
-            for i in range(g, min(g + 16, nw)):
-                x = words[np.uint64(i)] ^ pattern
-                if (x - LANES16) & ~x & HIGH16:
-                    for u in range(4 * i, min(nu, 4 * i + 4)):
-                        if dist[u] == d:
-                            out[n] = u
-                            n += 1
-                            rows += sizes[u] >> 32
-                            cells += sizes[u] & 0xFFFFFFFF
+            hit |= _lanes_equal(words[np.uint64(i)], pattern)
+        if not hit:
+            continue
+        for i in range(g, min(g + 16, nw)):
+            if not _lanes_equal(words[np.uint64(i)], pattern):
+                continue
+            for u in range(4 * i, min(nu, 4 * i + 4)):
+                if dist[u] == d:
+                    out[n] = u
+                    n += 1
+                    rows += sizes[u] >> 32
+                    cells += sizes[u] & 0xFFFFFFFF
     return n, rows, cells
 
 
@@ -956,15 +963,15 @@ def _shell_picks(ucodes, nu, w, sizes, q, target, shell, max_cells, bits):
     pdist = np.empty(nu, np.int64)
     d = np.int64(low) - 1 if nu else np.int64(bits)
     n, covered, cells = 0, np.int64(0), np.int64(0)
-    levels = 0 if nu > SHELL_SCAN_CODES else SHELL_LEVELS
+    passes_left = SHELL_LEVELS if nu > SHELL_SCAN_CODES else 0
     while d < bits:
-        if levels == SHELL_LEVELS:
+        if passes_left == 0:
             n, covered = _shells_by_histogram(dist, nu, sizes, d, covered, cells, target, shell, max_cells, bits,
                                               picked, pdist, n)
             break
         n0 = n
         n, more, c = _level(dist, nu, d + 1, sizes, picked, n)
-        levels += 1
+        passes_left -= 1
         if not _wider(covered, cells, more, c, target, shell, max_cells):
             n = n0
             break
