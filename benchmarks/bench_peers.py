@@ -8,7 +8,9 @@ cosine over the float32 features (faiss IndexFlatIP). Each method runs in a proc
 growth of that process's resident set while it builds, after a first build that pays imports and compilation, with
 glibc's mmap threshold low so that freed temporaries leave it; see `mmap_threshold`):
 
-- latenthash two-step (the embedded HashIndex, default float16 features), over its pool knob;
+- latenthash two-step (the embedded HashIndex, default float16 features), over its pool knob, and the same with
+  int8 features (latenthash-i8); beside each, the recall of an exhaustive cosine search over the features as the
+  index stores them (its ceiling);
 - latenthash codes only (no features stored: the exact Hamming top-10);
 - faiss IndexHNSWFlat, M 16 and 32 (efConstruction 40, its default), over efSearch;
 - usearch HNSW (connectivity 16) with f16 and i8 vectors, over its search expansion (skipped if not installed).
@@ -43,9 +45,11 @@ from latenthash.cpu import cpu_info
 
 K = 10
 CHURN = 0.01
+TWO_STEP = ("latenthash", "latenthash-i8")  # the methods with features (the others: codes only, peers)
 SETTINGS = {
     # each curve sampled finely enough near recall 0.95 and 0.99 that the crossing is read, not interpolated
     "latenthash": [1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000, 50000],  # pool
+    "latenthash-i8": [1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000, 50000],
     "latenthash-codes": [None],
     "faiss-hnsw16": [16, 20, 24, 32, 48, 64, 96, 128, 256],  # efSearch
     "faiss-hnsw32": [16, 20, 24, 32, 48, 64, 96, 128, 256],
@@ -93,6 +97,16 @@ def database(run_dir: str, copies: int, n_queries: int, path: Path) -> None:
              truth=truth, bits=enc.bits)
 
 
+def exact_top(stored: np.ndarray, qunit: np.ndarray, chunk: int = 100) -> np.ndarray:
+    """The exhaustive cosine top-K over rows as an index stores them (ties by row), a few queries at a time."""
+    out = []
+    for lo in range(0, len(qunit), chunk):
+        s = qunit[lo:lo + chunk] @ stored.T
+        top = np.argpartition(-s, K, axis=1)[:, :K]
+        out.append(np.take_along_axis(top, np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable"), 1))
+    return np.concatenate(out)
+
+
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(f[f >= 0], t)) / K for f, t in zip(found, truth)]))
 
@@ -112,8 +126,9 @@ class Method:
             from latenthash import HashIndex, kernels
 
             kernels.set_threads(self.threads)
-            with_features = self.name == "latenthash"
-            self.index = HashIndex(bits=self.bits, feature_dim=d if with_features else None)
+            with_features = self.name in TWO_STEP
+            self.index = HashIndex(bits=self.bits, feature_dim=d if with_features else None,
+                                   feature_dtype="int8" if self.name == "latenthash-i8" else "float16")
             self.index.add(np.arange(n), self.codes, self.feats if with_features else None)
             self.index.warmup()  # the bucket and sketch build, as a server does before it serves
         elif self.name.startswith("faiss"):
@@ -137,7 +152,7 @@ class Method:
 
     def search(self, qcodes: np.ndarray, qfeats: np.ndarray) -> np.ndarray:
         """Ids (Q, K) of a batch (Q may be 1)."""
-        if self.name == "latenthash":
+        if self.name in TWO_STEP:
             one = len(qcodes) == 1
             return self.index.search(qcodes[0] if one else qcodes, k=K, features=qfeats[0] if one else qfeats,
                                      pool=self.value).ids
@@ -154,7 +169,7 @@ class Method:
         t0 = time.perf_counter()
         if self.name.startswith("latenthash"):
             self.index.remove(gone)
-            self.index.add(new_ids, self.codes[gone], self.feats[gone] if self.name == "latenthash" else None)
+            self.index.add(new_ids, self.codes[gone], self.feats[gone] if self.name in TWO_STEP else None)
             self.index.warmup()  # buckets and sketches of the new snapshot (a background job in a server)
         else:
             self.index.remove(gone)
@@ -201,6 +216,8 @@ def worker(name: str, data: str, threads: int) -> dict:
     out = {"method": name, "n": n, "threads": threads, "build_s": build_s,
            "memory_bytes_per_item": (rss() - before) / n, "disk_bytes_per_item": m.disk_bytes() / n, "rows": []}
     mmap_threshold(32 << 20)
+    if name in TWO_STEP:
+        out["exact_over_stored"] = recall(exact_top(m.index.get(np.arange(n)).features, qunit), truth)
     feed = qunit if not name.startswith("latenthash") else qfeats
     for value in SETTINGS[name]:
         m.set(value)
@@ -291,6 +308,8 @@ def main() -> None:
                 print(f"| {name} | {x['setting']} | {x['ms']:.3f} | {x['recall']:.4f} | {x['batch_ms']:.4f} | "
                       f"{r['build_s']:.1f} | {r['memory_bytes_per_item']:.0f} | {r['disk_bytes_per_item']:.0f} |",
                       flush=True)
+            if "exact_over_stored" in r:
+                print(f"| {name}: exhaustive over its stored features | | | {r['exact_over_stored']:.4f} | | | | |")
             if "churn" in r:
                 c = r["churn"]
                 print(f"| {name}: delete + insert {CHURN:.0%} | {c['setting']} | {c['seconds']:.2f} s | "

@@ -34,6 +34,7 @@ constant writes simply keeps scanning.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -68,6 +69,16 @@ class Buckets:
     signs: np.ndarray | None = None  # (ceil(n / 8), SKETCH_BITS / 64, 8) uint64 sketches, cell order (see below)
     centre: np.ndarray | None = None  # (D,) float32 mean stored feature
     flips: np.ndarray | None = None  # (R, SKETCH_ROUNDS, P) float32 +-1: the sketch's random rotations (see below)
+
+    @functools.cached_property
+    def kernel_layout(self) -> tuple[tuple, tuple]:
+        """The cells as the two-step kernels take them (`kernels._candidates`: codes flattened, their count and
+        words per code, sizes, bucket_cells, cells, centroids, signs) and the sketch's (centre, flips): made once,
+        as one query's search is short enough to feel a dozen attribute reads."""
+        codes = self.codes
+        assert codes is not None
+        return ((codes.reshape(-1), len(codes), codes.shape[1], self.sizes, self.bucket_cells, self.cells,
+                 self.centroids, self.signs), (self.centre, self.flips))
 
 
 def build(snapshot) -> Buckets:

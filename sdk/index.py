@@ -51,6 +51,8 @@ from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, pool_size
 from latenthash.storage import DirLock
 
 FEATURE_DTYPES = ("float32", "float16", "int8")
+SCALED_DTYPES = ("float16", "int8")  # stored with a per-row scale (`_row_scales`) ...
+SCALE_CHUNK = 1 << 16  # ... computed this many rows at a time (a float32 copy of each chunk)
 OVERSAMPLE = 20  # candidates per hit that step 2 re-scores exactly after its sketch pass ...
 RESCORE_SHARE = 20  # ... and at least this share of the pool (1 / RESCORE_SHARE)
 
@@ -61,7 +63,7 @@ class _Snapshot:
     words: np.ndarray  # (capacity, W) uint64
     ids: np.ndarray  # (capacity,) int64
     features: np.ndarray | None  # (capacity, D) float32 / float16 / int8
-    scales: np.ndarray | None  # (capacity,) float32, int8 storage only
+    scales: np.ndarray | None  # (capacity,) float32 per-row scale, int8 and float16 storage (see `_row_scales`)
     metadata: list  # JSON text (str) or None per row; rows past n may exist
 
     @functools.cached_property
@@ -75,17 +77,30 @@ def _rescored(k: int, target: int) -> int:
     return max(OVERSAMPLE * k, target // RESCORE_SHARE)
 
 
-def _cell_args(buckets) -> tuple:
-    """The bucket layout as the two-step kernels take it (`kernels._candidates`), first arguments in order."""
-    return (buckets.codes.reshape(-1), len(buckets.codes), buckets.codes.shape[1], buckets.sizes,
-            buckets.bucket_cells, buckets.cells, buckets.centroids, buckets.signs)
+def _row_scales(stored: np.ndarray) -> np.ndarray:
+    """1 / the norm of each stored (rounded) feature row, so that row x scale is a unit vector and a dot product
+    with it an exact cosine of what is stored. Rounding moves a row's norm by about as much as neighbours' scores
+    differ near the k-th place, so scores without it rank by that noise (benchmarks/RESULTS.md measures it)."""
+    out = np.ones(len(stored), np.float32)
+    for lo in range(0, len(stored), SCALE_CHUNK):
+        x = stored[lo:lo + SCALE_CHUNK].astype(np.float32)
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+        np.divide(1.0, norms, out=out[lo:lo + SCALE_CHUNK], where=norms > 0)
+    return out
 
 
-@functools.cache
 def _kernels():
-    from latenthash import kernels  # lazy: numba is heavy to import (cached: an import statement costs a search)
+    """The kernels module, imported on first use (numba is heavy to import) and held: an import statement on every
+    call costs more than a small search's arithmetic."""
+    global _KERNELS
+    if _KERNELS is None:
+        from latenthash import kernels
 
-    return kernels
+        _KERNELS = kernels
+    return _KERNELS
+
+
+_KERNELS = None
 
 
 class HashIndex:
@@ -125,7 +140,7 @@ class HashIndex:
         feats = scales = None
         if self.feature_dim:
             feats = np.zeros((capacity, self.feature_dim), dtype=self.feature_dtype)
-            if self.feature_dtype == "int8":
+            if self.feature_dtype in SCALED_DTYPES:
                 scales = np.ones(capacity, dtype=np.float32)
         return _Snapshot(0, np.zeros((capacity, w), np.uint64), np.zeros(capacity, np.int64), feats, scales, [])
 
@@ -160,12 +175,13 @@ class HashIndex:
         if f is None:
             return None, None
         if self.feature_dtype == "int8":
-            scale = np.maximum(np.abs(f).max(axis=1), 1e-12) / 127.0
-            return np.round(f / scale[:, None]).astype(np.int8), scale.astype(np.float32)
-        if self.feature_dtype == "float16":  # the kernel once compiled (warmup), numpy until then
+            stored = np.round(f * (127.0 / np.maximum(np.abs(f).max(axis=1), 1e-12))[:, None]).astype(np.int8)
+        elif self.feature_dtype == "float16":  # the kernel once compiled (warmup), numpy until then
             K = _kernels()
-            return (K.half_rows(f).view(np.float16) if K.half_rows.overloads else f.astype(np.float16)), None
-        return f, None
+            stored = K.half_rows(f).view(np.float16) if K.half_rows.overloads else f.astype(np.float16)
+        else:
+            return f, None
+        return stored, _row_scales(stored)
 
     # ------------------------------------------------------------------------------------------------ writes
     def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
@@ -314,11 +330,12 @@ class HashIndex:
             buckets = self._buckets.get(snap)
             if buckets is not None and buckets.signs is not None:
                 if len(qw) == 1:  # both steps in one kernel call
-                    ids, dists, scores, counts = _kernels().twostep_one(
-                        *_cell_args(buckets), buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.flips,
-                        np.int64(SHELL_WIDEN * target), np.int64(target), self.bits,
-                        *_kernels().rerank_args(snap.features, snap.scales), np.int64(_rescored(k, target)),
-                        np.int64(k), snap.ids, _kernels().one_query_parts())
+                    K = _kernels()
+                    cells, rotation = buckets.kernel_layout
+                    ids, dists, scores, counts = K.twostep_one(
+                        *cells, buckets.cell_rows, qw[0], qf[0], *rotation, SHELL_WIDEN * target, target, self.bits,
+                        *K.rerank_args(snap.features, snap.scales), _rescored(k, target), k, snap.ids,
+                        K.one_query_parts())
                     return SearchResult(ids, dists, counts, scores)
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
@@ -339,7 +356,7 @@ class HashIndex:
         the query to about `target`; see buckets.py); of that pool, the rows nearest the query by feature sketch go
         on to the exact re-score: max(OVERSAMPLE k, target / RESCORE_SHARE)."""
         K = _kernels()
-        pos, dists, counts = K.twostep_candidates(*_cell_args(buckets), qw.reshape(-1), qf, buckets.centre,
+        pos, dists, counts = K.twostep_candidates(*buckets.kernel_layout[0], qw.reshape(-1), qf, buckets.centre,
                                                   buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target),
                                                   self.bits, np.int64(_rescored(k, target)))
         return np.where(pos >= 0, buckets.cell_rows[np.maximum(pos, 0)], -1), dists, counts
@@ -548,7 +565,10 @@ class HashIndex:
         index._rows = {i: r for r, i in enumerate(a["ids"].tolist())}
         if len(index._rows) != h["count"]:
             raise IndexCorrupt(f"{gen.path / 'ids.npy'} holds duplicate ids")
-        index._snap = _Snapshot(h["count"], a["codes"], a["ids"], a.get("features"), a.get("scales"), gen.metadata)
+        scales = a.get("scales")
+        if scales is None and h["feature_dtype"] == "float16" and h["feature_dim"]:  # saved before row scales
+            scales = _row_scales(a["features"])
+        index._snap = _Snapshot(h["count"], a["codes"], a["ids"], a.get("features"), scales, gen.metadata)
         if warmup:
             index.warmup(background=True)
         return index
@@ -560,7 +580,7 @@ def _shapes(header: dict) -> dict[str, tuple]:
     out: dict[str, tuple] = {"codes": (np.uint64, (n, n_words(header["bits"]))), "ids": (np.int64, (n,))}
     if dim:
         out["features"] = (dtype, (n, dim))
-        if dtype == "int8":
+        if dtype == "int8" or "scales.npy" in header.get("files", {}):  # float16 files saved before lack them
             out["scales"] = (np.float32, (n,))
     return out
 

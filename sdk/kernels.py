@@ -799,8 +799,8 @@ def _parallel_scores(q, feats, scales, rows, m, parts, out):
 def cosine_rerank(qf, feats, scales, pool, pool_n, k):
     """Re-rank each query's Hamming pool by cosine similarity.
 
-    qf: (nq, D) float32 L2-normalized queries; feats: (N, D) stored L2-normalized features, as float32, int8 (with
-    scales: (N,) float32 per-vector scale; NO_SCALES otherwise) or float16 bit patterns in uint16; pool: (nq, P)
+    qf: (nq, D) float32 L2-normalized queries; feats: (N, D) stored L2-normalized features, as float32, int8 or
+    float16 bit patterns in uint16, with scales: (N,) float32 per-row scale (NO_SCALES: none); pool: (nq, P)
     int64 candidate rows, the first pool_n[i] valid. Returns (positions into pool (nq, k) int64, -1 padded; scores
     (nq, k) float32, NaN padded) by descending score, ties by pool order (that is, by Hamming distance, then
     database order)."""

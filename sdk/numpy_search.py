@@ -83,7 +83,7 @@ def unit_rows(x: np.ndarray) -> tuple[np.ndarray, bool]:
 
 
 def float_rows(features: np.ndarray, scales: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
-    """Stored feature rows (float32, float16, or int8 with per-row `scales`) as float32."""
+    """Stored feature rows (float32, or float16 / int8 with per-row `scales`) as float32."""
     f = _as_float32(features[rows])
     return f * scales[rows, None] if scales is not None else f
 

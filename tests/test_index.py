@@ -86,6 +86,41 @@ def test_add_replace_remove_get(rng):
     assert index.metadata([ids[2], -1]) == [{"label": 2}, None]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_rounded_features_score_as_exact_cosines(rng, dtype):
+    """Rounding a unit feature to float16 or int8 moves its norm; each row keeps the scale that makes it a unit
+    vector again, so scores are exact cosines of what is stored, not noise of a few 1e-4 (the gap between
+    neighbours near the k-th place)."""
+    index, ids, codes, feats = make(rng, dtype=dtype)
+    stored = index.get(ids).features
+    np.testing.assert_allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-6)
+    q, qf = codes[:3], feats[:3]
+    res = index.search(q, k=5, features=qf, pool=len(ids))
+    qn = qf / np.linalg.norm(qf, axis=1, keepdims=True)
+    rows = {int(i): r for r, i in enumerate(ids)}
+    for i in range(3):
+        want = np.array([stored[rows[int(h)]] @ qn[i] for h in res.ids[i]], np.float32)
+        np.testing.assert_allclose(res.scores[i], want, atol=1e-6)
+
+
+def test_float16_index_saved_without_row_scales_opens_with_them(rng, tmp_path):
+    """An index saved before float16 rows carried scales (no scales.npy) opens with them computed."""
+    from latenthash.generations import write_generation
+
+    index, ids, codes, feats = make(rng, dtype="float16")
+    snap = index._snap
+    n = snap.n
+    header = {"bits": BITS, "feature_dim": DIM, "feature_dtype": "float16", "count": n,
+              "code_layout": "uint64-le-words", "model": {}}
+    (tmp_path / "old").mkdir()
+    write_generation(tmp_path / "old", {"codes": snap.words[:n], "ids": snap.ids[:n],
+                                        "features": snap.features[:n]}, snap.metadata[:n], header)
+    old = HashIndex.open(tmp_path / "old", warmup=False)
+    np.testing.assert_array_equal(old._snap.scales, snap.scales[:n])
+    q, qf = codes[:4], feats[:4]
+    np.testing.assert_array_equal(old.search(q, k=10, features=qf).ids, index.search(q, k=10, features=qf).ids)
+
+
 def test_persistence_round_trip_and_corruption(rng, tmp_path):
     index, ids, codes, feats = make(rng, dtype="float16")
     index.model_info = {"bits": BITS, "name": "test"}
