@@ -19,7 +19,8 @@ For each setting: median ms per single query and recall@10, then one batch of al
 time, bytes per item in memory (and on disk where the library saves), and the cost of deleting 1% of the items
 and inserting them again under new ids, with recall after (faiss's HNSW cannot delete). Every thread count is set
 explicitly (`--threads`, default 1; BLAS too). Plots recall against time per method. Results and plot:
-peers_N_tTHREADS_CPU.json / .png (CPU: LLVM's name for this CPU kind) in benchmarks/results/ and benchmarks/plots/.
+peers_N_tTHREADS_CPU.json / .png (CPU: LLVM's name for this CPU kind; a run of some `--methods` adds their names) in
+benchmarks/results/ and benchmarks/plots/.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ from latenthash.cpu import cpu_info
 K = 10
 CHURN = 0.01
 TWO_STEP = ("latenthash", "latenthash-i8")  # the methods with features (the others: codes only, peers)
+POOLS = [1000, 1200, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000, 18000, 20000,
+         50000]
 SETTINGS = {
     # each curve sampled finely enough near recall 0.95 and 0.99 that the crossing is read, not interpolated
-    "latenthash": [1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000, 50000],  # pool
-    "latenthash-i8": [1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 20000, 50000],
+    "latenthash": POOLS,
+    "latenthash-i8": POOLS,
     "latenthash-codes": [None],
     "faiss-hnsw16": [16, 20, 24, 32, 48, 64, 96, 128, 256],  # efSearch
     "faiss-hnsw32": [16, 20, 24, 32, 48, 64, 96, 128, 256],
@@ -317,6 +320,8 @@ def main() -> None:
     n = results[0]["n"]
     print(load_note("after"))
     name = f"peers_{n}_t{args.threads}_{cpu_info()['llvm_cpu']}"  # the figures differ per CPU kind
+    if args.methods != list(SETTINGS):  # a run of some methods keeps the whole run's file
+        name += "_" + "+".join(args.methods)
     save(name, results)  # first: its stamp then sees the tree as committed
     plot(results, Path(__file__).parent / "plots" / f"{name}.png")
 
