@@ -81,6 +81,8 @@ def _row_scales(stored: np.ndarray) -> np.ndarray:
     """1 / the norm of each stored (rounded) feature row, so that row x scale is a unit vector and a dot product
     with it an exact cosine of what is stored. Rounding moves a row's norm by about as much as neighbours' scores
     differ near the k-th place, so scores without it rank by that noise (benchmarks/RESULTS.md measures it)."""
+    if stored.dtype == np.float16 and _kernels().half_row_scales.overloads:  # compiled (warmup): one pass
+        return _kernels().half_row_scales(stored.view(np.uint16))
     out = np.ones(len(stored), np.float32)
     for lo in range(0, len(stored), SCALE_CHUNK):
         x = stored[lo:lo + SCALE_CHUNK].astype(np.float32)
@@ -481,7 +483,8 @@ class HashIndex:
                            np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         if dummy.features is not None:
             K.unit_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # normalize() uses it once compiled
-            K.half_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # so does add() for float16
+            K.half_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # so does add() for float16 ...
+            K.half_row_scales(np.zeros((2, int(dummy.features.shape[1])), np.uint16))  # ... and its row scales
             qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)

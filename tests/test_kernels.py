@@ -539,6 +539,15 @@ def test_float16_conversions_match_numpy(rng):
     np.testing.assert_array_equal(got.view(np.uint32), want[rows].astype(np.float32).view(np.uint32))
 
 
+def test_half_row_scales_match_numpy(rng):
+    """1 / each float16 row's norm as numpy computes it in float64 (to float32 rounding); a zero row scales by 1."""
+    x = (rng.standard_normal((200, 37)) * 0.1).astype(np.float16)
+    x[5] = 0
+    want = 1 / np.linalg.norm(x.astype(np.float64), axis=1)
+    want[5] = 1
+    np.testing.assert_allclose(K.half_row_scales(x.view(np.uint16)), want, rtol=1e-6)
+
+
 def test_launch_cost_is_measured_per_thread():
     """Each thread measures what a parallel launch costs from it, once; one query's two-step splits over the
     threads only where that cost is below CHEAP_LAUNCH (on Numba's omp layer a thread other than the one that
