@@ -651,6 +651,7 @@ SIM_BINS = 2048  # resolution of the cell cut (`_cell_ranges`): cosine -1..1 in 
 QUERY_LEVEL_BITS = 6  # the query's side of the sketch distance: each rotated coordinate as one of 64 levels
 # the least work per thread of one query's parallel passes (`twostep_one`; measured: smaller pieces lose the launch)
 GRAIN_ROWS, GRAIN_SCORES = 1024, 64
+GRAIN_CONVERT = 2048  # rows per parallel piece of the row-wise conversions (unit rows, float16 in and out)
 CHEAP_LAUNCH = 10e-6  # seconds: a parallel launch costing more makes one query's two-step serial (`one_query_parts`)
 SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (measured: 4-16 best, 1.7x over none)
 SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
@@ -1474,14 +1475,30 @@ def _half_bits(typingctx, x):
     return sig, codegen
 
 
+@njit(inline="always", cache=True)
+def _half_rows(x, out, lo, hi):
+    for i in range(lo, hi):
+        for t in range(x.shape[1]):
+            out[i, t] = _half_bits(x[i, t])
+
+
+@njit(parallel=True, cache=True)
+def _parallel_half_rows(x, out, parts):
+    for c in prange(parts):
+        lo, hi = _piece(x.shape[0], parts, c)
+        _half_rows(x, out, lo, hi)
+
+
 @njit(cache=True)
 def half_rows(x):
     """float32 x (n, D) as float16 bit patterns (uint16): LLVM's float-to-half conversion on vectors (vcvtps2ph
-    where x86 has F16C, fcvtn on Arm), where numpy converts a value at a time."""
+    where x86 has F16C, fcvtn on Arm), where numpy converts a value at a time; many rows in parallel pieces."""
     out = np.empty(x.shape, np.uint16)
-    for i in range(x.shape[0]):
-        for t in range(x.shape[1]):
-            out[i, t] = _half_bits(x[i, t])
+    parts = _pieces(PARTS, x.shape[0], GRAIN_CONVERT)
+    if parts > 1:
+        _parallel_half_rows(x, out, parts)
+    else:
+        _half_rows(x, out, 0, x.shape[0])
     return out
 
 
@@ -1496,15 +1513,32 @@ def _half_value(typingctx, h):
     return sig, codegen
 
 
-@njit(cache=True)
-def half_gather(bits, rows):
-    """Rows `rows` of float16 features stored as their bit patterns (N, D) uint16, as float32 (len(rows), D):
-    one vectorised conversion, where numpy takes several passes (numpy_search.float_rows)."""
-    out = np.empty((rows.shape[0], bits.shape[1]), np.float32)
-    for i in range(rows.shape[0]):
+@njit(inline="always", cache=True)
+def _half_gather_rows(bits, rows, out, lo, hi):
+    for i in range(lo, hi):
         r = rows[i]
         for t in range(bits.shape[1]):
             out[i, t] = _half_value(bits[r, t])
+
+
+@njit(parallel=True, cache=True)
+def _parallel_half_gather(bits, rows, out, parts):
+    for c in prange(parts):
+        lo, hi = _piece(rows.shape[0], parts, c)
+        _half_gather_rows(bits, rows, out, lo, hi)
+
+
+@njit(cache=True)
+def half_gather(bits, rows):
+    """Rows `rows` of float16 features stored as their bit patterns (N, D) uint16, as float32 (len(rows), D):
+    one vectorised conversion, where numpy takes several passes (numpy_search.float_rows); many rows in parallel
+    pieces (the bucket build gathers every row)."""
+    out = np.empty((rows.shape[0], bits.shape[1]), np.float32)
+    parts = _pieces(PARTS, rows.shape[0], GRAIN_CONVERT)
+    if parts > 1:
+        _parallel_half_gather(bits, rows, out, parts)
+    else:
+        _half_gather_rows(bits, rows, out, 0, rows.shape[0])
     return out
 
 
@@ -1536,15 +1570,10 @@ def segment_sums(x, first):
     return out
 
 
-@njit(cache=True, fastmath=FAST)
-def unit_rows(x):
-    """Row-wise L2 normalization of float32 (n, d) (zero rows stay zero) and whether every value was finite.
-
-    The squares are summed in float64, where no float32 value overflows, so a row's sum is finite exactly when all
-    its values are: one vectorised pass per row checks and measures it."""
-    out = np.empty_like(x)
+@njit(inline="always", cache=True, fastmath=FAST)
+def _unit_rows(x, out, lo, hi):
     finite = True
-    for i in range(x.shape[0]):
+    for i in range(lo, hi):
         s = np.float64(0.0)
         for t in range(x.shape[1]):
             s += np.float64(x[i, t]) * np.float64(x[i, t])
@@ -1552,7 +1581,30 @@ def unit_rows(x):
         norm = np.float32(max(np.sqrt(s), 1e-12))
         for t in range(x.shape[1]):
             out[i, t] = x[i, t] / norm
-    return out, finite
+    return finite
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _parallel_unit_rows(x, out, parts, finite):
+    for c in prange(parts):
+        lo, hi = _piece(x.shape[0], parts, c)
+        finite[c] = _unit_rows(x, out, lo, hi)
+
+
+@njit(cache=True, fastmath=FAST)
+def unit_rows(x):
+    """Row-wise L2 normalization of float32 (n, d) (zero rows stay zero) and whether every value was finite; many
+    rows in parallel pieces (one query's row on the calling thread).
+
+    The squares are summed in float64, where no float32 value overflows, so a row's sum is finite exactly when all
+    its values are: one vectorised pass per row checks and measures it."""
+    out = np.empty_like(x)
+    parts = _pieces(PARTS, x.shape[0], GRAIN_CONVERT)
+    if parts == 1:
+        return out, _unit_rows(x, out, 0, x.shape[0])
+    finite = np.ones(parts, np.bool_)
+    _parallel_unit_rows(x, out, parts, finite)
+    return out, bool(finite.all())
 
 
 def rerank_args(features: np.ndarray, scales: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -245,8 +245,9 @@ def test_take_hits(rng):
         assert (got_i[i, m:] == -1).all() and (got_d[i, m:] == -1).all()
 
 
-def test_unit_rows(rng):
-    x = rng.standard_normal((6, 33)).astype(np.float32) * np.float32(1e3)
+@pytest.mark.parametrize("n", [6, 3 * K.GRAIN_CONVERT + 5])  # one row-piece on the calling thread, or several
+def test_unit_rows(rng, n):
+    x = rng.standard_normal((n, 33)).astype(np.float32) * np.float32(1e3)
     x[2] = 0
     x[4] *= np.float32(1e30)  # squares overflow float32: the norm is summed in float64
     unit, finite = K.unit_rows(x)
@@ -256,7 +257,7 @@ def test_unit_rows(rng):
     assert not unit[2].any()
     for bad in (np.nan, np.inf, -np.inf):
         y = x.copy()
-        y[5, 7] = bad
+        y[n - 1, 7] = bad  # in the last piece
         assert not K.unit_rows(y)[1]
 
 
@@ -524,17 +525,18 @@ def bits_to_blocks(bits):
     return block_sketches(padded)
 
 
-def test_float16_conversions_match_numpy(rng):
+@pytest.mark.parametrize("n", [300, 3 * K.GRAIN_CONVERT + 5])  # one row-piece on the calling thread, or several
+def test_float16_conversions_match_numpy(rng, n):
     """float32 -> float16 (rounded to nearest even, subnormals, overflow to infinity) and float16 rows -> float32,
     bit for bit as numpy converts them."""
-    x = (rng.standard_normal((300, 70)) * 0.06).astype(np.float32)
+    x = (rng.standard_normal((n, 70)) * 0.06).astype(np.float32)
     edge = np.array([0, -0.0, 1e-8, -1e-8, 5.96e-8, 2.98e-8, 6.1e-5, 6.09e-5, 65504, 65520, 7e4, -7e4, np.inf,
                      -np.inf, 1 / 3, 1 + 2**-11, 1 + 3 * 2**-11], np.float32)
     x[0, :len(edge)] = edge
     with np.errstate(over="ignore"):
         want = x.astype(np.float16)
     np.testing.assert_array_equal(K.half_rows(x), want.view(np.uint16))
-    rows = rng.integers(0, 300, 500)
+    rows = rng.integers(0, n, n + 200)
     got = K.half_gather(want.view(np.uint16), rows)
     np.testing.assert_array_equal(got.view(np.uint32), want[rows].astype(np.float32).view(np.uint32))
 
