@@ -91,18 +91,11 @@ def _row_scales(stored: np.ndarray) -> np.ndarray:
     return out
 
 
+@functools.cache
 def _kernels():
-    """The kernels module, imported on first use (numba is heavy to import) and held: an import statement on every
-    call costs more than a small search's arithmetic."""
-    global _KERNELS
-    if _KERNELS is None:
-        from latenthash import kernels
+    from latenthash import kernels  # lazy: numba is heavy to import (cached: an import statement costs a search)
 
-        _KERNELS = kernels
-    return _KERNELS
-
-
-_KERNELS = None
+    return kernels
 
 
 class HashIndex:
