@@ -71,14 +71,14 @@ class Buckets:
     flips: np.ndarray | None = None  # (R, SKETCH_ROUNDS, P) float32 +-1: the sketch's random rotations (see below)
 
     @functools.cached_property
-    def kernel_layout(self) -> tuple[tuple, tuple]:
-        """The cells as the two-step kernels take them (`kernels._candidates`: codes flattened, their count and
-        words per code, sizes, bucket_cells, cells, centroids, signs) and the sketch's (centre, flips): made once,
-        as one query's search is short enough to feel a dozen attribute reads."""
+    def kernel_layout(self) -> tuple:
+        """The cells as the two-step kernels take them, first arguments in order (`kernels._candidates`: codes
+        flattened, their count and words per code, sizes, bucket_cells, cells, centroids, signs): made once, as one
+        query's search is short enough to feel a dozen attribute reads."""
         codes = self.codes
         assert codes is not None
-        return ((codes.reshape(-1), len(codes), codes.shape[1], self.sizes, self.bucket_cells, self.cells,
-                 self.centroids, self.signs), (self.centre, self.flips))
+        return (codes.reshape(-1), len(codes), codes.shape[1], self.sizes, self.bucket_cells, self.cells,
+                self.centroids, self.signs)
 
 
 def build(snapshot) -> Buckets:

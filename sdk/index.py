@@ -326,11 +326,10 @@ class HashIndex:
             if buckets is not None and buckets.signs is not None:
                 if len(qw) == 1:  # both steps in one kernel call
                     K = _kernels()
-                    cells, rotation = buckets.kernel_layout
                     ids, dists, scores, counts = K.twostep_one(
-                        *cells, buckets.cell_rows, qw[0], qf[0], *rotation, SHELL_WIDEN * target, target, self.bits,
-                        *K.rerank_args(snap.features, snap.scales), _rescored(k, target), k, snap.ids,
-                        K.one_query_parts())
+                        *buckets.kernel_layout, buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.flips,
+                        SHELL_WIDEN * target, target, self.bits, *K.rerank_args(snap.features, snap.scales),
+                        _rescored(k, target), k, snap.ids, K.one_query_parts())
                     return SearchResult(ids, dists, counts, scores)
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
@@ -351,7 +350,7 @@ class HashIndex:
         the query to about `target`; see buckets.py); of that pool, the rows nearest the query by feature sketch go
         on to the exact re-score: max(OVERSAMPLE k, target / RESCORE_SHARE)."""
         K = _kernels()
-        pos, dists, counts = K.twostep_candidates(*buckets.kernel_layout[0], qw.reshape(-1), qf, buckets.centre,
+        pos, dists, counts = K.twostep_candidates(*buckets.kernel_layout, qw.reshape(-1), qf, buckets.centre,
                                                   buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target),
                                                   self.bits, np.int64(_rescored(k, target)))
         return np.where(pos >= 0, buckets.cell_rows[np.maximum(pos, 0)], -1), dists, counts
