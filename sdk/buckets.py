@@ -8,11 +8,16 @@ diverse codes gain nothing from this, so buckets are kept only when they shrink 
 
 Learned codes collapse so far that one bucket can hold a whole class (tens of thousands of rows at 1M), so a
 pool of whole buckets is far larger than the candidates a search needs. With features, each bucket larger than
-CELL_ROWS rows is therefore split by spherical k-means on its own features into cells of about CELL_ROWS rows (an
-inverted file inside the bucket, whose coarse quantizer is the hash layer); a smaller bucket is one cell; each cell
-keeps its unit mean feature. Step 1 takes the shells covering SHELL_WIDEN x the pool (fewer where far shells would
-bring more than one cell per kernels.CELL_SHARE pool rows) and keeps the cells nearest the query by centroid until
-they cover the pool (see `kernels._cell_ranges`).
+MIN_CELL_ROWS rows is therefore split by spherical k-means on its own features (an inverted file inside the bucket,
+whose coarse quantizer is the hash layer); a smaller bucket is one cell; each cell keeps its unit mean feature.
+A bucket of B rows gets cells of about CELL_SCALE sqrt(B) rows, within MIN_CELL_ROWS..CELL_ROWS (`cells_for`): an
+inverted file's lists grow as the square root of what they index, as the cut compares the centroids of the
+shells' cells and the pool reads the rows of the cells it keeps. A small index's class-sized buckets get finer
+cells, which cut its shells to a pool that holds more of the true neighbours per row read; a large index's keep
+CELL_ROWS, where finer cells cost more centroids than their cut saved (RESULTS.md has both). Step 1 takes the
+shells covering SHELL_WIDEN x the pool (fewer where far shells would bring more than one cell per
+kernels.CELL_SHARE pool rows) and keeps the cells nearest the query by centroid until they cover the pool (see
+`kernels._cell_ranges`).
 
 Step 2 first ranks that pool by a finer binary code of every row, kept in cell order: a sketch of SKETCH_BITS
 sign bits of its feature minus the snapshot's mean feature after a random rotation (SimHash; binary quantization
@@ -34,9 +39,12 @@ constant writes simply keeps scanning.
 
 from __future__ import annotations
 
+import collections
 import functools
+import math
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +57,12 @@ MIN_SHRINK = 8  # distinct codes must be at most n / MIN_SHRINK
 CENTRE_STRIDE = 8
 SKETCH_BITS = 512  # per row: 64 bytes; 256 bits of a 256-d feature lost a tenth of recall@10 at 1M (RESULTS.md)
 SKETCH_ROUNDS = 2  # sign flips and Walsh-Hadamard transforms per rotation (kernels._sketch_block)
-CELL_ROWS = 256  # rows per cell of a large bucket (the k-means cells that cut a shell down to the pool)
+CELL_ROWS = 256  # the most rows per k-means cell of a bucket (the cells that cut a shell down to the pool) ...
+MIN_CELL_ROWS = 128  # ... the fewest (a bucket of at most this many rows is one cell) ...
+CELL_SCALE = 1.5  # ... and between them, CELL_SCALE x the square root of the bucket's rows
 KMEANS_SAMPLE = 32  # rows per cell that train a bucket's k-means (all its rows are assigned after)
 KMEANS_ITERS = 5
+KMEANS_SEED = 0  # with the bucket's number, each bucket's k-means seed (fixed: the same features, the same cells)
 SHELL_WIDEN = 8  # step 1's shells cover this many times the pool before its cells cut them to the pool
 
 
@@ -113,22 +124,44 @@ def build(snapshot) -> Buckets:
 
 
 def _cell_layout(snapshot, order: np.ndarray, starts: np.ndarray):
-    """Each bucket's cells: a bucket of more than CELL_ROWS rows split by k-means of its features, a smaller one a
-    single cell. Returns (the bucket order's positions regrouped by cell, stable within a cell; the rows per cell,
-    empty cells dropped; the cells per bucket)."""
+    """Each bucket's cells (`cells_for`): a bucket split by k-means of its features, or a single cell. Returns (the
+    bucket order's positions regrouped by cell, stable within a cell; the rows per cell, empty cells dropped; the
+    cells per bucket).
+
+    The buckets' k-means run on the kernels' threads, each on one BLAS thread (see `build`), a few buckets ahead of
+    the calling thread, which gathers their features (a parallel kernel: launched from one thread only)."""
+    from latenthash import kernels  # lazy, as everywhere: numba is heavy to import
+
     n = len(order)
     ends = np.append(starts[1:], n)
     positions = np.arange(n)
     sizes = [np.array([e - s]) for s, e in zip(starts, ends)]
-    rng = np.random.default_rng(0)  # fixed: the same features always give the same cells
-    for u in np.flatnonzero(ends - starts > CELL_ROWS):
-        s, e = starts[u], ends[u]
-        x = _gather(snapshot, order[s:e])
-        assign = _kmeans(x, -(-(e - s) // CELL_ROWS), rng)
-        positions[s:e] = s + np.argsort(assign, kind="stable")
+
+    def place(u: int, assign: np.ndarray) -> None:
+        positions[starts[u]:ends[u]] = starts[u] + np.argsort(assign, kind="stable")
         counts = np.bincount(assign)
         sizes[u] = counts[counts > 0]
+
+    workers = kernels.threads()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="latenthash-kmeans") as pool:
+        running: collections.deque = collections.deque()
+        for u in np.flatnonzero(ends - starts > min(CELL_ROWS, MIN_CELL_ROWS)):
+            c = cells_for(ends[u] - starts[u])
+            if c > 1:  # a seed per bucket: the same features give the same cells, whichever thread runs them
+                x = _gather(snapshot, order[starts[u]:ends[u]])
+                running.append((u, pool.submit(_kmeans, x, c, np.random.default_rng((KMEANS_SEED, int(u))))))
+            while len(running) > 2 * workers:  # bounded: each holds its bucket's features as float32
+                place(running[0][0], running.popleft()[1].result())
+        for u, job in running:
+            place(u, job.result())
     return positions, np.concatenate(sizes), np.array([len(c) for c in sizes])
+
+
+def cells_for(rows: int) -> int:
+    """How many k-means cells a bucket of `rows` rows is split into: cells of CELL_SCALE sqrt(rows) rows, at least
+    MIN_CELL_ROWS and at most CELL_ROWS each (the upper bound wins)."""
+    size = min(CELL_ROWS, max(MIN_CELL_ROWS, CELL_SCALE * math.sqrt(rows)))
+    return max(1, math.ceil(rows / size))
 
 
 def _gather(snapshot, rows: np.ndarray) -> np.ndarray:
@@ -142,13 +175,15 @@ def _gather(snapshot, rows: np.ndarray) -> np.ndarray:
 
 def _kmeans(x: np.ndarray, c: int, rng) -> np.ndarray:
     """Spherical k-means of unit rows x into c cells, trained on KMEANS_SAMPLE rows per cell; every row's cell."""
+    from latenthash import kernels  # lazy, as everywhere: numba is heavy to import
+
     sample = x[rng.choice(len(x), min(len(x), KMEANS_SAMPLE * c), replace=False)]
     centres = sample[rng.choice(len(sample), c, replace=False)]
     for _ in range(KMEANS_ITERS):
         assign = (sample @ centres.T).argmax(axis=1)
         by = np.argsort(assign, kind="stable")
         present, first = np.unique(assign[by], return_index=True)
-        sums = np.add.reduceat(sample[by], first, axis=0)
+        sums = kernels.segment_sums(sample[by], first)
         centres[present] = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
     out = np.empty(len(x), np.int64)
     for lo in range(0, len(x), 16384):  # bounded temporaries: (16384, c) similarities at a time

@@ -656,7 +656,7 @@ CHEAP_LAUNCH = 10e-6  # seconds: a parallel launch costing more makes one query'
 SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (measured: 4-16 best, 1.7x over none)
 SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
 SAMPLE_MARGIN = 1.5  # ... as the distance that SAMPLE_MARGIN x the rows it keeps reach
-SELECT_BY_INSERTION = 40  # `_kth_smallest` keeps a sorted buffer below this rank, else partitions
+SAMPLE_BINS = 256  # ... read off a histogram of the sample in this many bins (`_sample_limit`)
 
 
 @intrinsic
@@ -1113,27 +1113,27 @@ def _rows_within(sd, lo, hi, base, limit, keep_r, keep_b, keep_d):
 
 
 @njit(cache=True)
-def _kth_smallest(values, at):
-    """The at-th smallest of values (0-based, at < len(values)). A small `at` (the sketch pass's sampled cut: a few
-    dozen of a few hundred) keeps the at + 1 smallest seen in a sorted buffer, a few times faster than numpy's
-    partition, which copies and selects the whole sample; a larger one takes the partition."""
-    if at >= SELECT_BY_INSERTION:
-        return np.partition(values, at)[at]
-    buf = np.empty(at + 1, values.dtype)
-    m = 0
+def _sample_limit(values, at):
+    """A value at or above the at-th smallest of `values` (0-based, at < len(values)) by at most one bin of about
+    (max - min) / SAMPLE_BINS: the upper edge of the bin that holds it, of SAMPLE_BINS power-of-two-wide bins from the
+    smallest value. The sketch pass's sampled cut needs no more (the rows within it are then cut exactly), and one
+    counting pass over the sample costs a fraction of an exact selection."""
+    low, high = values[0], values[0]
     for x in values:
-        if m <= at:
-            j = m
-            m += 1
-        elif x < buf[at]:
-            j = at
-        else:
-            continue
-        while j > 0 and buf[j - 1] > x:
-            buf[j] = buf[j - 1]
-            j -= 1
-        buf[j] = x
-    return buf[at]
+        low = min(low, x)
+        high = max(high, x)
+    shift = 0
+    while ((high - low) >> shift) >= SAMPLE_BINS:
+        shift += 1
+    hist = np.zeros(SAMPLE_BINS, np.int64)
+    for x in values:
+        hist[(x - low) >> shift] += 1
+    seen = 0
+    for b in range(SAMPLE_BINS):
+        seen += hist[b]
+        if seen > at:
+            return low + ((b + 1) << shift) - 1
+    return high
 
 
 @njit(cache=True)
@@ -1168,7 +1168,7 @@ def _sketch_pick(planes, signs, lo, hi, rdist, m, out_p, out_d, parts):
     keep_b = np.empty(nrows, np.int64)
     keep_d = np.empty(nrows, np.int32)
     while True:  # the rows within the sampled limit, in pool order; widened until at least m
-        limit = _kth_smallest(sample, at) if at < ns else np.iinfo(np.int32).max
+        limit = _sample_limit(sample, at) if at < ns else np.iinfo(np.int32).max
         c = _rows_within(sd, lo, hi, base, limit, keep_r, keep_b, keep_d)
         if c >= want:
             break
@@ -1557,10 +1557,11 @@ def half_row_scales(bits):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def segment_sums(x, first):
     """Column sums of the row segments of x (m, D) float32 that start at `first` (ascending, first[0] == 0; the
-    last runs to the end): (len(first), D) float32. numpy's add.reduceat takes ~5 ns an element here."""
+    last runs to the end): (len(first), D) float32, where numpy's add.reduceat along rows is several times slower. It
+    releases the GIL: the bucket build's k-means call it from several threads."""
     out = np.zeros((first.shape[0], x.shape[1]), np.float32)
     for g in range(first.shape[0]):
         end = first[g + 1] if g + 1 < first.shape[0] else x.shape[0]

@@ -313,6 +313,22 @@ def cell_layout():
     return b, db, feats, to_words(qs, bits), qf, bits
 
 
+def test_cells_grow_as_the_square_root_of_their_bucket():
+    """A bucket's cells hold CELL_SCALE sqrt(rows) rows each, at least MIN_CELL_ROWS (a smaller bucket is one cell)
+    and at most CELL_ROWS: between the bounds, four times the rows make twice the cells."""
+    from latenthash import buckets as B
+
+    assert B.cells_for(1) == B.cells_for(B.MIN_CELL_ROWS) == 1
+    for rows in (B.MIN_CELL_ROWS + 1, 1_000, 6_000, 30_000, 1_000_000):
+        c = B.cells_for(rows)
+        size = min(B.CELL_ROWS, max(B.MIN_CELL_ROWS, B.CELL_SCALE * rows ** 0.5))
+        assert c == -(-rows // size) and rows / c <= B.CELL_ROWS
+    low = int((B.MIN_CELL_ROWS / B.CELL_SCALE) ** 2) + 1  # the square-root regime: low..high rows
+    high = int((B.CELL_ROWS / B.CELL_SCALE) ** 2)
+    assert high >= 2 * low
+    assert B.cells_for(high) == pytest.approx(B.cells_for(low) * (high / low) ** 0.5, abs=1)
+
+
 def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
     """Every bucket's rows, regrouped by cell: the same rows, big buckets split into about size / CELL_ROWS cells,
     each cell's centroid the unit mean of its rows; every row's sketch the sign bits of its rotated feature, less
@@ -350,7 +366,7 @@ def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
         g0, g1 = b.bucket_cells[u], b.bucket_cells[u + 1]
         assert b.cells[g0] == lo and b.cells[g1] == hi
         assert b.sizes[u] == (hi - lo) << 32 | (g1 - g0)  # rows and cells, for step 1's one histogram
-        assert g1 - g0 <= -(-(hi - lo) // 32)
+        assert g1 - g0 <= -(-(hi - lo) // 32)  # cells_for with CELL_ROWS 32: at most 32 rows a cell
         split += g1 - g0 > 1
         for g in range(g0, g1):
             mean = feats[b.cell_rows[b.cells[g]:b.cells[g + 1]]].mean(axis=0)
@@ -473,11 +489,16 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
 
 
 @pytest.mark.parametrize("n", [1, 2, 37, 256, 1000])
-def test_kth_smallest_against_numpy(rng, n):
-    """The sampled cut's selection equals numpy's at every rank, on both sides of SELECT_BY_INSERTION, with ties."""
-    for values in (rng.integers(0, 50, n).astype(np.int32), rng.integers(0, 10**6, n).astype(np.int32)):
-        for at in sorted({0, n // 2, n - 1, min(n - 1, K.SELECT_BY_INSERTION - 1), min(n - 1, K.SELECT_BY_INSERTION)}):
-            assert K._kth_smallest(values, at) == np.partition(values, at)[at]
+def test_sample_limit_bounds_the_kth_smallest(rng, n):
+    """The sampled cut's limit is at or above the at-th smallest value at every rank, with ties, and above it by
+    less than two SAMPLE_BINS-th parts of the values' range (one power-of-two bin)."""
+    for values in (rng.integers(0, 50, n).astype(np.int32), rng.integers(0, 10**6, n).astype(np.int32),
+                   np.full(n, 7, np.int32)):
+        span = int(values.max()) - int(values.min())
+        for at in sorted({0, 1 % n, n // 2, n - 1}):
+            kth = np.partition(values, at)[at]
+            limit = K._sample_limit(values, at)
+            assert kth <= limit <= kth + 2 * (span // K.SAMPLE_BINS) + 1
 
 
 @pytest.mark.parametrize("pattern", ["random", "ties", "sample_nearest"])
