@@ -290,6 +290,13 @@ def check_k(k, max_k: int = MAX_K) -> int:
 
 def check_features(features, n: int, feature_dim: int | None) -> np.ndarray | None:
     """L2-normalized float32 (n, feature_dim) features, or None for an index without features; else InvalidInput."""
+    f = feature_rows(features, n, feature_dim)
+    return None if f is None else normalize(f, "features")
+
+
+def feature_rows(features, n: int, feature_dim: int | None) -> np.ndarray | None:
+    """`check_features` without the normalization: contiguous float32 (n, feature_dim) as given, or None; a caller
+    that normalizes in a pass of its own must still reject NaN and infinity (`non_finite`)."""
     if features is None:
         if feature_dim:
             raise InvalidInput(f"this index stores {feature_dim}-d features: pass features= with add()")
@@ -301,7 +308,11 @@ def check_features(features, n: int, feature_dim: int | None) -> np.ndarray | No
         f = f[None, :]
     if f.shape != (n, feature_dim):
         raise InvalidInput(f"features must have shape ({n}, {feature_dim}), got {f.shape}")
-    return normalize(f, "features")
+    return np.ascontiguousarray(f)
+
+
+def non_finite(what: str) -> InvalidInput:
+    return InvalidInput(f"{what} contain NaN or infinite values")
 
 
 def _float_rows(values, what: str) -> np.ndarray:
@@ -320,7 +331,7 @@ def normalize(x: np.ndarray, what: str) -> np.ndarray:
     # until the kernel is compiled (a fresh install's first seconds), numpy answers instead of waiting for it
     unit, finite = (compiled if compiled.overloads else fallback)(rows)
     if not finite:
-        raise InvalidInput(f"{what} contain NaN or infinite values")
+        raise non_finite(what)
     return unit
 
 

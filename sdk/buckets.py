@@ -200,7 +200,7 @@ def _scan_cells(snapshot, cell_rows: np.ndarray, sizes: np.ndarray, chunk: int =
     n, dim = len(cell_rows), snapshot.features.shape[1]
     # the centre from every CENTRE_STRIDE-th stored row (in storage order, not gathered): a mean of 7,500 rows or
     # more is the mean for the sketches' purpose, for a fraction of a pass over every row
-    sample = float_rows(snapshot.features, snapshot.scales, slice(0, n, CENTRE_STRIDE))
+    sample = _gather(snapshot, np.arange(0, n, CENTRE_STRIDE))
     centre = sample.mean(axis=0, dtype=np.float64).astype(np.float32) if len(sample) else np.zeros(dim, np.float32)
     flips = sketch_flips(dim)
     signs = np.zeros((-(-n // 8) * 8, SKETCH_BITS // 64), np.uint64)

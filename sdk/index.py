@@ -39,6 +39,8 @@ from latenthash.backend import (
     check_ids,
     check_items,
     check_query,
+    feature_rows,
+    non_finite,
     normalize,
     padded,
 )
@@ -166,14 +168,23 @@ class HashIndex:
 
     # ------------------------------------------------------------------------------------------------ input checks
     def _prepare_features(self, features, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The rows and row scales to store (see `_row_scales`), checked and normalized."""
+        K = _kernels()
+        if self.feature_dtype == "float16" and K.unit_half_rows.overloads:  # compiled (warmup): one pass
+            f = feature_rows(features, n, self.feature_dim)
+            if f is None:
+                return None, None
+            bits, scales, finite = K.unit_half_rows(f)
+            if not finite:
+                raise non_finite("features")
+            return bits.view(np.float16), scales
         f = check_features(features, n, self.feature_dim)
         if f is None:
             return None, None
         if self.feature_dtype == "int8":
             stored = np.round(f * (127.0 / np.maximum(np.abs(f).max(axis=1), 1e-12))[:, None]).astype(np.int8)
-        elif self.feature_dtype == "float16":  # the kernel once compiled (warmup), numpy until then
-            K = _kernels()
-            stored = K.half_rows(f).view(np.float16) if K.half_rows.overloads else f.astype(np.float16)
+        elif self.feature_dtype == "float16":  # numpy until the kernel is compiled
+            stored = f.astype(np.float16)
         else:
             return f, None
         return stored, _row_scales(stored)
@@ -189,7 +200,8 @@ class HashIndex:
         if n == 0:
             return 0
         with self._lock:
-            present = [i for i in ids.tolist() if i in self._rows]
+            listed = ids.tolist()
+            present = [i for i in listed if i in self._rows] if self._rows else []
             if present:
                 self._remove_locked(np.asarray(present, dtype=np.int64))
             snap = self._grown(self._snap, self._snap.n + n)
@@ -202,8 +214,7 @@ class HashIndex:
                 snap.scales[lo:hi] = scales
             del snap.metadata[lo:]
             snap.metadata.extend(meta)
-            for r, i in enumerate(ids.tolist(), lo):
-                self._rows[i] = r
+            self._rows.update(zip(listed, range(lo, hi)))
             self._snap = _Snapshot(hi, snap.words, snap.ids, snap.features, snap.scales, snap.metadata)
         return len(present)
 
@@ -475,8 +486,8 @@ class HashIndex:
                            np.zeros(1, np.int64), qw.reshape(-1), 1, self.bits, blocks)
         if dummy.features is not None:
             K.unit_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # normalize() uses it once compiled
-            K.half_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # so does add() for float16 ...
-            K.half_row_scales(np.zeros((2, int(dummy.features.shape[1])), np.uint16))  # ... and its row scales
+            K.unit_half_rows(np.zeros((2, int(dummy.features.shape[1])), np.float32))  # add() of float16 rows ...
+            K.half_row_scales(np.zeros((2, int(dummy.features.shape[1])), np.uint16))  # ... and their scales on open
             qf = normalize(np.zeros((2, int(dummy.features.shape[1])), np.float32), "features")
             pos, _ = self._rerank(dummy, qf, rows, counts, 1)
             K.take_hits(pos, rows, rows, dummy.ids)

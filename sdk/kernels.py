@@ -1232,11 +1232,9 @@ def twostep_candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, sig
     return out_p, out_d, counts
 
 
+@njit(inline="always", cache=True, fastmath=FAST)
 def _butterflies(src, dst, h):
-    """One stage of the fast Walsh-Hadamard transform along axis 0 of src, (P,) or (P, B), into dst."""
-
-
-def _butterflies_columns(src, dst, h):  # (P, B): B columns at once
+    """One stage of the fast Walsh-Hadamard transform along axis 0 of src (P, B), B columns at once, into dst."""
     for i in range(0, src.shape[0], 2 * h):
         for j in range(i, i + h):
             for b in range(src.shape[1]):
@@ -1246,33 +1244,38 @@ def _butterflies_columns(src, dst, h):  # (P, B): B columns at once
                 dst[j + h, b] = a - c
 
 
-def _butterflies_vector(src, dst, h):  # (P,): for h of 16 and more the inner loop is contiguous and vectorises
-    for i in range(0, src.shape[0], 2 * h):
+@njit(inline="always", cache=True, fastmath=FAST)
+def _butterflies_twice(src, dst, h):
+    """Stages h and 2h of the transform in one pass (radix 4): each element read and written once for two stages,
+    where the pass, not the additions, is what a stage costs."""
+    for i in range(0, src.shape[0], 4 * h):
         for j in range(i, i + h):
-            a = src[j]
-            c = src[j + h]
-            dst[j] = a + c
-            dst[j + h] = a - c
-
-
-@overload(_butterflies, jit_options={"fastmath": FAST})
-def _butterflies_by_shape(src, dst, h):
-    return _butterflies_columns if src.ndim == 2 else _butterflies_vector
+            for b in range(src.shape[1]):
+                a = src[j, b]
+                c = src[j + h, b]
+                e = src[j + 2 * h, b]
+                g = src[j + 3 * h, b]
+                dst[j, b] = (a + c) + (e + g)
+                dst[j + h, b] = (a - c) + (e - g)
+                dst[j + 2 * h, b] = (a + c) - (e + g)
+                dst[j + 3 * h, b] = (a - c) - (e - g)
 
 
 @njit(cache=True, fastmath=FAST)
 def _hadamard(y, tmp):
-    """y := H y along axis 0 (unnormalized Walsh-Hadamard; y (P,) or (P, B), P a power of two), its stages
-    alternating between y and tmp."""
-    h, stages = 1, 0
+    """y := H y along axis 0 (unnormalized Walsh-Hadamard; y (P, B), P a power of two), two stages a pass while two
+    remain, the passes alternating between y and tmp."""
+    h, passes = 1, 0
     while h < y.shape[0]:
-        if stages % 2:
-            _butterflies(tmp, y, h)
+        step = 4 if 4 * h <= y.shape[0] else 2
+        src, dst = (tmp, y) if passes % 2 else (y, tmp)
+        if step == 4:
+            _butterflies_twice(src, dst, h)
         else:
-            _butterflies(y, tmp, h)
-        h *= 2
-        stages += 1
-    if stages % 2:
+            _butterflies(src, dst, h)
+        h *= step
+        passes += 1
+    if passes % 2:
         y[:] = tmp
 
 
@@ -1475,31 +1478,48 @@ def _half_bits(typingctx, x):
     return sig, codegen
 
 
-@njit(inline="always", cache=True)
-def _half_rows(x, out, lo, hi):
+@njit(inline="always", cache=True, fastmath=FAST)
+def _unit_half_rows(x, out, scales, lo, hi):
+    """Rows lo..hi-1 of `unit_half_rows`; whether all their values were finite."""
+    finite = True
     for i in range(lo, hi):
+        s = np.float64(0.0)
         for t in range(x.shape[1]):
-            out[i, t] = _half_bits(x[i, t])
+            s += np.float64(x[i, t]) * np.float64(x[i, t])
+        finite &= np.isfinite(s)
+        norm = np.float32(max(np.sqrt(s), 1e-12))
+        r = np.float32(0.0)
+        for t in range(x.shape[1]):
+            h = _half_bits(x[i, t] / norm)
+            out[i, t] = h
+            v = _half_value(h)
+            r += v * v
+        scales[i] = np.float32(1.0) / np.sqrt(r) if r > 0 else np.float32(1.0)
+    return finite
 
 
-@njit(parallel=True, cache=True)
-def _parallel_half_rows(x, out, parts):
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _parallel_unit_half_rows(x, out, scales, parts, finite):
     for c in prange(parts):
         lo, hi = _piece(x.shape[0], parts, c)
-        _half_rows(x, out, lo, hi)
+        finite[c] = _unit_half_rows(x, out, scales, lo, hi)
 
 
-@njit(cache=True)
-def half_rows(x):
-    """float32 x (n, D) as float16 bit patterns (uint16): LLVM's float-to-half conversion on vectors (vcvtps2ph
-    where x86 has F16C, fcvtn on Arm), where numpy converts a value at a time; many rows in parallel pieces."""
+@njit(cache=True, fastmath=FAST)
+def unit_half_rows(x):
+    """What an index stores of float32 feature rows x (n, D) kept as float16: each row L2-normalized (`unit_rows`;
+    a zero row stays zero) and rounded to float16 (IEEE round to nearest even, as numpy's astype; LLVM's conversion
+    on vectors, vcvtps2ph where x86 has F16C, fcvtn on Arm, where numpy converts a value at a time), as bit patterns
+    (uint16), with 1 / its rounded norm (its row scale, `half_row_scales`), and whether every value was finite. One
+    pass where normalizing, rounding and measuring took three; many rows in parallel pieces."""
     out = np.empty(x.shape, np.uint16)
+    scales = np.empty(x.shape[0], np.float32)
     parts = _pieces(PARTS, x.shape[0], GRAIN_CONVERT)
-    if parts > 1:
-        _parallel_half_rows(x, out, parts)
-    else:
-        _half_rows(x, out, 0, x.shape[0])
-    return out
+    if parts == 1:
+        return out, scales, _unit_half_rows(x, out, scales, 0, x.shape[0])
+    finite = np.ones(parts, np.bool_)
+    _parallel_unit_half_rows(x, out, scales, parts, finite)
+    return out, scales, bool(finite.all())
 
 
 @intrinsic

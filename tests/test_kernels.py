@@ -548,15 +548,22 @@ def bits_to_blocks(bits):
 
 @pytest.mark.parametrize("n", [300, 3 * K.GRAIN_CONVERT + 5])  # one row-piece on the calling thread, or several
 def test_float16_conversions_match_numpy(rng, n):
-    """float32 -> float16 (rounded to nearest even, subnormals, overflow to infinity) and float16 rows -> float32,
-    bit for bit as numpy converts them."""
+    """float32 rows -> unit rows rounded to float16 (to nearest even, subnormals included) with their row scales,
+    and float16 rows -> float32, bit for bit as numpy converts them; a row with NaN or infinity is reported."""
     x = (rng.standard_normal((n, 70)) * 0.06).astype(np.float32)
-    edge = np.array([0, -0.0, 1e-8, -1e-8, 5.96e-8, 2.98e-8, 6.1e-5, 6.09e-5, 65504, 65520, 7e4, -7e4, np.inf,
-                     -np.inf, 1 / 3, 1 + 2**-11, 1 + 3 * 2**-11], np.float32)
-    x[0, :len(edge)] = edge
-    with np.errstate(over="ignore"):
-        want = x.astype(np.float16)
-    np.testing.assert_array_equal(K.half_rows(x), want.view(np.uint16))
+    x[0] = 0
+    x[0, :11] = [1, 0, -0.0, 1e-8, -1e-8, 5.96e-8, 2.98e-8, 6.1e-5, 6.09e-5, 1 + 2**-11, 1 + 3 * 2**-11]
+    x[1] = 0  # a zero row stays zero, its scale 1
+    bits, scales, finite = K.unit_half_rows(x)
+    want = K.unit_rows(x)[0].astype(np.float16)
+    assert finite
+    np.testing.assert_array_equal(bits, want.view(np.uint16))
+    norms = np.linalg.norm(want.astype(np.float64), axis=1)
+    np.testing.assert_allclose(scales, np.where(norms > 0, 1 / np.where(norms > 0, norms, 1), 1), rtol=1e-6)
+    for bad in (np.nan, np.inf):
+        y = x.copy()
+        y[n // 2, 3] = bad
+        assert not K.unit_half_rows(y)[2]
     rows = rng.integers(0, n, n + 200)
     got = K.half_gather(want.view(np.uint16), rows)
     np.testing.assert_array_equal(got.view(np.uint32), want[rows].astype(np.float32).view(np.uint32))
