@@ -1,6 +1,6 @@
 """The two-step search against graph indexes over the very same features.
 
-    python benchmarks/bench_peers.py --run RUN_DIR [--copies 15] [--queries 1000] [--threads 1]
+    python benchmarks/bench_peers.py --run RUN_DIR [--copies 15] [--queries 1000] [--threads 1] [--interleave]
 
 The database: the run's training images (with `--copies`, mirrored / shifted copies of each, as in
 `bench_search.py fidelity`), encoded by its exported model.onnx; queries: test images. Truth: the exact top-10 by
@@ -21,6 +21,12 @@ and inserting them again under new ids, with recall after (faiss's HNSW cannot d
 explicitly (`--threads`, default 1; BLAS too). Plots recall against time per method. Results and plot:
 peers_N_tTHREADS_CPU.json / .png (CPU: LLVM's name for this CPU kind; a run of some `--methods` adds their names) in
 benchmarks/results/ and benchmarks/plots/.
+
+`--interleave` measures speed and recall only, of latenthash (float16 features) and faiss M16 / M32 in one process,
+every setting's queries in blocks of INTERLEAVE that alternate with every other setting's, so that the host's drift
+(which moves one process's times against another's by more than some differences read here) falls on all of them
+alike; it prints, per recall target, the fastest setting of each and their ratio (and saves them with the curves:
+peers_N_tTHREADS_CPU_interleaved.json).
 """
 
 from __future__ import annotations
@@ -46,6 +52,9 @@ from latenthash.cpu import cpu_info
 
 K = 10
 CHURN = 0.01
+INTERLEAVE = 100  # queries per block of one setting in `--interleave` (blocks of every setting alternate)
+TARGETS = (0.95, 0.99)  # the recall targets of issue 30's bars
+INTERLEAVED = ("latenthash", "faiss-hnsw16", "faiss-hnsw32")  # usearch and faiss crash in one process
 TWO_STEP = ("latenthash", "latenthash-i8")  # the methods with features (the others: codes only, peers)
 POOLS = [1000, 1200, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000, 18000, 20000,
          50000]
@@ -252,6 +261,53 @@ def worker(name: str, data: str, threads: int) -> dict:
     return out
 
 
+def interleaved(data: str, threads: int) -> list[dict]:
+    """Speed and recall of every setting of INTERLEAVED, built in this one process and measured in blocks of
+    INTERLEAVE queries, each block of every setting in turn (see the module's docstring)."""
+    z = dict(np.load(data))
+    qcodes, qfeats, truth = z["qcodes"], z["qfeatures"], z["truth"]
+    qunit = (qfeats / np.linalg.norm(qfeats, axis=1, keepdims=True)).astype(np.float32)
+    methods = {name: Method(name, z, threads) for name in INTERLEAVED}
+    for m in methods.values():
+        m.build()
+    runs = [(name, value) for name in INTERLEAVED for value in SETTINGS[name]]
+    times: dict[tuple, list[float]] = {run: [] for run in runs}
+    found = {run: np.empty((len(qcodes), K), np.int64) for run in runs}
+    for name, value in runs:  # warm-up
+        methods[name].set(value)
+        methods[name].search(qcodes[:1], qfeats[:1] if name == "latenthash" else qunit[:1])
+    for lo in range(0, len(qcodes), INTERLEAVE):
+        for name, value in runs:
+            m = methods[name]
+            m.set(value)
+            feed = qfeats if name == "latenthash" else qunit
+            for i in range(lo, min(len(qcodes), lo + INTERLEAVE)):
+                t = time.perf_counter()
+                found[(name, value)][i] = m.search(qcodes[i:i + 1], feed[i:i + 1])[0]
+                times[(name, value)].append(time.perf_counter() - t)
+    return [{"method": name, "n": len(z["codes"]), "threads": threads,
+             "rows": [{"setting": value, "ms": statistics.median(times[(name, value)]) * 1e3,
+                       "recall": recall(found[(name, value)], truth)} for value in SETTINGS[name]]}
+            for name in INTERLEAVED]
+
+
+def fastest(results: list[dict]) -> list[dict]:
+    """Per recall target: the fastest setting of latenthash and of faiss (either M) that reach it, and the ratio."""
+    out = []
+    for target in TARGETS:
+        best = {}
+        for r in results:
+            ok = [x for x in r["rows"] if x["recall"] >= target]
+            if ok:
+                best[r["method"]] = min(ok, key=lambda x: x["ms"])
+        peers = [(m, x) for m, x in best.items() if m.startswith("faiss")]
+        if "latenthash" in best and peers:
+            peer, x = min(peers, key=lambda p: p[1]["ms"])
+            out.append({"recall": target, "latenthash": best["latenthash"], "faiss": {"method": peer, **x},
+                        "ratio": best["latenthash"]["ms"] / x["ms"]})
+    return out
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -279,6 +335,9 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_worker":
         print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_interleaved":
+        print(json.dumps(interleaved(sys.argv[2], int(sys.argv[3]))))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a trained run with its exported model.onnx")
     ap.add_argument("--copies", type=int, default=0, choices=range(len(VARIANTS)), metavar="0-15",
@@ -286,6 +345,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=list(SETTINGS))
+    ap.add_argument("--interleave", action="store_true",
+                    help=f"speed and recall of {', '.join(INTERLEAVED)} in one process, their queries interleaved")
     args = ap.parse_args()
     print(load_note(), flush=True)
     if importlib.util.find_spec("usearch") is None:  # not imported here: it and faiss in one process crash
@@ -294,6 +355,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "db.npz"
         database(args.run, args.copies, args.queries, data)
+        if args.interleave:
+            return interleaved_run(data, args.threads)
         results = []
         print("| method | setting | ms/query | recall@10 | batch ms/query | build s | memory B/item | disk B/item |\n|"
               + "---|" * 8)
@@ -324,6 +387,29 @@ def main() -> None:
         name += "_" + "+".join(args.methods)
     save(name, results)  # first: its stamp then sees the tree as committed
     plot(results, Path(__file__).parent / "plots" / f"{name}.png")
+
+
+def interleaved_run(data: Path, threads: int) -> None:
+    """`--interleave`: its worker in a process of its own (thread counts set before numpy loads), the curves and
+    the fastest settings per recall target printed and saved."""
+    env = {**os.environ, **{v: str(threads) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}}
+    proc = subprocess.run([sys.executable, __file__, "_interleaved", str(data), str(threads)], capture_output=True,
+                          text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"interleaved run failed:\n{proc.stderr[-3000:]}")
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("| method | setting | ms/query | recall@10 |\n|---|---|---|---|")
+    for r in results:
+        for x in r["rows"]:
+            print(f"| {r['method']} | {x['setting']} | {x['ms']:.3f} | {x['recall']:.4f} |")
+    best = fastest(results)
+    for b in best:
+        lh, fa = b["latenthash"], b["faiss"]
+        print(f"recall >= {b['recall']}: latenthash pool {lh['setting']} {lh['ms']:.3f} ms ({lh['recall']:.4f}), "
+              f"{fa['method']} ef {fa['setting']} {fa['ms']:.3f} ms ({fa['recall']:.4f}): {b['ratio']:.2f}x")
+    print(load_note("after"))
+    save(f"peers_{results[0]['n']}_t{threads}_{cpu_info()['llvm_cpu']}_interleaved",
+         {"curves": results, "fastest": best})
 
 
 if __name__ == "__main__":
