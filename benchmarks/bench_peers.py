@@ -22,10 +22,10 @@ explicitly (`--threads`, default 1; BLAS too). Plots recall against time per met
 peers_N_tTHREADS_CPU.json / .png (CPU: LLVM's name for this CPU kind; a run of some `--methods` adds their names) in
 benchmarks/results/ and benchmarks/plots/.
 
-`--interleave` measures speed and recall only, of latenthash (float16 features) and faiss M16 / M32 in one process,
-every setting's queries in blocks of INTERLEAVE that alternate with every other setting's, so that the host's drift
-(which moves one process's times against another's by more than some differences read here) falls on all of them
-alike; it prints, per recall target, the fastest setting of each and their ratio (and saves them with the curves:
+`--interleave` measures speed and recall only, of latenthash (float16 and int8 features) and faiss M16 / M32 in one
+process, every setting's queries in blocks of INTERLEAVE that alternate with every other setting's, so that the
+host's drift (which moves one process's times against another's by more than some differences read here) falls on
+all of them alike; it prints, per recall target, the fastest setting of each and their ratio (and saves them with the curves:
 peers_N_tTHREADS_CPU_interleaved.json).
 """
 
@@ -54,7 +54,7 @@ K = 10
 CHURN = 0.01
 INTERLEAVE = 100  # queries per block of one setting in `--interleave` (blocks of every setting alternate)
 TARGETS = (0.95, 0.99)  # the recall targets of issue 30's bars
-INTERLEAVED = ("latenthash", "faiss-hnsw16", "faiss-hnsw32")  # usearch and faiss crash in one process
+INTERLEAVED = ("latenthash", "latenthash-i8", "faiss-hnsw16", "faiss-hnsw32")  # usearch and faiss crash in one process
 TWO_STEP = ("latenthash", "latenthash-i8")  # the methods with features (the others: codes only, peers)
 POOLS = [1000, 1200, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000, 18000, 20000,
          50000]
@@ -275,12 +275,12 @@ def interleaved(data: str, threads: int) -> list[dict]:
     found = {run: np.empty((len(qcodes), K), np.int64) for run in runs}
     for name, value in runs:  # warm-up
         methods[name].set(value)
-        methods[name].search(qcodes[:1], qfeats[:1] if name == "latenthash" else qunit[:1])
+        methods[name].search(qcodes[:1], qfeats[:1] if name in TWO_STEP else qunit[:1])
     for lo in range(0, len(qcodes), INTERLEAVE):
         for name, value in runs:
             m = methods[name]
             m.set(value)
-            feed = qfeats if name == "latenthash" else qunit
+            feed = qfeats if name in TWO_STEP else qunit
             for i in range(lo, min(len(qcodes), lo + INTERLEAVE)):
                 t = time.perf_counter()
                 found[(name, value)][i] = m.search(qcodes[i:i + 1], feed[i:i + 1])[0]
@@ -292,7 +292,8 @@ def interleaved(data: str, threads: int) -> list[dict]:
 
 
 def fastest(results: list[dict]) -> list[dict]:
-    """Per recall target: the fastest setting of latenthash and of faiss (either M) that reach it, and the ratio."""
+    """Per recall target and two-step method: its fastest setting that reaches the target, faiss's (either M), and
+    the ratio of their times."""
     out = []
     for target in TARGETS:
         best = {}
@@ -301,10 +302,10 @@ def fastest(results: list[dict]) -> list[dict]:
             if ok:
                 best[r["method"]] = min(ok, key=lambda x: x["ms"])
         peers = [(m, x) for m, x in best.items() if m.startswith("faiss")]
-        if "latenthash" in best and peers:
+        for name in (m for m in TWO_STEP if m in best and peers):
             peer, x = min(peers, key=lambda p: p[1]["ms"])
-            out.append({"recall": target, "latenthash": best["latenthash"], "faiss": {"method": peer, **x},
-                        "ratio": best["latenthash"]["ms"] / x["ms"]})
+            out.append({"recall": target, "method": name, name: best[name], "faiss": {"method": peer, **x},
+                        "ratio": best[name]["ms"] / x["ms"]})
     return out
 
 
@@ -404,8 +405,8 @@ def interleaved_run(data: Path, threads: int) -> None:
             print(f"| {r['method']} | {x['setting']} | {x['ms']:.3f} | {x['recall']:.4f} |")
     best = fastest(results)
     for b in best:
-        lh, fa = b["latenthash"], b["faiss"]
-        print(f"recall >= {b['recall']}: latenthash pool {lh['setting']} {lh['ms']:.3f} ms ({lh['recall']:.4f}), "
+        lh, fa = b[b["method"]], b["faiss"]
+        print(f"recall >= {b['recall']}: {b['method']} pool {lh['setting']} {lh['ms']:.3f} ms ({lh['recall']:.4f}), "
               f"{fa['method']} ef {fa['setting']} {fa['ms']:.3f} ms ({fa['recall']:.4f}): {b['ratio']:.2f}x")
     print(load_note("after"))
     save(f"peers_{results[0]['n']}_t{threads}_{cpu_info()['llvm_cpu']}_interleaved",
