@@ -25,8 +25,8 @@ benchmarks/results/ and benchmarks/plots/.
 `--interleave` measures speed and recall only, of latenthash (float16 and int8 features) and faiss M16 / M32 in one
 process, every setting's queries in blocks of INTERLEAVE that alternate with every other setting's, so that the
 host's drift (which moves one process's times against another's by more than some differences read here) falls on
-all of them alike; it prints, per recall target, the fastest setting of each and their ratio (and saves them with the curves:
-peers_N_tTHREADS_CPU_interleaved.json).
+all of them alike; it prints, per recall target, the fastest setting of each and their ratio (and saves them with
+the curves: peers_N_tTHREADS_CPU_interleaved.json).
 """
 
 from __future__ import annotations
