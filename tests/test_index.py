@@ -288,6 +288,22 @@ def test_bad_input_is_a_clear_error(rng, call, match):
         call(index)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_add_rejects_non_finite_features_on_the_compiled_path(rng, bad):
+    """Once warmed, float16 rows are normalized and rounded in one kernel pass: it still refuses NaN and infinity,
+    in the same words, before anything is stored."""
+    from latenthash import kernels
+
+    index, *_ = make(rng, n=10, dtype="float16")
+    index.warmup()
+    assert kernels.unit_half_rows.overloads  # the one-pass path is the one taken
+    f = np.ones((2, DIM), np.float32)
+    f[1, 3] = bad
+    with pytest.raises(InvalidInput, match="NaN or infinite"):
+        index.add([100, 101], np.zeros((2, BITS), bool), f)
+    assert len(index) == 10 and 100 not in index
+
+
 def test_empty_index_search(rng):
     index = HashIndex(bits=BITS)
     res = index.search(np.zeros((2, BITS), bool), k=3)
