@@ -260,6 +260,15 @@ def check_query(codes, features, rerank: bool | None, *, k, radius, pool, bits: 
                 max_k: int = MAX_K, max_pool: int = MAX_POOL) -> tuple[np.ndarray, np.ndarray | None]:
     """What every backend's search() checks: k, radius and pool in range, the query codes packed, and the query
     features L2-normalized when step 2 (the re-rank) runs, else None."""
+    packed, qf = query_rows(codes, features, rerank, k=k, radius=radius, pool=pool, bits=bits,
+                            feature_dim=feature_dim, max_k=max_k, max_pool=max_pool)
+    return packed, None if qf is None else normalize(qf, "query features")
+
+
+def query_rows(codes, features, rerank: bool | None, *, k, radius, pool, bits: int, feature_dim: int | None,
+               max_k: int = MAX_K, max_pool: int = MAX_POOL) -> tuple[np.ndarray, np.ndarray | None]:
+    """`check_query` without the normalization: the query features as float32 rows (Q, feature_dim) as given; a
+    caller that normalizes them in a pass of its own must still reject NaN and infinity (`non_finite`)."""
     check_k(k, max_k)
     if radius is not None and (isinstance(radius, bool) or not isinstance(radius, (int, np.integer))
                                or not 0 <= radius <= bits):
@@ -279,7 +288,7 @@ def check_query(codes, features, rerank: bool | None, *, k, radius, pool, bits: 
     qf = qf[None, :] if qf.ndim == 1 else qf
     if qf.shape != (len(packed), feature_dim):
         raise InvalidInput(f"query features must have shape ({len(packed)}, {feature_dim}), got {qf.shape}")
-    return packed, normalize(qf, "query features")
+    return packed, qf
 
 
 def check_k(k, max_k: int = MAX_K) -> int:

@@ -38,23 +38,24 @@ from latenthash.backend import (
     check_features,
     check_ids,
     check_items,
-    check_query,
     feature_rows,
     non_finite,
     normalize,
     padded,
+    query_rows,
 )
 from latenthash.buckets import SHELL_WIDEN, SKETCH_BITS, BucketCache, sketch_flips
-from latenthash.codes import check_bits, from_words, n_words, pack_codes, to_words
+from latenthash.codes import check_bits, from_words, n_bytes, n_words, pack_codes, to_words
 from latenthash.dedup import DuplicateGroup, find_duplicates
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
 from latenthash.generations import read_generation, write_generation
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, pool_size
+from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, MAX_POOL, pool_size
 from latenthash.storage import DirLock
 
 FEATURE_DTYPES = ("float32", "float16", "int8")
 SCALED_DTYPES = ("float16", "int8")  # stored with a per-row scale (`_row_scales`) ...
 SCALE_CHUNK = 1 << 16  # ... computed this many rows at a time (a float32 copy of each chunk)
+_UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)  # dtypes are singletons: `_one_query` tests identity
 OVERSAMPLE = 20  # candidates per hit that step 2 re-scores exactly after its sketch pass ...
 RESCORE_SHARE = 20  # ... and at least this share of the pool (1 / RESCORE_SHARE)
 
@@ -73,10 +74,23 @@ class _Snapshot:
         """The n stored codes' words as one flat array, as the scan kernels take them (made once per snapshot)."""
         return self.words[: self.n].reshape(-1)
 
+    @functools.cached_property
+    def kernel_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(features, scales, ids) as the re-scoring kernels take them (`kernels.rerank_args`; made once per
+        snapshot)."""
+        return (*_kernels().rerank_args(self.features, self.scales), self.ids)
+
 
 def _rescored(k: int, target: int) -> int:
     """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly."""
     return max(OVERSAMPLE * k, target // RESCORE_SHARE)
+
+
+def _compiled_form(a: np.ndarray) -> np.ndarray:
+    """`a` as the kernels are compiled for it: contiguous, aligned and writable (a read-only array, such as one
+    decoded off the wire, is another type to Numba, which would compile the kernel again on the query's path)."""
+    f = a.flags
+    return a if f.c_contiguous and f.aligned and f.writeable else a.copy()
 
 
 def _row_scales(stored: np.ndarray) -> np.ndarray:
@@ -130,6 +144,7 @@ class HashIndex:
         self._warmer: threading.Thread | None = None
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
         self.max_k = MAX_K
+        self._code_shape, self._feature_shape = (n_bytes(self.bits),), (self.feature_dim,)  # of `_one_query`
 
     # ------------------------------------------------------------------------------------------------ storage
     def _empty_snapshot(self, capacity: int) -> _Snapshot:
@@ -301,22 +316,32 @@ class HashIndex:
         (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
-        packed, qf = check_query(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
+        if radius is None and rerank is None and threads is None and not self._pending:
+            found = self._one_query(codes, features, k, pool)
+            if found is not None:
+                return found
+        packed, raw = query_rows(codes, features, rerank, k=k, radius=radius, pool=pool, bits=self.bits,
                                  feature_dim=self.feature_dim)
+        if threads is not None:
+            _kernels().set_threads(threads)
+        snap = self._snap  # one consistent view for the whole call
+        target = pool_size(k, pool)
+        compiling = bool(snap.words.flags.writeable) in self._pending  # answer without the kernels meanwhile
+        if raw is not None and radius is None and len(packed) == 1 and not compiling:
+            found = self._twostep_one(snap, packed[0], raw[0], target, k)
+            if found is not None:
+                return found
+        qf = None if raw is None else normalize(raw, "query features")
         qw = to_words(packed, self.bits)
         do_rerank = qf is not None
         if not len(qw):
             empty = np.zeros((0, k), np.int64)
             return SearchResult(empty, empty.copy(), np.zeros(0, np.int64),
                                 np.zeros((0, k), np.float32) if do_rerank else None)
-        if threads is not None:
-            _kernels().set_threads(threads)
-        snap = self._snap  # one consistent view for the whole call
-        target = pool_size(k, pool)
-        if bool(snap.words.flags.writeable) in self._pending:  # its kernels are compiling: answer without them
+        if compiling:
             return padded(*numpy_search.search(snap.words, snap.ids[: snap.n], snap.features, snap.scales, qw, qf,
                                                k=k, radius=radius, target=target, bits=self.bits), k)
-        if not do_rerank:
+        if qf is None:
             if radius is None and len(qw) == 1 and self._buckets.get(snap) is None:
                 K = _kernels()
                 return SearchResult(*K.topk_one(snap.flat, snap.n, qw.shape[1], qw[0], k, self.bits,
@@ -335,18 +360,40 @@ class HashIndex:
         else:
             buckets = self._buckets.get(snap)
             if buckets is not None and buckets.signs is not None:
-                if len(qw) == 1:  # both steps in one kernel call
-                    K = _kernels()
-                    ids, dists, scores, counts = K.twostep_one(
-                        *buckets.kernel_layout, buckets.cell_rows, qw[0], qf[0], buckets.centre, buckets.flips,
-                        SHELL_WIDEN * target, target, self.bits, *K.rerank_args(snap.features, snap.scales),
-                        _rescored(k, target), k, snap.ids, K.one_query_parts())
-                    return SearchResult(ids, dists, counts, scores)
                 rows, dists, counts = self._shell_candidates(buckets, qw, qf, target, k)
             else:
                 rows, dists, counts = self._shell_rows(snap, qw, target)
         pos, scores = self._rerank(snap, qf, rows, counts, k)
         return SearchResult(*_kernels().take_hits(pos, rows, dists, snap.ids), scores)
+
+    def _one_query(self, codes, features, k, pool) -> SearchResult | None:
+        """The common query, without the general path's conversions: one packed code (uint8) and its float32
+        features, k and pool plain ints in range, over a bucketed index (`_twostep_one`); None for any other form,
+        which the general path converts, or rejects with the reason."""
+        if (type(codes) is not np.ndarray or codes.dtype is not _UINT8 or codes.shape != self._code_shape
+                or type(features) is not np.ndarray or features.dtype is not _FLOAT32
+                or features.shape != self._feature_shape or type(k) is not int or not 0 < k <= MAX_K
+                or not (pool is None or type(pool) is int and 0 < pool <= MAX_POOL)
+                or self.bits % 8 and codes[-1] & ((1 << (8 - self.bits % 8)) - 1)):
+            return None
+        return self._twostep_one(self._snap, codes, features, pool_size(k, pool), k)
+
+    def _twostep_one(self, snap: _Snapshot, code: np.ndarray, features: np.ndarray, target: int,
+                     k: int) -> SearchResult | None:
+        """One query's two steps over a bucketed index in one compiled call, which takes the packed code and the
+        features as given (it makes the words and normalizes); None where the snapshot has no buckets yet. In a
+        small index the Python around one query costs about as much as its first step (RESULTS.md)."""
+        buckets = self._buckets.get(snap)
+        if buckets is None or buckets.signs is None:
+            return None
+        K = _kernels()
+        ids, dists, scores, counts = K.twostep_one(
+            *buckets.kernel_layout, buckets.centre, buckets.flips, buckets.cell_rows, *snap.kernel_rows,
+            _compiled_form(code), _compiled_form(features), SHELL_WIDEN * target, target, self.bits,
+            _rescored(k, target), k, K.one_query_parts())
+        if counts[0] < 0:
+            raise non_finite("query features")
+        return SearchResult(ids, dists, counts, scores)
 
     def _shell_rows(self, snap: _Snapshot, qw: np.ndarray, target: int):
         """Step 1 by scan: every row at distance <= d*, the smallest distance that reaches `target` rows (whole
@@ -500,8 +547,8 @@ class HashIndex:
             centre, flips = np.zeros(dim, np.float32), sketch_flips(dim)
             K.twostep_candidates(*layout, qw.reshape(-1), qf, centre, flips, np.int64(1), np.int64(1), self.bits,
                                  np.int64(1))
-            K.twostep_one(*layout, one[:1], qw[0], qf[0], centre, flips, np.int64(1), np.int64(1), self.bits,
-                          *K.rerank_args(dummy.features, dummy.scales), np.int64(1), np.int64(1), dummy.ids, 2)
+            K.twostep_one(*layout, centre, flips, one[:1], *dummy.kernel_rows, np.zeros(qw.shape[1] * 8, np.uint8),
+                          np.zeros(dim, np.float32), np.int64(1), np.int64(1), self.bits, np.int64(1), np.int64(1), 2)
             K.launch_cost()  # its kernel compiled (or loaded) here, not on the first query's path
 
     def stats(self) -> dict:

@@ -657,6 +657,7 @@ SKETCH_AHEAD = 16  # blocks of 8 sketches requested ahead of the sketch pass (me
 SAMPLE_ROWS = 256  # the sketch pass estimates its cut from this many of the pool's distances ...
 SAMPLE_MARGIN = 1.5  # ... as the distance that SAMPLE_MARGIN x the rows it keeps reach
 SAMPLE_BINS = 256  # ... read off a histogram of the sample in this many bins (`_sample_limit`)
+DOT_SUMS = 4  # independent sums of a float16 dot product (`_dot_f16`; a power of two)
 
 
 @intrinsic
@@ -664,7 +665,9 @@ def _dot_f16(typingctx, q, feats, row):
     """The dot product of float32 q (D,) with feats[row], float16 values stored as their uint16 bit patterns.
 
     LLVM's half-to-float conversion on 16 lanes at a time (vcvtph2ps where x86 has F16C, fcvtl on Arm) and fused
-    multiply-adds; Numba has no float16 type, and the table lookup per element used before is a gather per value."""
+    multiply-adds into DOT_SUMS independent sums, so that one multiply-add need not wait for the last (the cell
+    cut's centroid products ran twice as long on one sum); Numba has no float16 type, and the table lookup per
+    element used before is a gather per value."""
     sig = types.float32(q, feats, row)
     lanes = 16
 
@@ -680,15 +683,28 @@ def _dot_f16(typingctx, q, feats, row):
                                i16.as_pointer())
         qptr = qa.data
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vf, [vf, vf, vf]), f"llvm.fma.v{lanes}f32")
-        acc = cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes))
-        whole = builder.udiv(dim, ir.Constant(dim.type, lanes))
-        with cgutils.for_range(builder, whole) as loop:
-            off = builder.mul(loop.index, ir.Constant(dim.type, lanes))
+        sums = [cgutils.alloca_once_value(builder, ir.Constant(vf, [0.0] * lanes)) for _ in range(DOT_SUMS)]
+
+        def add_chunk(chunk, acc):  # acc += feats[row, 16 chunk:16 chunk + 16] * q[...]
+            off = builder.mul(chunk, ir.Constant(dim.type, lanes))
             h = builder.load(builder.bitcast(builder.gep(fptr, [off]), vh.as_pointer()), align=2)
             f = builder.fpext(builder.bitcast(h, ir.VectorType(half, lanes)), vf)
             qv = builder.load(builder.bitcast(builder.gep(qptr, [off]), vf.as_pointer()), align=4)
             builder.store(builder.call(fma, [f, qv, builder.load(acc)]), acc)
-        v = builder.load(acc)
+
+        whole = builder.udiv(dim, ir.Constant(dim.type, lanes))
+        rounds = builder.udiv(whole, ir.Constant(dim.type, DOT_SUMS))
+        with cgutils.for_range(builder, rounds) as loop:
+            first = builder.mul(loop.index, ir.Constant(dim.type, DOT_SUMS))
+            for a, acc in enumerate(sums):
+                add_chunk(builder.add(first, ir.Constant(dim.type, a)), acc)
+        with cgutils.for_range_slice(builder, builder.mul(rounds, ir.Constant(dim.type, DOT_SUMS)), whole,
+                                     ir.Constant(dim.type, 1)) as (chunk, _):
+            add_chunk(chunk, sums[0])
+        parts = [builder.load(acc) for acc in sums]
+        while len(parts) > 1:
+            parts = [builder.fadd(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+        v = parts[0]
         width = lanes
         while width > 1:  # a tree of halves, not a chain of sixteen dependent adds
             width //= 2
@@ -1353,27 +1369,45 @@ def sketch_rows(f, centre, flips, bits):
     return out
 
 
-@njit(cache=True, fastmath=FAST)
-def _hadamard_one(v, tmp, side):
-    """v := H v for one vector (P,), P a power of two; tmp, side scratch (P,). As `_hadamard` on v seen as a
-    (P / C, C) matrix, C about sqrt(P), then on its transpose: H_P = H_(P/C) (x) H_C, and each pass's butterflies
-    run along whole rows of C (or P / C) lanes, where on the flat vector the stages with strides below the vector
-    width stay scalar."""
-    p = v.shape[0]
-    cols = 1
-    while cols * cols * 4 <= p:
-        cols *= 2
-    rows = p // cols
-    m = v.reshape(rows, cols)
-    t = side.reshape(cols, rows)
-    _hadamard(m, tmp.reshape(rows, cols))
-    for i in range(rows):
-        for j in range(cols):
-            t[j, i] = m[i, j]
-    _hadamard(t, tmp.reshape(cols, rows))
-    for j in range(cols):
-        for i in range(rows):
-            m[i, j] = t[j, i]
+@intrinsic
+def _hadamard_lanes(typingctx, v):
+    """v := H v for one contiguous float32 vector (P,), P a power of two and a multiple of 16 (the unnormalized
+    Walsh-Hadamard transform of `_hadamard`): the stages of stride below 16 inside each 16-lane vector by a shuffle,
+    an add, a subtract and a select, the others between whole vectors. Numba's loops over one vector stayed scalar
+    (stages commute: the same transform, rounded in another order)."""
+    sig = types.void(v)
+    lanes = 16
+
+    def codegen(context, builder, signature, args):
+        va = context.make_array(signature.args[0])(context, builder, args[0])
+        vf = ir.VectorType(ir.FloatType(), lanes)
+        n = builder.extract_value(va.shape, 0)
+        one = ir.Constant(n.type, 1)
+        chunks = builder.udiv(n, ir.Constant(n.type, lanes))
+        base = builder.bitcast(va.data, vf.as_pointer())
+        with cgutils.for_range(builder, chunks) as loop:
+            at = builder.gep(base, [loop.index])
+            x = builder.load(at, align=4)
+            for h in (1, 2, 4, 8):  # lane j pairs with lane j ^ h: x_j + x_(j+h) where bit h of j is clear, else
+                partner = builder.shuffle_vector(  # x_(j-h) - x_j
+                    x, x, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [j ^ h for j in range(lanes)]))
+                upper = ir.Constant(ir.VectorType(ir.IntType(1), lanes), [bool(j & h) for j in range(lanes)])
+                x = builder.select(upper, builder.fsub(partner, x), builder.fadd(x, partner))
+            builder.store(x, at, align=4)
+        cttz = cgutils.get_or_insert_function(builder.module, ir.FunctionType(n.type, [n.type, ir.IntType(1)]),
+                                              f"llvm.cttz.i{n.type.width}")
+        with cgutils.for_range(builder, builder.call(cttz, [chunks, ir.Constant(ir.IntType(1), 0)])) as stage:
+            h = builder.shl(one, stage.index)  # stride in vectors: pair t is vectors j and j + h
+            with cgutils.for_range(builder, builder.lshr(chunks, one)) as pair:
+                low = builder.and_(pair.index, builder.sub(h, one))
+                j = builder.or_(builder.shl(builder.sub(pair.index, low), one), low)
+                pa, pc = builder.gep(base, [j]), builder.gep(base, [builder.add(j, h)])
+                a, c = builder.load(pa, align=4), builder.load(pc, align=4)
+                builder.store(builder.fadd(a, c), pa, align=4)
+                builder.store(builder.fsub(a, c), pc, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, fastmath=FAST)
@@ -1386,13 +1420,11 @@ def query_levels(qf, centre, flips, bits):
     The rows keep one sign bit a coordinate, the query keeps its magnitudes (asymmetric, as RaBitQ and Qdrant's
     binary quantization query): sum_j |L s_j - v_j| ranks rows by the dot product of their signs with the rotated
     query, where the Hamming distance between two sign sketches needed about three times the re-scores for the same
-    recall (RESULTS.md). One vector's own transform (`_hadamard_one`): `sketch_rows` on one row would leave its
+    recall (RESULTS.md). One vector's own transform (`_hadamard_lanes`): `sketch_rows` on one row would leave its
     lanes idle."""
     dim = qf.shape[0]
     rotations, rounds, p = flips.shape
     y = np.zeros(rotations * p, np.float32)
-    tmp = np.empty(p, np.float32)
-    side = np.empty(p, np.float32)
     for r in range(rotations):
         v = y[r * p:(r + 1) * p]
         for t in range(dim):
@@ -1401,7 +1433,7 @@ def query_levels(qf, centre, flips, bits):
             if k:
                 for t in range(p):
                     v[t] *= flips[r, k, t]
-            _hadamard_one(v, tmp, side)
+            _hadamard_lanes(v)
     top = (1 << QUERY_LEVEL_BITS) - 1
     amax = np.float32(0.0)
     for j in range(bits):
@@ -1422,17 +1454,29 @@ def query_levels(qf, centre, flips, bits):
 
 
 @njit(cache=True, fastmath=FAST)
-def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, cell_rows, q, qf, centre, flips,
-                shell, target, bits, feats, scales, rescore, k, ids, parts):
+def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, centre, flips, cell_rows, feats, scales,
+                ids, code, features, shell, target, bits, rescore, k, parts):
     """Both steps of one query over a bucketed index in one call (the batch path's `twostep_candidates`,
     `cosine_rerank` and `take_hits`, without the Python between them): the pool by shells and cells, the `rescore`
     rows nearest by sketch, their exact cosine, the best k. The sketch pass and the exact re-score run in up to
     `parts` parallel pieces where they are long enough (`one_query_parts` picks `parts`); the result is the same.
+    The index's arrays come first (as `HashIndex` keeps them at hand: the bucket layout, then the stored rows), the
+    query last and as given: `code` its packed code (ceil(bits / 8),) uint8, `features` (D,) float32, normalized here
+    as `unit_rows` does (the arrays and calls that prepared them in Python cost more than the shells).
 
-    Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded."""
+    Returns (ids (1, k), code distances (1, k), scores (1, k) float32, counts (1,)), -1 / NaN padded; counts[0] is -1
+    where the features hold NaN or infinity (nothing searched)."""
+    out_p = np.full((1, k), -1, np.int64)
+    out_s = np.full((1, k), np.nan, np.float32)
+    qf = np.empty((1, features.shape[0]), np.float32)
+    if not _unit_rows(features.reshape((1, features.shape[0])), qf, 0, 1):
+        return out_p, out_p.copy(), out_s, np.full(1, -1, np.int64)
+    q = np.zeros(w, np.uint64)
+    for i in range(code.shape[0]):  # the little-endian words of `to_words`
+        q[i // 8] |= np.uint64(code[i]) << np.uint64(8 * (i % 8))
     cand = np.empty(max(1, rescore), np.int64)
     cand_d = np.empty(max(1, rescore), np.int64)
-    c = _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, qf, centre, flips, shell,
+    c = _candidates(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, q, qf[0], centre, flips, shell,
                     target, bits, cand, cand_d, parts)
     rows = np.empty(c, np.int64)
     for j in range(c):
@@ -1440,11 +1484,9 @@ def twostep_one(ucodes, nu, w, sizes, bucket_cells, cells, centroids, signs, cel
     scores = np.empty(c, np.float32)
     pieces = _pieces(parts, c, GRAIN_SCORES)
     if pieces > 1:
-        _parallel_scores(qf, feats, scales, rows, c, pieces, scores)
+        _parallel_scores(qf[0], feats, scales, rows, c, pieces, scores)
     else:
-        _score_rows(qf, feats, scales, rows, 0, c, scores)
-    out_p = np.full((1, k), -1, np.int64)
-    out_s = np.full((1, k), np.nan, np.float32)
+        _score_rows(qf[0], feats, scales, rows, 0, c, scores)
     _keep_best(scores, k, out_p[0], out_s[0])
     out_i, out_d, counts = take_hits(out_p, rows.reshape(1, c), cand_d[:c].reshape(1, c), ids)
     return out_i, out_d, out_s, counts
@@ -1790,8 +1832,10 @@ for _name in ("_empty_launch", "topk_single", "topk_one", "topk_batch", "topk_bu
 
 
 def set_threads(n: int) -> None:
-    """Numba's thread count for the kernels (at most the number it started with)."""
+    """Numba's thread count for the kernels on the calling thread (at most the number it started with); use this,
+    not numba.set_num_threads, which `one_query_parts` would not see."""
     numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    _launches.__dict__.pop("parts", None)
 
 
 def threads() -> int:
@@ -1821,9 +1865,13 @@ def launch_cost() -> float:
 
 def one_query_parts() -> int:
     """Threads one query's two-step (`twostep_one`) splits its passes over: all of them where a launch from this
-    thread is cheap (CHEAP_LAUNCH), else one: its two or three launches would cost more than they save."""
-    n = threads()
-    return n if n > 1 and launch_cost() <= CHEAP_LAUNCH else 1
+    thread is cheap (CHEAP_LAUNCH), else one: its two or three launches would cost more than they save. Kept per
+    thread until `set_threads` (asking Numba for its thread count costs a microsecond a query)."""
+    parts = getattr(_launches, "parts", None)
+    if parts is None:
+        n = threads()
+        parts = _launches.parts = n if n > 1 and launch_cost() <= CHEAP_LAUNCH else 1
+    return parts
 
 
 def single_chunks(n: int) -> int:

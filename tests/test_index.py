@@ -389,6 +389,50 @@ def test_bucketed_two_step_finds_what_the_scan_finds(rng):
     assert recall(index.search(words[q], k=10, features=qf, pool=5000)) >= 0.95
 
 
+def test_one_query_in_any_form_gets_the_same_answer(rng):
+    """A bucketed index answers the common query form (one packed uint8 code, float32 features, plain int k and
+    pool) in one compiled call that makes the code's words and normalizes the features itself; every other form
+    goes through the general conversions. All forms, and the query as a row of a batch, get the same hits and
+    scores; NaN or infinite features are refused on either path with the same message."""
+    from latenthash import buckets
+
+    bits, dim, n = 48, 32, buckets.MIN_ROWS + 3000
+    words = pack_codes(rng.random((40, bits)) < 0.5, bits)
+    label = rng.integers(0, 40, n)
+    centres = rng.standard_normal((40, dim)).astype(np.float32)
+    index = HashIndex(bits=bits, feature_dim=dim)
+    index.add(np.arange(n), words[label], centres[label] + 0.7 * rng.standard_normal((n, dim)).astype(np.float32))
+    index.warmup()
+    assert index._buckets.get(index._snap) is not None
+    q = rng.integers(0, 40, 6)
+    codes = words[q]
+    feats = (3 * centres[q] + 2 * rng.standard_normal((6, dim))).astype(np.float32)  # not unit length
+    batch = index.search(codes, k=10, features=feats, pool=600)
+    for i in range(len(q)):
+        readonly = np.frombuffer(codes[i].tobytes(), np.uint8)
+        forms = [(codes[i], feats[i], True), (readonly, feats[i], True),
+                 (codes[i:i + 1], feats[i:i + 1], False),
+                 (np.unpackbits(codes[i]).astype(bool), feats[i].astype(np.float64).tolist(), False)]
+        for code, f, fast in forms:
+            assert (index._one_query(code, f, 10, 600) is not None) == fast
+            got = index.search(code, k=10, features=f, pool=600)
+            np.testing.assert_array_equal(got.ids[0], batch.ids[i])
+            np.testing.assert_array_equal(got.distances[0], batch.distances[i])
+            np.testing.assert_allclose(got.scores[0], batch.scores[i], rtol=1e-6)
+    for bad in (np.nan, np.inf):
+        f = feats[0].copy()
+        f[5] = bad
+        for code, form in ((codes[0], f), (codes[:1], f[None])):
+            with pytest.raises(InvalidInput, match="NaN or infinite"):
+                index.search(code, k=10, features=form)
+    for k, pool in ((np.int64(10), None), (10, np.int64(600))):  # numpy integers: the general path, same hits
+        np.testing.assert_array_equal(index.search(codes[0], k=k, features=feats[0], pool=pool or 600).ids,
+                                      batch.ids[:1])
+    for k, pool, match in ((0, None, "k must"), (True, None, "k must"), (10, 0, "pool must")):
+        with pytest.raises(InvalidInput, match=match):
+            index.search(codes[0], k=k, features=feats[0], pool=pool)
+
+
 def test_embedded_api_edge_cases_are_clear(rng):
     """What raised raw exceptions or returned odd shapes before: zero-row queries, string features, metadata that
     is a string, NaN, too deep or too large; results are always (queries, k), whatever the index holds."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from latenthash import kernels as K
-from latenthash.codes import pack_codes, to_words
+from latenthash.codes import from_words, pack_codes, to_words
 from latenthash.export.evaluate import lsh_codes
 
 
@@ -329,6 +329,27 @@ def test_cells_grow_as_the_square_root_of_their_bucket():
     assert B.cells_for(high) == pytest.approx(B.cells_for(low) * (high / low) ** 0.5, abs=1)
 
 
+@pytest.mark.parametrize("p", [64, 128, 256, 1024, 4096])
+def test_one_vector_hadamard_against_numpy(rng, p):
+    """The query's transform (`_hadamard_lanes`: in-vector shuffles, then whole vectors) is the Walsh-Hadamard
+    matrix's product, in place, on a vector and on slices of a longer one."""
+    from numba import njit
+
+    @njit
+    def transform(y, p):
+        for r in range(y.shape[0] // p):
+            K._hadamard_lanes(y[r * p:(r + 1) * p])
+
+    h = np.ones((1, 1))
+    while len(h) < p:
+        h = np.block([[h, h], [h, -h]])
+    x = rng.standard_normal(3 * p).astype(np.float32)
+    y = x.copy()
+    transform(y, p)
+    want = (x.reshape(3, p).astype(np.float64) @ h.T).reshape(-1)
+    np.testing.assert_allclose(y, want, atol=1e-5 * np.sqrt(p) * np.abs(x).max())
+
+
 def test_cells_and_sketches_of_a_bucketed_layout(cell_layout):
     """Every bucket's rows, regrouped by cell: the same rows, big buckets split into about size / CELL_ROWS cells,
     each cell's centroid the unit mean of its rows; every row's sketch the sign bits of its rotated feature, less
@@ -471,21 +492,33 @@ def test_twostep_candidates_against_numpy(cell_layout, target, keep):
         np.testing.assert_array_equal(pos_d[i, :m], pool_d[take])
         np.testing.assert_array_equal(pos_d[i, :m], brute_distances(qw[i:i + 1], to_words(db, bits))[0][pool[take]])
         assert (pos[i, m:] == -1).all() and (pos_d[i, m:] == -1).all()
-    # one query's fused path: both steps equal to the batch kernels composed
+    # one query's fused path, given the code packed and the features as they come (scaled by two: normalizing
+    # them gives exactly the unit rows of qf): both steps equal to the batch kernels composed on those rows
+    qn = K.unit_rows(qf)[0]
+    pos, pos_d, counts = K.twostep_candidates(b.codes.reshape(-1), len(b.codes), 1, b.sizes, b.bucket_cells,
+                                              b.cells, b.centroids, b.signs, qw.reshape(-1), qn, b.centre,
+                                              b.flips, np.int64(shell), np.int64(target), bits, np.int64(keep))
     rows = np.where(pos >= 0, b.cell_rows[np.maximum(pos, 0)], -1)
     f, s = K.rerank_args(feats.astype(np.float16), None)
-    hits, scores = K.cosine_rerank(qf, f, s, rows, counts, np.int64(5))
+    hits, scores = K.cosine_rerank(qn, f, s, rows, counts, np.int64(5))
     ids = np.arange(len(db), dtype=np.int64) * 10  # ids other than rows: the kernel must map them
     want_i, want_d, want_n = K.take_hits(hits, rows, pos_d, ids)
+    layout = (b.codes.reshape(-1), len(b.codes), 1, b.sizes, b.bucket_cells, b.cells, b.centroids, b.signs,
+              b.centre, b.flips, b.cell_rows, f, s, ids)
+    packed = from_words(qw, bits)
     for i, parts in itertools.product(range(3), (1, 2, 7)):  # one query's passes on 1, 2 or 7 threads alike
-        got_i, got_d, got_s, got_n = K.twostep_one(b.codes.reshape(-1), len(b.codes), 1, b.sizes, b.bucket_cells,
-                                                   b.cells, b.centroids, b.signs, b.cell_rows, qw[i], qf[i],
-                                                   b.centre, b.flips, np.int64(shell), np.int64(target), bits,
-                                                   f, s, np.int64(keep), np.int64(5), ids, parts)
+        got_i, got_d, got_s, got_n = K.twostep_one(*layout, packed[i], 2 * qf[i], np.int64(shell), np.int64(target),
+                                                   bits, np.int64(keep), np.int64(5), parts)
         np.testing.assert_array_equal(got_i[0], want_i[i])
         np.testing.assert_array_equal(got_d[0], want_d[i])
         np.testing.assert_array_equal(got_s[0], scores[i])
         assert got_n[0] == want_n[i]
+    for bad in (np.nan, np.inf):  # features that cannot be normalized: nothing searched, counts -1
+        q = qf[0].copy()
+        q[3] = bad
+        got_i, got_d, got_s, got_n = K.twostep_one(*layout, packed[0], q, np.int64(shell), np.int64(target), bits,
+                                                   np.int64(keep), np.int64(5), 2)
+        assert got_n[0] == -1 and (got_i == -1).all() and (got_d == -1).all() and np.isnan(got_s).all()
 
 
 @pytest.mark.parametrize("n", [1, 2, 37, 256, 1000])
