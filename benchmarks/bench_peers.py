@@ -25,7 +25,9 @@ benchmarks/results/ and benchmarks/plots/.
 `--interleave` measures speed and recall only, of latenthash (float16 and int8 features) and faiss M16 / M32 in one
 process, every setting's queries in blocks of INTERLEAVE that alternate with every other setting's, so that the
 host's drift (which moves one process's times against another's by more than some differences read here) falls on
-all of them alike; it prints, per recall target, the fastest setting of each and their ratio (and saves them with
+all of them alike; each round of blocks starts each method at another of its settings (the first block after a
+switch of index read 4-8 us slower, untimed warm-up queries or not: without the rotation that fell on one setting
+every round); it prints, per recall target, the fastest setting of each and their ratio (and saves them with
 the curves: peers_N_tTHREADS_CPU_interleaved.json).
 """
 
@@ -263,7 +265,8 @@ def worker(name: str, data: str, threads: int) -> dict:
 
 def interleaved(data: str, threads: int) -> list[dict]:
     """Speed and recall of every setting of INTERLEAVED, built in this one process and measured in blocks of
-    INTERLEAVE queries, each block of every setting in turn (see the module's docstring)."""
+    INTERLEAVE queries, each block of every setting in turn, each round starting each method at its next setting
+    (see the module's docstring)."""
     z = dict(np.load(data))
     qcodes, qfeats, truth = z["qcodes"], z["qfeatures"], z["truth"]
     qunit = (qfeats / np.linalg.norm(qfeats, axis=1, keepdims=True)).astype(np.float32)
@@ -276,8 +279,10 @@ def interleaved(data: str, threads: int) -> list[dict]:
     for name, value in runs:  # warm-up
         methods[name].set(value)
         methods[name].search(qcodes[:1], qfeats[:1] if name in TWO_STEP else qunit[:1])
-    for lo in range(0, len(qcodes), INTERLEAVE):
-        for name, value in runs:
+    for block, lo in enumerate(range(0, len(qcodes), INTERLEAVE)):
+        order = [(name, value) for name in INTERLEAVED
+                 for value in np.roll(SETTINGS[name], -block).tolist()]  # a setting first, each round another
+        for name, value in order:
             m = methods[name]
             m.set(value)
             feed = qfeats if name in TWO_STEP else qunit
