@@ -319,6 +319,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
@@ -327,6 +328,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.plot([x["ms"] for x in rows], [x["recall"] for x in rows], style, ms=4,
                 label=f"{r['method']} ({r['memory_bytes_per_item']:.0f} B/item, build {r['build_s']:.1f} s)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 0.02, 0.05, 0.1, ... in plain decimals
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_ylim(0.85, 1.002)
     ax.axhline(0.95, color="grey", lw=0.5)
     ax.axhline(0.99, color="grey", lw=0.5)
