@@ -666,8 +666,8 @@ def _dot_f16(typingctx, q, feats, row):
 
     LLVM's half-to-float conversion on 16 lanes at a time (vcvtph2ps where x86 has F16C, fcvtl on Arm) and fused
     multiply-adds into DOT_SUMS independent sums, so that one multiply-add need not wait for the last (the cell
-    cut's centroid products ran twice as long on one sum); Numba has no float16 type, and the table lookup per
-    element used before is a gather per value."""
+    cut's centroid products, one after another in a loop, waited on a single chain: RESULTS.md); Numba has no
+    float16 type, and the table lookup per element used before is a gather per value."""
     sig = types.float32(q, feats, row)
     lanes = 16
 
