@@ -58,8 +58,8 @@ INTERLEAVE = 100  # queries per block of one setting in `--interleave` (blocks o
 TARGETS = (0.95, 0.99)  # the recall targets of issue 30's bars
 INTERLEAVED = ("latenthash", "latenthash-i8", "faiss-hnsw16", "faiss-hnsw32")  # usearch and faiss crash in one process
 TWO_STEP = ("latenthash", "latenthash-i8")  # the methods with features (the others: codes only, peers)
-POOLS = [1000, 1200, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000, 18000, 20000,
-         50000]
+POOLS = [1000, 1200, 1500, 2000, 2500, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000, 18000,
+         20000, 50000]
 SETTINGS = {
     # each curve sampled finely enough near recall 0.95 and 0.99 that the crossing is read, not interpolated
     "latenthash": POOLS,

@@ -57,7 +57,7 @@ SCALED_DTYPES = ("float16", "int8")  # stored with a per-row scale (`_row_scales
 SCALE_CHUNK = 1 << 16  # ... computed this many rows at a time (a float32 copy of each chunk)
 _UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)  # dtypes are singletons: `_one_query` tests identity
 OVERSAMPLE = 20  # candidates per hit that step 2 re-scores exactly after its sketch pass ...
-RESCORE_SHARE = 20  # ... and at least this share of the pool (1 / RESCORE_SHARE)
+RESCORE_SHARE = 10  # ... and at least this share of the pool (1 / RESCORE_SHARE)
 
 
 @dataclass(frozen=True)
