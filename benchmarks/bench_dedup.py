@@ -9,7 +9,8 @@ pair is any two items in one group (groups are transitive). Two precisions: over
 planted copy ("copy pairs": is a copy grouped with its own original only?), and over all found pairs (strict: the
 60k originals hold near-duplicates of their own, which count against it here). `--million` also times dedup on the
 ~1M database of bench_search.py fidelity --copies 15 (each image with 15 mirrored/shifted copies). `--pixel-ceiling`
-measures how separable the copies are from the other images by their pixels at all.
+measures how separable the copies are from the other images by their pixels at all; `--learned EPOCHS` how far a
+descriptor trained for copy detection goes (copy_ceiling.py).
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ def main() -> None:
     ap.add_argument("--photometric", action="store_true", help="copies altered by brightness and JPEG only")
     ap.add_argument("--pixel-ceiling", action="store_true",
                     help="also measure how often another image is likelier than a copy's own original by pixels")
+    ap.add_argument("--learned", type=int, metavar="EPOCHS", default=0,
+                    help="also train a copy descriptor (on the test images) for this many epochs and score the copies")
+    ap.add_argument("--learned-views", type=int, default=8, help="altered versions of each test image it trains on")
     args = ap.parse_args()
     print(load_note(), flush=True)
     enc = Encoder.open(Path(args.run) / "model.onnx")
@@ -144,6 +148,25 @@ def main() -> None:
               f"better (best of 25 shifts) than the copy's own original; own correlation 5/10/50%: "
               f"{ceiling['own_correlation_quantiles']}, best other 50/90%: {ceiling['best_other_quantiles']}",
               flush=True)
+    if args.learned:
+        from copy_ceiling import copy_scores, train_descriptor
+
+        test = load_fashion_mnist().test.images
+        vrng = np.random.default_rng(1)
+        views = np.stack([test] + [enc.to_array([altered(im, vrng) for im in test])
+                                   for _ in range(args.learned_views)])[..., 0]
+        t0 = time.perf_counter()
+        describe = train_descriptor(views, epochs=args.learned)
+        learned = copy_scores(describe, train.images[..., 0], enc.to_array(copies)[..., 0], picked)
+        result["learned"] = {**learned, "epochs": args.learned, "views": args.learned_views,
+                             "train_seconds": time.perf_counter() - t0}
+        print(f"learned copy descriptor ({args.learned} epochs on {len(test):,} test images x {args.learned_views} "
+              f"altered views, {result['learned']['train_seconds']:.0f} s): another training image scores higher "
+              f"than the copy's own original for {learned['beaten_share']:.1%} of the copies; own 5/10/50%: "
+              f"{learned['own_quantiles']}, best other 50/90%: {learned['best_other_quantiles']}", flush=True)
+        for point in learned["curve"]:
+            print(f"  threshold {point['threshold']}: recall {point['recall']:.3f}, copy-pair precision "
+                  f"{point['copy_pair_precision']:.3f}", flush=True)
     if args.million:
         codes, feats, _ = copies_database(args.run, enc, train.images, train.labels, 15)
         big = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)

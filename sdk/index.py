@@ -56,8 +56,9 @@ FEATURE_DTYPES = ("float32", "float16", "int8")
 SCALED_DTYPES = ("float16", "int8")  # stored with a per-row scale (`_row_scales`) ...
 SCALE_CHUNK = 1 << 16  # ... computed this many rows at a time (a float32 copy of each chunk)
 _UINT8, _FLOAT32 = np.dtype(np.uint8), np.dtype(np.float32)  # dtypes are singletons: `_one_query` tests identity
-OVERSAMPLE = 20  # candidates per hit that step 2 re-scores exactly after its sketch pass ...
-RESCORE_SHARE = 10  # ... and at least this share of the pool (1 / RESCORE_SHARE)
+OVERSAMPLE = 20  # candidates per hit that step 2 re-scores exactly after its sketch pass, at the least ...
+SMALL_POOL_SHARE, SMALL_POOL_CAP = 10, 30  # ... or a tenth of the pool up to 30 per hit ...
+RESCORE_SHARE = 20  # ... or this share of the pool (1 / RESCORE_SHARE), whichever is most
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ class _Snapshot:
 
 
 def _rescored(k: int, target: int) -> int:
-    """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly."""
-    return max(OVERSAMPLE * k, target // RESCORE_SHARE)
+    """How many of a bucketed pool's rows, nearest by sketch, step 2 re-scores exactly. A pool of a few thousand
+    loses more of the true neighbours to the sketch's error than to its cut, so it re-scores a tenth of itself; a
+    large pool (a large index) is held back by its cut instead, and a twentieth of it serves (RESULTS.md has both)."""
+    return max(OVERSAMPLE * k, min(target // SMALL_POOL_SHARE, SMALL_POOL_CAP * k), target // RESCORE_SHARE)
 
 
 def _compiled_form(a: np.ndarray) -> np.ndarray:
@@ -312,8 +315,8 @@ class HashIndex:
         the cells nearest the query (k-means cells inside each code's bucket; see buckets.py). Step 2 (when
         `features` are given and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine
         similarity and keeps the best k (a large index first ranks its pool by feature sketches, and re-scores
-        exactly the nearest max(OVERSAMPLE x k, pool / RESCORE_SHARE)). `pool` is the knob that trades recall for speed
-        (docs/usage.md has its curve).
+        exactly the nearest max(OVERSAMPLE x k, min(pool / 10, 30 k), pool / 20)). `pool` is the knob that trades
+        recall for speed (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
         if radius is None and rerank is None and threads is None and not self._pending:
@@ -406,7 +409,7 @@ class HashIndex:
     def _shell_candidates(self, buckets, qw: np.ndarray, qf: np.ndarray, target: int, k: int):
         """Step 1 by buckets (whole distance shells covering SHELL_WIDEN x target rows, cut by their cells nearest
         the query to about `target`; see buckets.py); of that pool, the rows nearest the query by feature sketch go
-        on to the exact re-score: max(OVERSAMPLE k, target / RESCORE_SHARE)."""
+        on to the exact re-score: `_rescored(k, target)`."""
         K = _kernels()
         pos, dists, counts = K.twostep_candidates(*buckets.kernel_layout, qw.reshape(-1), qf, buckets.centre,
                                                   buckets.flips, np.int64(SHELL_WIDEN * target), np.int64(target),
