@@ -142,8 +142,9 @@ def main() -> None:
               f"{seconds:.2f} |{' (default)' if row['default'] else ''}", flush=True)
     result: dict = {"database": n + len(copies), "copies": args.copies, "bits": enc.bits, "grid": rows,
                     "alterations": "brightness, JPEG 70" if args.photometric else "shift, resize, brightness, JPEG 70"}
+    copy_pixels = enc.to_array(copies)  # the copies as the model sees them (decoded, resized)
     if args.pixel_ceiling:
-        result["pixel_ceiling"] = ceiling = pixel_ceiling(train.images, enc.to_array(copies), picked)
+        result["pixel_ceiling"] = ceiling = pixel_ceiling(train.images, copy_pixels, picked)
         print(f"pixel ceiling: for {ceiling['beaten_share']:.1%} of the copies another training image correlates "
               f"better (best of 25 shifts) than the copy's own original; own correlation 5/10/50%: "
               f"{ceiling['own_correlation_quantiles']}, best other 50/90%: {ceiling['best_other_quantiles']}",
@@ -157,9 +158,9 @@ def main() -> None:
                                    for _ in range(args.learned_views)])[..., 0]
         t0 = time.perf_counter()
         describe = train_descriptor(views, epochs=args.learned)
-        learned = copy_scores(describe, train.images[..., 0], enc.to_array(copies)[..., 0], picked)
-        result["learned"] = {**learned, "epochs": args.learned, "views": args.learned_views,
-                             "train_seconds": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0
+        learned = copy_scores(describe, train.images[..., 0], copy_pixels[..., 0], picked)
+        result["learned"] = {**learned, "epochs": args.learned, "views": args.learned_views, "train_seconds": seconds}
         print(f"learned copy descriptor ({args.learned} epochs on {len(test):,} test images x {args.learned_views} "
               f"altered views, {result['learned']['train_seconds']:.0f} s): another training image scores higher "
               f"than the copy's own original for {learned['beaten_share']:.1%} of the copies; own 5/10/50%: "

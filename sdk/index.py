@@ -315,7 +315,7 @@ class HashIndex:
         the cells nearest the query (k-means cells inside each code's bucket; see buckets.py). Step 2 (when
         `features` are given and the index stores features; `rerank=False` skips it) re-ranks the pool by cosine
         similarity and keeps the best k (a large index first ranks its pool by feature sketches, and re-scores
-        exactly the nearest max(OVERSAMPLE x k, min(pool / 10, 30 k), pool / 20)). `pool` is the knob that trades
+        exactly the nearest max(20 k, min(pool / 10, 30 k), pool / 20): `_rescored`). `pool` is the knob that trades
         recall for speed (docs/usage.md has its curve).
         Without step 2, the result is the exact Hamming top-k (or, with `radius`, every code within it, nearest
         first, at most k)."""
