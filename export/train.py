@@ -6,6 +6,9 @@ SSDH regularizers on H's sigmoid outputs p:
   - `balance`:  mean over bits of (batch mean of p - 0.5)^2, asks every bit to fire for half the images;
 and, for single-label data, `compact`: the within-class variance of p in the batch, which draws each class's codes
 together, so fewer correctly classified queries land where no database code lies within a small Hamming radius.
+Optionally (`copy`, off by default) an instance-contrastive term on F4's features (NT-Xent, as SimCLR and SSCD train):
+each batch also runs an altered copy of every image (export/copies.py), and each image's feature must pick its copy's
+out of the batch, so that near-duplicates score above other images of their class.
 SGD with Nesterov momentum and a one-cycle learning-rate schedule converges in few epochs, which matters on a
 2-core CPU; augmentation (random shifts, horizontal flips where the data allow) runs in numpy on whole batches, and
 the last `clean_epochs` train on the images as stored, in the low-learning-rate tail of the schedule.
@@ -25,6 +28,7 @@ import torch
 from torch.nn import functional as F
 
 from latenthash.errors import InvalidInput, NotFound
+from latenthash.export.copies import altered_copies
 from latenthash.export.data import Dataset, source_of
 from latenthash.export.model import HashNet, ModelConfig
 
@@ -50,6 +54,8 @@ class TrainConfig:
     binarize: float = 0.1
     balance: float = 0.1
     compact: float = 0.3  # within-class spread of H: fewer queries with nothing near (mAP@all 0.9394 -> 0.9419)
+    copy: float = 0.0  # weight of the copy term (off: it costs class mAP and triples the epoch time; RESULTS)
+    copy_tau: float = 0.1  # temperature of the copy term's softmax over cosines
     shift: int = 0  # random translation in pixels
     hflip: bool = True
     clean_epochs: int = 3  # the last epochs see unaugmented images, so the model fits the database it will index
@@ -113,6 +119,16 @@ def hash_loss(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, 
     return loss
 
 
+def copy_loss(features: torch.Tensor, tau: float) -> torch.Tensor:
+    """Instance-contrastive term (NT-Xent) over 2B features: rows i and B + i are an image and its altered copy;
+    each must pick its partner out of the other 2B - 2 by cosine / tau."""
+    z = F.normalize(features.float(), dim=1)
+    b = len(z) // 2
+    sim = (z @ z.T / tau).fill_diagonal_(float("-inf"))
+    partner = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    return F.cross_entropy(sim, partner)
+
+
 def save_checkpoint(path: Path, *, model: HashNet, optimizer, scheduler, epoch: int, dataset: Dataset,
                     train_cfg: TrainConfig) -> None:
     """Everything needed to rebuild the model (config, class names, normalization, bits) and to resume."""
@@ -170,6 +186,8 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
         raise InvalidInput(f"clean_epochs must be 0 or more (0: augment every epoch), got {cfg.clean_epochs}")
     if cfg.compact < 0:
         raise InvalidInput(f"compact must be 0 or more (0: off), got {cfg.compact}")
+    if cfg.copy < 0 or cfg.copy_tau <= 0:
+        raise InvalidInput(f"copy must be 0 or more (0: off) and copy_tau above 0, got {cfg.copy} and {cfg.copy_tau}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -219,10 +237,15 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             batch = split.images[idx] if clean else augment(split.images[idx], rng, shift=cfg.shift, hflip=hflip)
-            x = to_tensor(batch, model_config)
             y = labels[idx]
-            logits, probs, _ = model(x)
+            if cfg.copy:
+                batch = np.concatenate([batch, altered_copies(split.images[idx], rng)])
+            logits, probs, features = model(to_tensor(batch, model_config))
+            if cfg.copy:
+                logits, probs = logits[:len(idx)], probs[:len(idx)]
             loss = hash_loss(logits, probs, y, multilabel=dataset.multilabel, cfg=cfg)
+            if cfg.copy:
+                loss = loss + cfg.copy * copy_loss(features, cfg.copy_tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -66,6 +66,8 @@ def train(
                                                     "measured default)"),
     clean_epochs: int | None = typer.Option(None, help="the last N epochs train on unaugmented images "
                                                "(default: the measured default)"),
+    copy_weight: float = typer.Option(0.0, help="weight of the copy term: features that tell an image's altered "
+                                      "copies from other images (for dedup; costs class mAP and training time)"),
     image_size: int = typer.Option(32, help="resize size for folder/list datasets"),
     max_train: int | None = typer.Option(None, help="train on a seeded subset of this many images"),
     threads: int = typer.Option(0, help="torch threads (0: all cores)"),
@@ -82,7 +84,7 @@ def train(
         options = {"image_size": image_size} if dataset in ("folder", "list") else {}
         ds = load_dataset(dataset, data_dir, **options)
         cfg = TrainConfig(batch_size=batch_size, lr=lr, binarize=binarize, balance=balance, seed=seed,
-                          threads=threads, max_train=max_train)
+                          threads=threads, max_train=max_train, copy=copy_weight)
         if epochs is not None:
             cfg.epochs = epochs
         if label_smoothing is not None:

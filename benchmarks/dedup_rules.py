@@ -1,0 +1,115 @@
+"""Which rule links near-duplicates, on features that do tell copies apart: a fixed cosine threshold against rules
+relative to each item's own neighbourhood, with copies planted singly and in threes.
+
+    python benchmarks/dedup_rules.py --run RUN_DIR [--singles 1000] [--triples 300]
+
+The database: the 60,000 Fashion-MNIST training images, one altered copy (bench_dedup.py's alterations) of each of
+`--singles` of them and two copies of each of `--triples` others, encoded by the run's model.onnx. Every item's exact
+top 8 by cosine (float32), then links by rule, grouped transitively:
+
+- threshold t: every pair at cosine >= t (what `dedup --min-score` does within its code radius);
+- mutual margin m: a and b are each other's nearest, and their cosine beats each one's second nearest by m;
+- clique margins (m1, m2): as mutual margin, or (for groups of three) a and b agree on their group (a with its top 2
+  is b with its top 2) and their cosine beats each one's third nearest by m2.
+
+Copy-pair precision: of the found pairs that involve a copy, the share inside the copy's true group; recall: copies
+grouped with their source, singles and triples apart. Fashion-MNIST's originals hold near-twins of their own, which
+count against precision here. A measurement for choosing a rule, not the product's rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from bench_dedup import altered
+from common import load_note, save
+
+from latenthash import Encoder
+from latenthash import kernels as K
+from latenthash.export.data import load_fashion_mnist
+
+NEIGHBOURS = 8  # kept per item
+
+
+def exact_neighbours(features: np.ndarray, k: int = NEIGHBOURS, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(cosines, rows) of every row's k nearest other rows, best first."""
+    n = len(features)
+    sims, rows = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    for lo in range(0, n, block):
+        s = features[lo:lo + block] @ features.T
+        s[np.arange(len(s)), np.arange(lo, lo + len(s))] = -np.inf
+        top = np.argpartition(-s, k, axis=1)[:, :k]
+        ts = np.take_along_axis(s, top, 1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        rows[lo:lo + block], sims[lo:lo + block] = np.take_along_axis(top, order, 1), np.take_along_axis(ts, order, 1)
+    return sims, rows
+
+
+def score(a: np.ndarray, b: np.ndarray, truth: np.ndarray, n: int, sources: np.ndarray, singles: int) -> dict:
+    """Group the links (a, b) transitively; copy-pair precision and recall against the true groups (`truth`: the
+    source image of every planted item, -1 for the rest; copies are rows n..)."""
+    total = len(truth)
+    label = K.components(total, a.astype(np.int64), b.astype(np.int64))  # transitive groups, as dedup makes them
+    size = np.bincount(label, minlength=total)
+    copies = np.bincount(label[n:], minlength=total)
+    pairs = lambda m: m * (m - 1) // 2  # noqa: E731
+    with_copy = int((pairs(size) - pairs(size - copies)).sum())
+    key = label.astype(np.int64) * (n + 1) + np.where(truth >= 0, truth, n)  # (group, true group) of planted items
+    planted = truth >= 0
+    uniq, counts = np.unique(key[planted], return_counts=True)
+    copy_counts = np.unique(key[n:], return_counts=True)
+    copies_in = dict(zip(copy_counts[0].tolist(), copy_counts[1].tolist()))
+    right = sum(pairs(c) - pairs(c - copies_in.get(k_, 0)) for k_, c in zip(uniq.tolist(), counts.tolist()))
+    found = label[n:] == label[sources]
+    return {"copy_pair_precision": right / max(1, with_copy), "recall_singles": float(found[:singles].mean()),
+            "recall_triples": float(found[singles:].mean()) if len(found) > singles else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", required=True, help="a run directory holding model.onnx")
+    ap.add_argument("--singles", type=int, default=1000)
+    ap.add_argument("--triples", type=int, default=300)
+    args = ap.parse_args()
+    print(load_note(), flush=True)
+    encoder = Encoder.open(Path(args.run) / "model.onnx")
+    train = load_fashion_mnist().train
+    n = len(train.images)
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(n, args.singles + args.triples, replace=False)
+    sources = np.concatenate([chosen, chosen[args.singles:]])
+    features = np.concatenate([encoder.encode(train.images).features,
+                               encoder.encode([altered(train.images[i], rng) for i in sources]).features])
+    truth = np.full(len(features), -1, np.int64)
+    truth[sources], truth[n:] = sources, sources
+    sims, rows = exact_neighbours(features.astype(np.float32))
+    a, b, s = np.repeat(np.arange(len(features)), NEIGHBOURS), rows.reshape(-1), sims.reshape(-1)
+    position = np.tile(np.arange(NEIGHBOURS), len(features))
+
+    def margin(j: int, m: float) -> np.ndarray:
+        """a and b within each other's top j, agreeing on their group, beating each one's (j+1)-th by m."""
+        group_a = np.sort(np.column_stack([a, rows[a, :j]]), axis=1)
+        group_b = np.sort(np.column_stack([b, rows[b, :j]]), axis=1)
+        return (position < j) & (group_a == group_b).all(1) & (s - np.maximum(sims[a, j], sims[b, j]) >= m)
+
+    own = s[(a >= n) & (b == sources[np.clip(a - n, 0, len(sources) - 1)])]
+    rules: list[tuple[str, np.ndarray]] = [(f"threshold {t:.4f}", s >= t)
+                                           for t in np.quantile(own, [0.05, 0.1, 0.2]).round(4)]
+    rules += [(f"mutual margin {m}", margin(1, m)) for m in (0.002, 0.005, 0.01)]
+    rules += [(f"clique margins {m1}, {m2}", margin(1, m1) | margin(2, m2))
+              for m1, m2 in ((0.002, 0.01), (0.002, 0.02), (0.005, 0.02))]
+    print("| rule | copy-pair precision | recall (single copies) | recall (copies in threes) |\n|---|---|---|---|")
+    rows_out = []
+    for name, sel in rules:
+        r = {"rule": name, **score(a[sel], b[sel], truth, n, sources, args.singles)}
+        rows_out.append(r)
+        triples = "-" if r["recall_triples"] is None else f"{r['recall_triples']:.3f}"
+        print(f"| {name} | {r['copy_pair_precision']:.3f} | {r['recall_singles']:.3f} | {triples} |", flush=True)
+    print("saved", save("dedup_rules", {"run": args.run, "singles": args.singles, "triples": args.triples,
+                                        "neighbours": NEIGHBOURS, "rules": rows_out}))
+
+
+if __name__ == "__main__":
+    main()
