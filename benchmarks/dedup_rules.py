@@ -107,7 +107,7 @@ def main() -> None:
         rows_out.append(r)
         triples = "-" if r["recall_triples"] is None else f"{r['recall_triples']:.3f}"
         print(f"| {name} | {r['copy_pair_precision']:.3f} | {r['recall_singles']:.3f} | {triples} |", flush=True)
-    print("saved", save("dedup_rules", {"run": args.run, "singles": args.singles, "triples": args.triples,
+    print("saved", save(f"dedup_rules_{Path(args.run).name}", {"run": args.run, "singles": args.singles, "triples": args.triples,
                                         "neighbours": NEIGHBOURS, "rules": rows_out}))
 
 
