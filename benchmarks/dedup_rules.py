@@ -107,8 +107,9 @@ def main() -> None:
         rows_out.append(r)
         triples = "-" if r["recall_triples"] is None else f"{r['recall_triples']:.3f}"
         print(f"| {name} | {r['copy_pair_precision']:.3f} | {r['recall_singles']:.3f} | {triples} |", flush=True)
-    print("saved", save(f"dedup_rules_{Path(args.run).name}", {"run": args.run, "singles": args.singles, "triples": args.triples,
-                                        "neighbours": NEIGHBOURS, "rules": rows_out}))
+    result = {"run": args.run, "singles": args.singles, "triples": args.triples, "neighbours": NEIGHBOURS,
+              "rules": rows_out}
+    print("saved", save(f"dedup_rules_{Path(args.run).name}", result))
 
 
 if __name__ == "__main__":
