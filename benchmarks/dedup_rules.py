@@ -13,7 +13,8 @@ top 8 by cosine (float32), then links by rule, grouped transitively:
   is b with its top 2) and their cosine beats each one's third nearest by m2.
 
 Copy-pair precision: of the found pairs that involve a copy, the share inside the copy's true group; recall: copies
-grouped with their source, singles and triples apart. Fashion-MNIST's originals hold near-twins of their own, which
+grouped with their source, singles and triples apart. `--learned` scores by a descriptor trained for copies
+(copy_ceiling.py) instead of the run's features. Fashion-MNIST's originals hold near-twins of their own, which
 count against precision here. A measurement for choosing a rule, not the product's rule.
 """
 
@@ -72,6 +73,9 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a run directory holding model.onnx")
     ap.add_argument("--singles", type=int, default=1000)
     ap.add_argument("--triples", type=int, default=300)
+    ap.add_argument("--learned", type=int, metavar="EPOCHS", default=0,
+                    help="score by copy_ceiling.py's descriptor trained this many epochs on the test images (8 altered "
+                         "views each) instead of the run's features")
     args = ap.parse_args()
     print(load_note(), flush=True)
     encoder = Encoder.open(Path(args.run) / "model.onnx")
@@ -80,8 +84,16 @@ def main() -> None:
     rng = np.random.default_rng(0)
     chosen = rng.choice(n, args.singles + args.triples, replace=False)
     sources = np.concatenate([chosen, chosen[args.singles:]])
-    features = np.concatenate([encoder.encode(train.images).features,
-                               encoder.encode([altered(train.images[i], rng) for i in sources]).features])
+    copies = [altered(train.images[i], rng) for i in sources]
+    if args.learned:
+        from copy_ceiling import train_descriptor
+
+        test, vrng = load_fashion_mnist().test.images, np.random.default_rng(1)
+        views = np.stack([test] + [encoder.to_array([altered(im, vrng) for im in test]) for _ in range(8)])
+        describe = train_descriptor(views[..., 0], epochs=args.learned)
+        features = describe(np.concatenate([train.images, encoder.to_array(copies)])[..., 0])
+    else:
+        features = np.concatenate([encoder.encode(train.images).features, encoder.encode(copies).features])
     truth = np.full(len(features), -1, np.int64)
     truth[sources], truth[n:] = sources, sources
     sims, rows = exact_neighbours(features.astype(np.float32))
@@ -97,9 +109,9 @@ def main() -> None:
     own = s[(a >= n) & (b == sources[np.clip(a - n, 0, len(sources) - 1)])]
     rules: list[tuple[str, np.ndarray]] = [(f"threshold {t:.4f}", s >= t)
                                            for t in np.quantile(own, [0.05, 0.1, 0.2]).round(4)]
-    rules += [(f"mutual margin {m}", margin(1, m)) for m in (0.002, 0.005, 0.01)]
+    rules += [(f"mutual margin {m}", margin(1, m)) for m in (0.002, 0.005, 0.01, 0.03)]
     rules += [(f"clique margins {m1}, {m2}", margin(1, m1) | margin(2, m2))
-              for m1, m2 in ((0.002, 0.01), (0.002, 0.02), (0.005, 0.02))]
+              for m1, m2 in ((0.002, 0.01), (0.002, 0.02), (0.005, 0.02), (0.01, 0.05))]
     print("| rule | copy-pair precision | recall (single copies) | recall (copies in threes) |\n|---|---|---|---|")
     rows_out = []
     for name, sel in rules:
@@ -107,9 +119,10 @@ def main() -> None:
         rows_out.append(r)
         triples = "-" if r["recall_triples"] is None else f"{r['recall_triples']:.3f}"
         print(f"| {name} | {r['copy_pair_precision']:.3f} | {r['recall_singles']:.3f} | {triples} |", flush=True)
-    result = {"run": args.run, "singles": args.singles, "triples": args.triples, "neighbours": NEIGHBOURS,
-              "rules": rows_out}
-    print("saved", save(f"dedup_rules_{Path(args.run).name}", result))
+    result = {"run": args.run, "learned_epochs": args.learned, "singles": args.singles, "triples": args.triples,
+              "neighbours": NEIGHBOURS, "rules": rows_out}
+    name = f"dedup_rules_learned{args.learned}" if args.learned else f"dedup_rules_{Path(args.run).name}"
+    print("saved", save(name, result))
 
 
 if __name__ == "__main__":
