@@ -8,9 +8,9 @@ The database: the 60,000 Fashion-MNIST training images, one altered copy (bench_
 top 8 by cosine (float32), then links by rule, grouped transitively:
 
 - threshold t: every pair at cosine >= t (what `dedup --min-score` does within its code radius);
-- mutual margin m: a and b are each other's nearest, and their cosine beats each one's second nearest by m;
-- clique margins (m1, m2): as mutual margin, or (for groups of three) a and b agree on their group (a with its top 2
-  is b with its top 2) and their cosine beats each one's third nearest by m2.
+- group margins (m2, m3, m4): groups of 2, 3, 4 items that agree on themselves (each member's nearest are exactly
+  the others) and whose weakest cosine inside beats the best to an outsider by m2, m3, m4 (for a pair: each other's
+  nearest, beating each one's second nearest by m2: a mutual-nearest-neighbour ratio test).
 
 Copy-pair precision: of the found pairs that involve a copy, the share inside the copy's true group; recall: copies
 grouped with their source, singles and triples apart. `--learned` scores by a descriptor trained for copies
@@ -46,6 +46,22 @@ def exact_neighbours(features: np.ndarray, k: int = NEIGHBOURS, block: int = 409
         order = np.argsort(-ts, axis=1, kind="stable")
         rows[lo:lo + block], sims[lo:lo + block] = np.take_along_axis(top, order, 1), np.take_along_axis(ts, order, 1)
     return sims, rows
+
+
+def group_links(sims: np.ndarray, rows: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of `size` that agree on themselves: an item and its size - 1 nearest, each of whom has exactly the
+    others as its own size - 1 nearest, the weakest cosine inside beating the best one to an outsider (each member's
+    size-th nearest) by `margin`. Returns the links (item, other member)."""
+    n = len(rows)
+    members = np.column_stack([np.arange(n), rows[:, :size - 1]])
+    group = np.sort(members, axis=1)
+    agree = np.ones(n, bool)
+    for j in range(1, size):
+        m = members[:, j]
+        agree &= (np.sort(np.column_stack([m, rows[m, :size - 1]]), axis=1) == group).all(1)
+    inside, outside = sims[members, size - 2].min(axis=1), sims[members, size - 1].max(axis=1)
+    keep = agree & (inside - outside >= margin)
+    return np.repeat(np.flatnonzero(keep), size - 1), members[keep, 1:].reshape(-1)
 
 
 def score(a: np.ndarray, b: np.ndarray, truth: np.ndarray, n: int, sources: np.ndarray, singles: int) -> dict:
@@ -98,24 +114,19 @@ def main() -> None:
     truth[sources], truth[n:] = sources, sources
     sims, rows = exact_neighbours(features.astype(np.float32))
     a, b, s = np.repeat(np.arange(len(features)), NEIGHBOURS), rows.reshape(-1), sims.reshape(-1)
-    position = np.tile(np.arange(NEIGHBOURS), len(features))
-
-    def margin(j: int, m: float) -> np.ndarray:
-        """a and b within each other's top j, agreeing on their group, beating each one's (j+1)-th by m."""
-        group_a = np.sort(np.column_stack([a, rows[a, :j]]), axis=1)
-        group_b = np.sort(np.column_stack([b, rows[b, :j]]), axis=1)
-        return (position < j) & (group_a == group_b).all(1) & (s - np.maximum(sims[a, j], sims[b, j]) >= m)
 
     own = s[(a >= n) & (b == sources[np.clip(a - n, 0, len(sources) - 1)])]
-    rules: list[tuple[str, np.ndarray]] = [(f"threshold {t:.4f}", s >= t)
-                                           for t in np.quantile(own, [0.05, 0.1, 0.2]).round(4)]
-    rules += [(f"mutual margin {m}", margin(1, m)) for m in (0.002, 0.005, 0.01, 0.03)]
-    rules += [(f"clique margins {m1}, {m2}", margin(1, m1) | margin(2, m2))
-              for m1, m2 in ((0.002, 0.01), (0.002, 0.02), (0.005, 0.02), (0.01, 0.05))]
+    rules: list[tuple[str, np.ndarray, np.ndarray]] = [(f"threshold {t:.4f}", a[s >= t], b[s >= t])
+                                                       for t in np.quantile(own, [0.05, 0.1, 0.2]).round(4)]
+    for margins in ((0.002,), (0.005,), (0.01,), (0.03,), (0.002, 0.02, 0.03), (0.002, 0.01, 0.02),
+                    (0.01, 0.05, 0.08)):
+        links = [group_links(sims, rows, size, m) for size, m in enumerate(margins, start=2)]
+        rules.append((f"group margins {', '.join(map(str, margins))}", np.concatenate([x for x, _ in links]),
+                      np.concatenate([y for _, y in links])))
     print("| rule | copy-pair precision | recall (single copies) | recall (copies in threes) |\n|---|---|---|---|")
     rows_out = []
-    for name, sel in rules:
-        r = {"rule": name, **score(a[sel], b[sel], truth, n, sources, args.singles)}
+    for name, x, y in rules:
+        r = {"rule": name, **score(x, y, truth, n, sources, args.singles)}
         rows_out.append(r)
         triples = "-" if r["recall_triples"] is None else f"{r['recall_triples']:.3f}"
         print(f"| {name} | {r['copy_pair_precision']:.3f} | {r['recall_singles']:.3f} | {triples} |", flush=True)
