@@ -5,7 +5,8 @@ relative to each item's own neighbourhood, with copies planted singly and in thr
 
 The database: the 60,000 Fashion-MNIST training images, one altered copy (bench_dedup.py's alterations) of each of
 `--singles` of them and two copies of each of `--triples` others, encoded by the run's model.onnx. Every item's exact
-top 8 by cosine (float32), then links by rule, grouped transitively:
+top 8 by cosine (float32; `--candidates search`: by the index's own two-step search over the model's codes, as
+a product would find them), then links by rule, grouped transitively:
 
 - threshold t: every pair at cosine >= t (what `dedup --min-score` does within its code radius);
 - group margins (m2, m3, m4): groups of 2, 3, 4 items that agree on themselves (each member's nearest are exactly
@@ -21,13 +22,14 @@ count against precision here. A measurement for choosing a rule, not the product
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import numpy as np
 from bench_dedup import altered
 from common import load_note, save
 
-from latenthash import Encoder
+from latenthash import Encoder, HashIndex
 from latenthash import kernels as K
 from latenthash.export.data import load_fashion_mnist
 
@@ -64,6 +66,23 @@ def group_links(sims: np.ndarray, rows: np.ndarray, size: int, margin: float) ->
     return np.repeat(np.flatnonzero(keep), size - 1), members[keep, 1:].reshape(-1)
 
 
+def searched_neighbours(codes: np.ndarray, features: np.ndarray,
+                        k: int = NEIGHBOURS) -> tuple[np.ndarray, np.ndarray, float]:
+    """(cosines, rows) of every row's k nearest other rows by the index's own two-step search (default pool,
+    float16 features as stored), and the seconds the searches took (buckets built first)."""
+    n = len(codes)
+    index = HashIndex(bits=codes.shape[1] * 8, feature_dim=features.shape[1])
+    index.add(np.arange(n), codes, features)
+    index.warmup()
+    t0 = time.perf_counter()
+    found = index.search(codes, k=k + 1, features=features)
+    seconds = time.perf_counter() - t0
+    if (found.counts < k + 1).any():
+        raise SystemExit("the database is too small for its neighbours")
+    others = np.argsort(found.ids == np.arange(n)[:, None], axis=1, kind="stable")[:, :k]  # the item itself last
+    return np.take_along_axis(found.scores, others, 1), np.take_along_axis(found.ids, others, 1), seconds
+
+
 def score(a: np.ndarray, b: np.ndarray, truth: np.ndarray, n: int, sources: np.ndarray, singles: int) -> dict:
     """Group the links (a, b) transitively; copy-pair precision and recall against the true groups (`truth`: the
     source image of every planted item, -1 for the rest; copies are rows n..)."""
@@ -89,6 +108,8 @@ def main() -> None:
     ap.add_argument("--run", required=True, help="a run directory holding model.onnx")
     ap.add_argument("--singles", type=int, default=1000)
     ap.add_argument("--triples", type=int, default=300)
+    ap.add_argument("--candidates", choices=("exact", "search"), default="exact",
+                    help="each item's neighbours: exact, or by the two-step search over the model's codes")
     ap.add_argument("--learned", type=int, metavar="EPOCHS", default=0,
                     help="score by copy_ceiling.py's descriptor trained this many epochs on the test images (8 altered "
                          "views each) instead of the run's features")
@@ -101,6 +122,7 @@ def main() -> None:
     chosen = rng.choice(n, args.singles + args.triples, replace=False)
     sources = np.concatenate([chosen, chosen[args.singles:]])
     copies = [altered(train.images[i], rng) for i in sources]
+    encoded = [encoder.encode(train.images), encoder.encode(copies)]
     if args.learned:
         from copy_ceiling import train_descriptor
 
@@ -109,10 +131,14 @@ def main() -> None:
         describe = train_descriptor(views[..., 0], epochs=args.learned)
         features = describe(np.concatenate([train.images, encoder.to_array(copies)])[..., 0])
     else:
-        features = np.concatenate([encoder.encode(train.images).features, encoder.encode(copies).features])
+        features = np.concatenate([e.features for e in encoded])
     truth = np.full(len(features), -1, np.int64)
     truth[sources], truth[n:] = sources, sources
-    sims, rows = exact_neighbours(features.astype(np.float32))
+    if args.candidates == "search":
+        sims, rows, seconds = searched_neighbours(np.concatenate([e.codes for e in encoded]), features)
+        print(f"two-step top {NEIGHBOURS} of all {len(features):,} items: {seconds:.1f} s", flush=True)
+    else:
+        sims, rows = exact_neighbours(features.astype(np.float32))
     a, b, s = np.repeat(np.arange(len(features)), NEIGHBOURS), rows.reshape(-1), sims.reshape(-1)
 
     own = s[(a >= n) & (b == sources[np.clip(a - n, 0, len(sources) - 1)])]
@@ -130,9 +156,10 @@ def main() -> None:
         rows_out.append(r)
         triples = "-" if r["recall_triples"] is None else f"{r['recall_triples']:.3f}"
         print(f"| {name} | {r['copy_pair_precision']:.3f} | {r['recall_singles']:.3f} | {triples} |", flush=True)
-    result = {"run": args.run, "learned_epochs": args.learned, "singles": args.singles, "triples": args.triples,
-              "neighbours": NEIGHBOURS, "rules": rows_out}
+    result = {"run": args.run, "learned_epochs": args.learned, "candidates": args.candidates,
+              "singles": args.singles, "triples": args.triples, "neighbours": NEIGHBOURS, "rules": rows_out}
     name = f"dedup_rules_learned{args.learned}" if args.learned else f"dedup_rules_{Path(args.run).name}"
+    name += "_search" if args.candidates == "search" else ""
     print("saved", save(name, result))
 
 
