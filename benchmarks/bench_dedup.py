@@ -1,16 +1,19 @@
-"""Near-duplicate groups (`latenthash dedup`): precision and recall of planted copy pairs, and the time, over radius
-and min-score; then the time at ~1M items.
+"""Near-duplicate groups (`latenthash dedup`): precision and recall of planted copy pairs, and the time: copy
+groups by the model's copy descriptors (the default where the model has a copy head) at the default margins and
+around them, then the code-and-feature rule over radius and min-score; then the time at ~1M items.
 
-    python benchmarks/bench_dedup.py --run runs/quickstart [--copies 1000] [--million]
+    python benchmarks/bench_dedup.py --run runs/quickstart [--copies 1000] [--unseen] [--million]
 
 The database: the 60,000 Fashion-MNIST training images plus one altered copy of each of `--copies` of them (JPEG
 quality 70, resized by 0.9-1.1, shifted by up to 2 px, brightness +-10%), encoded by the run's model.onnx. A found
-pair is any two items in one group (groups are transitive). Two precisions: over the found pairs that involve a
-planted copy ("copy pairs": is a copy grouped with its own original only?), and over all found pairs (strict: the
-60k originals hold near-duplicates of their own, which count against it here). `--million` also times dedup on the
-~1M database of bench_search.py fidelity --copies 15 (each image with 15 mirrored/shifted copies). `--pixel-ceiling`
-measures how separable the copies are from the other images by their pixels at all; `--learned EPOCHS` how far a
-descriptor trained for copy detection goes (copy_ceiling.py).
+pair is any two items in one group (groups are transitive). The index is built as `latenthash index` builds it
+(`Searcher.upsert` of the images: codes, features and copy descriptors). `--unseen` plants copies of 1,000 test
+images instead, with those originals added to the database: images the copy head never trained on. Two precisions:
+over the found pairs that involve a planted copy ("copy pairs": is a copy grouped with its own original only?), and
+over all found pairs (strict: the 60k originals hold near-duplicates of their own, which count against it here).
+`--million` also times dedup on the ~1M database of bench_search.py fidelity --copies 15 (each image with 15
+mirrored/shifted copies). `--pixel-ceiling` measures how separable the copies are from the other images by their
+pixels at all; `--learned EPOCHS` how far a descriptor trained for copy detection goes (copy_ceiling.py).
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_search import copies_database, variant
+from bench_search import VARIANTS, copies_database, variant
 from common import load_note, save
 from PIL import Image
 
-from latenthash import Encoder, HashIndex
+from latenthash import Encoder, HashIndex, Searcher
 from latenthash.export.data import load_fashion_mnist
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS
+from latenthash.limits import COPY_FLOOR, COPY_MARGINS, DEDUP_MIN_SCORE, DEDUP_RADIUS
+
+COPY_GRID = ((COPY_MARGINS, COPY_FLOOR), (COPY_MARGINS, 0.85), (COPY_MARGINS, 0.9), (COPY_MARGINS, 0.92),
+             ((0.002,), COPY_FLOOR), ((0.002, 0.02, 0.03), COPY_FLOOR), (COPY_MARGINS, -1.0), ((0.002,), -1.0))
 
 
 def altered(image: np.ndarray, rng: np.random.Generator, geometric: bool = True) -> bytes:
@@ -100,8 +106,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/quickstart", help="a run directory holding model.onnx")
     ap.add_argument("--copies", type=int, default=1000)
-    ap.add_argument("--radii", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--scores", type=float, nargs="+", default=[0.95, 0.98, 0.99, 0.995, 0.998, 0.999])
+    ap.add_argument("--radii", type=int, nargs="*", default=[2])
+    ap.add_argument("--scores", type=float, nargs="*", default=[0.99, 0.998])
+    ap.add_argument("--unseen", action="store_true", help="plant copies of test images (added as originals too)")
     ap.add_argument("--million", action="store_true", help="also time dedup on the ~1M copies database")
     ap.add_argument("--photometric", action="store_true", help="copies altered by brightness and JPEG only")
     ap.add_argument("--pixel-ceiling", action="store_true",
@@ -112,18 +119,43 @@ def main() -> None:
     args = ap.parse_args()
     print(load_note(), flush=True)
     enc = Encoder.open(Path(args.run) / "model.onnx")
-    train = load_fashion_mnist().train
+    data = load_fashion_mnist()
+    train = data.train
     rng = np.random.default_rng(0)
-    picked = np.sort(rng.choice(len(train.images), args.copies, replace=False))
-    copies = [altered(train.images[i], rng, geometric=not args.photometric) for i in picked]
-    t0 = time.perf_counter()
-    originals, planted = enc.encode(train.images), enc.encode(copies)
-    print(f"encoded {len(train.images) + len(copies):,} images in {time.perf_counter() - t0:.1f} s", flush=True)
-    n = len(train.images)
+    database = np.concatenate([train.images, data.test.images[:args.copies]]) if args.unseen else train.images
+    n = len(database)
+    picked = (np.arange(len(train.images), n) if args.unseen
+              else np.sort(rng.choice(len(train.images), args.copies, replace=False)))
+    copies = [altered(database[i], rng, geometric=not args.photometric) for i in picked]
     index = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
-    index.add(np.arange(n), originals.codes, originals.features)
-    index.add(np.arange(n, n + len(copies)), planted.codes, planted.features)
+    searcher = Searcher(index, enc)
+    t0 = time.perf_counter()
+    searcher.upsert(np.arange(n), images=database)
+    searcher.upsert(np.arange(n, n + len(copies)), images=copies)
+    print(f"indexed {n + len(copies):,} images in {time.perf_counter() - t0:.1f} s", flush=True)
+    index.warmup()
+    if index.copies is not None:
+        index.copies.warmup()
     index.duplicates(radius=0, min_score=0.99)  # compile the kernels outside the timings
+    result: dict = {"database": n + len(copies), "copies": args.copies, "bits": enc.bits, "unseen": args.unseen,
+                    "alterations": "brightness, JPEG 70" if args.photometric else "shift, resize, brightness, JPEG 70"}
+    if index.copies is not None:
+        result["copy_groups"] = copy_rows = []
+        print("| margins (groups of 2, 3, 4) | floor | groups | items | found pairs | copy-pair precision | "
+              "strict precision | recall | seconds |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+        for margins, floor in COPY_GRID:
+            t0 = time.perf_counter()
+            groups = index.duplicates(margins=margins, floor=floor)
+            seconds = time.perf_counter() - t0
+            found, with_copy, hit = pair_counts(groups, n, picked)
+            row = {"margins": list(margins), "floor": floor, "groups": len(groups), "items": int(sum(map(len, groups))),
+                   "found_pairs": found, "copy_pair_precision": hit / max(1, with_copy),
+                   "strict_precision": hit / max(1, found), "recall": hit / len(picked), "seconds": seconds,
+                   "default": (margins, floor) == (COPY_MARGINS, COPY_FLOOR)}
+            copy_rows.append(row)
+            print(f"| {', '.join(map(str, margins))} | {floor} | {row['groups']:,} | {row['items']:,} | {found:,} | "
+                  f"{row['copy_pair_precision']:.3f} | {row['strict_precision']:.3f} | {row['recall']:.3f} | "
+                  f"{seconds:.2f} |{' (default)' if row['default'] else ''}", flush=True)
     rows = []
     print("| radius | min score | groups | items | found pairs | copy-pair precision | strict precision | recall | "
           "seconds |\n|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -135,13 +167,12 @@ def main() -> None:
         row = {"radius": radius, "min_score": score, "groups": len(groups), "items": int(sum(map(len, groups))),
                "found_pairs": found, "copy_pair_precision": hit / max(1, with_copy),
                "strict_precision": hit / max(1, found), "recall": hit / len(picked), "seconds": seconds,
-               "default": (radius, score) == (DEDUP_RADIUS, DEDUP_MIN_SCORE)}
+               "default": index.copies is None and (radius, score) == (DEDUP_RADIUS, DEDUP_MIN_SCORE)}
         rows.append(row)
         print(f"| {radius} | {score} | {row['groups']:,} | {row['items']:,} | {row['found_pairs']:,} | "
               f"{row['copy_pair_precision']:.3f} | {row['strict_precision']:.3f} | {row['recall']:.3f} | "
               f"{seconds:.2f} |{' (default)' if row['default'] else ''}", flush=True)
-    result: dict = {"database": n + len(copies), "copies": args.copies, "bits": enc.bits, "grid": rows,
-                    "alterations": "brightness, JPEG 70" if args.photometric else "shift, resize, brightness, JPEG 70"}
+    result["grid"] = rows
     copy_pixels = enc.to_array(copies)  # the copies as the model sees them (decoded, resized)
     if args.pixel_ceiling:
         result["pixel_ceiling"] = ceiling = pixel_ceiling(train.images, copy_pixels, picked)
@@ -170,14 +201,18 @@ def main() -> None:
                   f"{point['copy_pair_precision']:.3f}", flush=True)
     if args.million:
         codes, feats, _ = copies_database(args.run, enc, train.images, train.labels, 15)
+        described = (np.concatenate([enc.describe_copies(variant(train.images, mirror, dx, dy))
+                                     for mirror, dx, dy in VARIANTS[:16]]) if enc.info.copy_dim else None)
         big = HashIndex(bits=enc.bits, feature_dim=enc.feature_dim)
-        big.add(np.arange(len(codes)), codes, feats)
+        big.add(np.arange(len(codes)), codes, feats, copies=described)
+        big.warmup()
         t0 = time.perf_counter()
         groups = big.duplicates()
         seconds = time.perf_counter() - t0
         result["million"] = {"items": len(codes), "seconds": seconds, "groups": len(groups),
                              "grouped_items": int(sum(map(len, groups))), "largest": len(groups[0]) if groups else 0}
-        print(f"dedup at the defaults over {len(codes):,} items: {seconds:.1f} s, {len(groups):,} groups, "
+        print(f"dedup at the defaults ({'copy groups' if big.copies is not None else 'codes and features'}) over "
+              f"{len(codes):,} items: {seconds:.1f} s, {len(groups):,} groups, "
               f"{result['million']['grouped_items']:,} items grouped, largest {result['million']['largest']}")
     print(load_note("after"))
     print("saved", save("dedup_photometric" if args.photometric else "dedup", result))

@@ -31,6 +31,7 @@ from common import load_note, save
 
 from latenthash import Encoder, HashIndex
 from latenthash import kernels as K
+from latenthash.copies import group_links
 from latenthash.export.data import load_fashion_mnist
 
 NEIGHBOURS = 8  # kept per item
@@ -48,22 +49,6 @@ def exact_neighbours(features: np.ndarray, k: int = NEIGHBOURS, block: int = 409
         order = np.argsort(-ts, axis=1, kind="stable")
         rows[lo:lo + block], sims[lo:lo + block] = np.take_along_axis(top, order, 1), np.take_along_axis(ts, order, 1)
     return sims, rows
-
-
-def group_links(sims: np.ndarray, rows: np.ndarray, size: int, margin: float) -> tuple[np.ndarray, np.ndarray]:
-    """Groups of `size` that agree on themselves: an item and its size - 1 nearest, each of whom has exactly the
-    others as its own size - 1 nearest, the weakest cosine inside beating the best one to an outsider (each member's
-    size-th nearest) by `margin`. Returns the links (item, other member)."""
-    n = len(rows)
-    members = np.column_stack([np.arange(n), rows[:, :size - 1]])
-    group = np.sort(members, axis=1)
-    agree = np.ones(n, bool)
-    for j in range(1, size):
-        m = members[:, j]
-        agree &= (np.sort(np.column_stack([m, rows[m, :size - 1]]), axis=1) == group).all(1)
-    inside, outside = sims[members, size - 2].min(axis=1), sims[members, size - 1].max(axis=1)
-    keep = agree & (inside - outside >= margin)
-    return np.repeat(np.flatnonzero(keep), size - 1), members[keep, 1:].reshape(-1)
 
 
 def searched_neighbours(codes: np.ndarray, features: np.ndarray,

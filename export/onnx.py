@@ -2,7 +2,8 @@
 
 The exported graph is self-describing: input `images`, uint8 NHWC with a dynamic batch (what image decoders give);
 scaling, normalization and the NHWC->NCHW transpose are inside the graph; outputs `probs` (H's sigmoid), `features`
-(F4, L2-normalized) and `logits`. `metadata_props` carry bits, input size and channels, class names, feature dim,
+(F4, L2-normalized), `logits`, and `copies` (the copy head's descriptor, L2-normalized) where the run has one.
+`metadata_props` carry bits, input size and channels, class names, feature dim,
 dataset and the latenthash version, so a runtime needs nothing but the file.
 
 Every export checks itself, in order: `onnx.checker` on the saved file, then ONNX Runtime against PyTorch on a
@@ -50,7 +51,7 @@ from latenthash.precision import (
 )
 
 INPUT = "images"
-OUTPUTS = ("probs", "features", "logits")
+OUTPUTS = ("probs", "features", "logits")  # and "copies" where the model has a copy head
 PARITY_IMAGES = 256  # real test images that the FP32 parity check runs on
 MIN_BIT_AGREEMENT = 0.999
 PRECISION_BARS = {  # a reduced-precision copy is kept only within these of the FP32 model
@@ -90,7 +91,7 @@ def model_metadata(model: HashNet, checkpoint: dict) -> dict[str, str]:
     c = model.config
     info = ModelInfo(c.bits, c.feature_dim, c.image_size[0], c.image_size[1], c.in_channels,
                      tuple(checkpoint.get("class_names", [])), str(checkpoint.get("dataset", "")), __version__,
-                     "fp32", run_source(checkpoint))
+                     "fp32", run_source(checkpoint), c.copy_dim)
     return info.to_metadata() | {"input_layout": "NHWC uint8", "backbone": c.backbone,
                                  "multilabel": json.dumps(bool(checkpoint.get("multilabel", False)))}
 
@@ -132,7 +133,8 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, images: n
     batch = torch.export.Dim("batch", min=1, max=65536)
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):  # the exporter prints its progress
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=[INPUT], output_names=list(OUTPUTS),
+        program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=[INPUT],
+                                    output_names=[*OUTPUTS, *(("copies",) if model.copy_head else ())],
                                     dynamic_shapes={"images": {0: batch}}, opset_version=opset, optimize=True)
     proto = program.model_proto
     del proto.metadata_props[:]
@@ -168,7 +170,7 @@ def derive_precisions(fp32: Path, ds: Dataset, precisions: list[str], *, calibra
     data), keep it only within PRECISION_BARS; returns {precision: report}."""
     queries, db = ds.test.subset(check_queries), ds.train.subset(check_database)
     reference = _retrieval(fp32, queries, db)
-    out: dict = {"fp32": {"path": str(fp32), "bytes": fp32.stat().st_size, **reference.pop("figures")}}
+    out: dict = {"fp32": {"path": str(fp32), "bytes": fp32.stat().st_size, **reference["figures"]}}
     for precision in precisions:
         path = precision_path(fp32, precision)
         try:
@@ -187,6 +189,9 @@ def derive_precisions(fp32: Path, ds: Dataset, precisions: list[str], *, calibra
                "bit_agreement": float((bits_of(got["probs"]) == bits_of(reference["probs"])).mean()),
                "held_out_images": len(queries), "database_images": len(db), **PRECISION_BARS[precision]}
         rep["map_drop"] = out["fp32"]["map_all"] - rep["map_all"]
+        if reference["copies"] is not None:  # how far its copy descriptors moved: cosine to FP32's, per image
+            cos = (reference["copies"] * got["copies"]).sum(axis=1)
+            rep["copies_cosine_to_fp32"] = {"mean": float(cos.mean()), "p01": float(np.quantile(cos, 0.01))}
         failed = []
         if precision == "int8":  # checked here, on this CPU; no sum can saturate elsewhere either (precision.py)
             rep["max_abs_weight"] = max_abs_weight(path)
@@ -216,7 +221,9 @@ def _retrieval(path: Path, queries, db) -> dict:
     q_probs, d_probs = encode_probs(enc, queries.images)[0], encode_probs(enc, db.images)[0]
     rep = hamming_retrieval(threshold(q_probs), threshold(d_probs), queries.labels, db.labels,
                             bits=q_probs.shape[1])
-    return {"probs": q_probs, "figures": {"map_all": rep.map_all, "precision_r2": rep.precision_r2}}
+    copies = enc.describe_copies(queries.images) if enc.info.copy_dim else None
+    return {"probs": q_probs, "copies": copies,
+            "figures": {"map_all": rep.map_all, "precision_r2": rep.precision_r2}}
 
 
 def check_export(path: Path, wrapper: ExportWrapper, images: np.ndarray, *, atol: float) -> list[dict]:
@@ -230,7 +237,7 @@ def check_export(path: Path, wrapper: ExportWrapper, images: np.ndarray, *, atol
     from latenthash.runtimes import create_runtime
 
     with torch.inference_mode():
-        p_ref, f_ref, _ = (t.numpy() for t in wrapper(torch.from_numpy(np.ascontiguousarray(images))))
+        p_ref, f_ref, _, *c_ref = (t.numpy() for t in wrapper(torch.from_numpy(np.ascontiguousarray(images))))
     ort_runtime = create_runtime("onnxruntime", path, providers=["CPUExecutionProvider"])
     p_got, f_got = ort_runtime.run(images)
     report = compare_outputs((p_ref, f_ref), (p_got, f_got), runtime="onnxruntime-cpu", reference="pytorch",
@@ -238,6 +245,11 @@ def check_export(path: Path, wrapper: ExportWrapper, images: np.ndarray, *, atol
     checks = [{"check": "onnx.checker", "passed": True}, asdict(report)]
     if not report.passed:
         raise ExportCheckFailed(f"ONNX Runtime disagrees with PyTorch beyond tolerance: {json.dumps(asdict(report))}")
+    if c_ref:
+        diff = float(np.abs(c_ref[0] - ort_runtime.run_copies(images)).max())
+        checks.append({"check": "copies", "max_abs_diff": diff, "atol": atol, "passed": diff <= atol})
+        if diff > atol:
+            raise ExportCheckFailed(f"ONNX Runtime's copy descriptors differ from PyTorch's by {diff:.2e} > {atol}")
     return checks
 
 

@@ -6,9 +6,11 @@ SSDH regularizers on H's sigmoid outputs p:
   - `balance`:  mean over bits of (batch mean of p - 0.5)^2, asks every bit to fire for half the images;
 and, for single-label data, `compact`: the within-class variance of p in the batch, which draws each class's codes
 together, so fewer correctly classified queries land where no database code lies within a small Hamming radius.
-Optionally (`copy`, off by default) an instance-contrastive term on F4's features (NT-Xent, as SimCLR and SSCD train):
-each batch also runs an altered copy of every image (export/copies.py), and each image's feature must pick its copy's
-out of the batch, so that near-duplicates score above other images of their class.
+Where the model has a copy head (model.CopyHead), its own instance-contrastive term (NT-Xent, as SimCLR and SSCD
+train copy detectors) trains it beside the class path: it sees each batch's images as stored and an altered copy of
+each (export/copies.py), and each image's descriptor must pick its copy's out of the batch. The head shares no
+weights with the class path, and its copies draw on a random stream of their own, so the class path trains as it
+would without it.
 SGD with Nesterov momentum and a one-cycle learning-rate schedule converges in few epochs, which matters on a
 2-core CPU; augmentation (random shifts, horizontal flips where the data allow) runs in numpy on whole batches, and
 the last `clean_epochs` train on the images as stored, in the low-learning-rate tail of the schedule.
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from latenthash.cpu import cpu_info
 from latenthash.errors import InvalidInput, NotFound
 from latenthash.export.copies import altered_copies
 from latenthash.export.data import Dataset, source_of
@@ -54,8 +57,8 @@ class TrainConfig:
     binarize: float = 0.1
     balance: float = 0.1
     compact: float = 0.3  # within-class spread of H: fewer queries with nothing near (mAP@all 0.9394 -> 0.9419)
-    copy: float = 0.0  # weight of the copy term (off: it costs class mAP and triples the epoch time; RESULTS)
-    copy_tau: float = 0.1  # temperature of the copy term's softmax over cosines
+    copy: float = 1.0  # weight of the copy head's term (models without a copy head have none)
+    copy_tau: float = 0.07  # temperature of the copy term's softmax over cosines
     shift: int = 0  # random translation in pixels
     hflip: bool = True
     clean_epochs: int = 3  # the last epochs see unaugmented images, so the model fits the database it will index
@@ -67,7 +70,7 @@ class TrainConfig:
 
 
 def default_model_config(dataset: Dataset, *, bits: int, backbone: str = "cnn", feature_dim: int = 256,
-                         pretrained: str | None = None) -> ModelConfig:
+                         pretrained: str | None = None, copy_dim: int = ModelConfig.copy_dim) -> ModelConfig:
     """Input shape, class count and per-channel normalization taken from the training split."""
     if not 8 <= bits <= 1024:
         raise InvalidInput(f"bits must be between 8 and 1024, got {bits}")
@@ -77,7 +80,7 @@ def default_model_config(dataset: Dataset, *, bits: int, backbone: str = "cnn", 
     std = tuple(float(max(s, 1e-3)) for s in sample.std(axis=(0, 1, 2)))
     return ModelConfig(backbone=backbone, bits=bits, feature_dim=feature_dim, num_classes=len(dataset.class_names),
                        in_channels=images.shape[3], image_size=tuple(images.shape[1:3]), mean=mean, std=std,
-                       pretrained=pretrained)
+                       pretrained=pretrained, copy_dim=copy_dim)
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, *, shift: int, hflip: bool) -> np.ndarray:
@@ -119,10 +122,10 @@ def hash_loss(logits: torch.Tensor, probs: torch.Tensor, targets: torch.Tensor, 
     return loss
 
 
-def copy_loss(features: torch.Tensor, tau: float) -> torch.Tensor:
-    """Instance-contrastive term (NT-Xent) over 2B features: rows i and B + i are an image and its altered copy;
+def copy_loss(descriptors: torch.Tensor, tau: float) -> torch.Tensor:
+    """Instance-contrastive term (NT-Xent) over 2B descriptors: rows i and B + i are an image and its altered copy;
     each must pick its partner out of the other 2B - 2 by cosine / tau."""
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(descriptors.float(), dim=1)
     b = len(z) // 2
     sim = (z @ z.T / tau).fill_diagonal_(float("-inf"))
     partner = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
@@ -225,10 +228,13 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
         start_epoch = state["epoch"]
         cfg.history = state["train_config"].get("history", [])
     hflip = cfg.hflip and dataset.name not in NO_HFLIP
+    copies = model.copy_head is not None and cfg.copy > 0
+    bf16 = "avx512bf16" in cpu_info()["simd"]  # the copy head in bfloat16 where the CPU computes it natively
     last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(start_epoch, last):
         model.train()
         rng = np.random.default_rng(cfg.seed * 1000 + epoch)
+        copy_rng = np.random.default_rng((cfg.seed, epoch, 1))  # the class path's stream stays as without copies
         order = rng.permutation(len(split))
         t0, total, correct, seen = time.perf_counter(), 0.0, 0, 0
         bar = progress_bar(range(steps_per_epoch), show=progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
@@ -238,14 +244,13 @@ def train(dataset: Dataset, out_dir: str | os.PathLike, *, model_config: ModelCo
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             batch = split.images[idx] if clean else augment(split.images[idx], rng, shift=cfg.shift, hflip=hflip)
             y = labels[idx]
-            if cfg.copy:
-                batch = np.concatenate([batch, altered_copies(split.images[idx], rng)])
-            logits, probs, features = model(to_tensor(batch, model_config))
-            if cfg.copy:
-                logits, probs = logits[:len(idx)], probs[:len(idx)]
+            logits, probs, _ = model(to_tensor(batch, model_config))
             loss = hash_loss(logits, probs, y, multilabel=dataset.multilabel, cfg=cfg)
-            if cfg.copy:
-                loss = loss + cfg.copy * copy_loss(features, cfg.copy_tau)
+            if copies and len(idx) > 1:
+                pairs = np.concatenate([split.images[idx], altered_copies(split.images[idx], copy_rng)])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    descriptors = model.copy_head(to_tensor(pairs, model_config))
+                loss = loss + cfg.copy * copy_loss(descriptors, cfg.copy_tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

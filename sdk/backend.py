@@ -133,6 +133,7 @@ class IndexBackend(Protocol):
     max_k: int  # the most hits one query may ask for (limits.MAX_K, or less where the engine caps it)
     model_info: dict  # the encoder that made the codes (Encoder.info.to_dict()), shown by stats()
     path: Any  # where save() persists to (None: an in-memory index)
+    keeps_copies: bool  # whether add() takes copy descriptors (copies=) for copy groups (sdk/copies.py)
 
     def __len__(self) -> int: ...
 
@@ -146,7 +147,7 @@ class IndexBackend(Protocol):
     def metadata_json(self, ids: IdsLike) -> list[str | None]: ...
 
     def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
-            metadata: Sequence[Any] | None = None) -> int: ...
+            metadata: Sequence[Any] | None = None, *, copies: FeaturesLike | None = None) -> int: ...
 
     def remove(self, ids: IdsLike) -> int: ...
 

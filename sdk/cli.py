@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from latenthash.errors import ExportCheckFailed, LatentHashError
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS
+from latenthash.limits import COPY_FLOOR, COPY_MARGINS, DEDUP_MIN_SCORE, DEDUP_RADIUS
 from latenthash.precision import DEFAULT_CALIBRATION
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -66,8 +66,8 @@ def train(
                                                     "measured default)"),
     clean_epochs: int | None = typer.Option(None, help="the last N epochs train on unaugmented images "
                                                "(default: the measured default)"),
-    copy_weight: float = typer.Option(0.0, help="weight of the copy term: features that tell an image's altered "
-                                      "copies from other images (for dedup; costs class mAP and training time)"),
+    copy_dim: int = typer.Option(64, help="size of the copy descriptor that `dedup` groups copies by, trained "
+                                 "beside the class path (0: none; training is faster without)"),
     image_size: int = typer.Option(32, help="resize size for folder/list datasets"),
     max_train: int | None = typer.Option(None, help="train on a seeded subset of this many images"),
     threads: int = typer.Option(0, help="torch threads (0: all cores)"),
@@ -84,7 +84,7 @@ def train(
         options = {"image_size": image_size} if dataset in ("folder", "list") else {}
         ds = load_dataset(dataset, data_dir, **options)
         cfg = TrainConfig(batch_size=batch_size, lr=lr, binarize=binarize, balance=balance, seed=seed,
-                          threads=threads, max_train=max_train, copy=copy_weight)
+                          threads=threads, max_train=max_train)
         if epochs is not None:
             cfg.epochs = epochs
         if label_smoothing is not None:
@@ -93,7 +93,8 @@ def train(
             cfg.compact = compact
         if clean_epochs is not None:
             cfg.clean_epochs = clean_epochs
-        mc = default_model_config(ds, bits=bits, backbone=backbone, feature_dim=feature_dim, pretrained=pretrained)
+        mc = default_model_config(ds, bits=bits, backbone=backbone, feature_dim=feature_dim, pretrained=pretrained,
+                                  copy_dim=copy_dim)
         run_training(ds, out, model_config=mc, cfg=cfg, resume=resume)
         typer.echo(f"trained {bits}-bit model: {out / 'checkpoint.pt'}")
     except (LatentHashError, OSError) as exc:
@@ -342,13 +343,21 @@ def dedup(
     index: str | None = typer.Option(None, help="index directory (searched in process)"),
     server: str | None = typer.Option(None, help="host:port of a running `latenthash serve` instead"),
     token: str | None = typer.Option(None, envvar="LATENTHASH_TOKEN", help="bearer token for --server"),
-    radius: int = typer.Option(DEDUP_RADIUS, help="largest Hamming distance between the codes of duplicates"),
-    min_score: float = typer.Option(DEDUP_MIN_SCORE, help="smallest feature cosine between duplicates"),
+    radius: int | None = typer.Option(None, help="group by codes and features instead: the largest Hamming distance "
+                                      f"between the codes of duplicates (default {DEDUP_RADIUS})"),
+    min_score: float | None = typer.Option(None, help="group by codes and features instead: the smallest feature "
+                                           f"cosine between duplicates (default {DEDUP_MIN_SCORE})"),
+    margins: list[float] | None = typer.Option(None, "--margin", help="copy groups: the margin a group of 2 (then 3, "
+                                               "4: repeat the option) must hold over outsiders (default "
+                                               f"{' '.join(map(str, COPY_MARGINS))})"),
+    floor: float | None = typer.Option(None, help="copy groups: the cosine every link inside a group reaches "
+                                       f"(default {COPY_FLOOR})"),
     as_json: bool = typer.Option(False, "--json", help="print the groups as JSON: lists of {id, score, metadata}"),
     sheet: Path | None = typer.Option(None, help="draw each group as a row of this contact sheet (PNG)"),
 ) -> None:
-    """Groups of near-duplicate images in an index (codes within --radius, features at least --min-score alike,
-    grouped transitively), largest first."""
+    """Groups of near-duplicate images in an index, largest first: copies of each other by the copy descriptors the
+    index keeps (indexed with a model that has a copy head), or, with --radius / --min-score or where it keeps none,
+    codes within --radius and features at least --min-score alike, grouped transitively."""
     try:
         import math
 
@@ -357,21 +366,24 @@ def dedup(
         if server is not None:
             from latenthash.client import Client
 
+            if margins or floor is not None:
+                raise LatentHashError("--margin and --floor apply to an --index in process; a server groups copies by "
+                                      "its defaults")
             with Client(server, token=token) as client:
                 groups = client.duplicates(radius=radius, min_score=min_score, timeout=24 * 3600)
         else:
             from latenthash.backend import open_index
             from latenthash.search import Searcher
 
-            groups = Searcher(open_index(index)).duplicates(radius=radius, min_score=min_score, progress=True)
+            groups = Searcher(open_index(index)).duplicates(radius=radius, min_score=min_score, margins=margins or None,
+                                                            floor=floor, progress=True)
         rows = [[{"id": i, "score": None if math.isnan(s) else round(s, 6), "metadata": m}
                  for i, s, m in zip(g.ids.tolist(), g.scores.tolist(), g.metadata or [None] * len(g))]
                 for g in groups]
         if as_json:
             typer.echo(json.dumps(rows, indent=1))
         else:
-            typer.echo(f"{len(groups)} groups of near-duplicates, {sum(map(len, groups))} items (radius {radius}, "
-                       f"min score {min_score})")
+            typer.echo(f"{len(groups)} groups of near-duplicates, {sum(map(len, groups))} items")
             for n, group in enumerate(rows, 1):
                 typer.echo(f"group {n}: {len(group)} items")
                 for item in group:

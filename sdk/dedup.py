@@ -89,6 +89,15 @@ def find_duplicates(words: np.ndarray, features: np.ndarray | None, scales: np.n
             best[cand] = np.maximum(best[cand], np.where(cols >= min_score, cols, -np.inf))
     a = np.concatenate(pair_a) if pair_a else np.zeros(0, np.int64)
     b = np.concatenate(pair_b) if pair_b else np.zeros(0, np.int64)
+    return groups_of(a, b, ids, best)
+
+
+def groups_of(a: np.ndarray, b: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> list[DuplicateGroup]:
+    """The groups that links between rows (a[i], b[i]) make, joined transitively, largest first (ties by first
+    row); `scores` per row. The one builder of duplicate groups."""
+    from latenthash import kernels as K
+
+    n = len(ids)
     labels = K.components(n, a.astype(np.int64), b.astype(np.int64))
     sizes = np.bincount(labels, minlength=n)
     members = np.flatnonzero(sizes[labels] >= 2)
@@ -96,6 +105,6 @@ def find_duplicates(words: np.ndarray, features: np.ndarray | None, scales: np.n
         return []
     by_group = members[np.argsort(labels[members], kind="stable")]
     cuts = np.flatnonzero(np.diff(labels[by_group])) + 1
-    groups = [DuplicateGroup(ids[rows], best[rows]) for rows in np.split(by_group, cuts)]
+    groups = [DuplicateGroup(ids[rows], scores[rows]) for rows in np.split(by_group, cuts)]
     groups.sort(key=lambda g: -len(g))  # stable: equal sizes stay in order of their first row
     return groups

@@ -45,6 +45,7 @@ class ModelInfo:
     version: str
     precision: str = "fp32"  # fp32, fp16 or int8 (sdk/precision.py)
     data_source: dict | None = None  # the data it was trained on, as the run recorded it (export/data.py)
+    copy_dim: int = 0  # size of its copy descriptors (`Encoder.describe_copies`); 0: it has no copy head
 
     @classmethod
     def from_metadata(cls, meta: dict[str, str], path: str) -> ModelInfo:
@@ -55,7 +56,8 @@ class ModelInfo:
                        int(meta["input_width"]), int(meta["input_channels"]),
                        tuple(json.loads(meta.get("class_names", "[]"))), meta.get("dataset", ""),
                        meta.get("latenthash_version", ""), precision_of(meta),
-                       json.loads(meta["data_source"]) if "data_source" in meta else None)
+                       json.loads(meta["data_source"]) if "data_source" in meta else None,
+                       int(meta.get("copy_dim", 0)))
         except (KeyError, ValueError) as exc:
             raise ModelMismatch(f"{path} lacks latenthash metadata ({exc}): export it with `latenthash export`") \
                 from None
@@ -67,12 +69,13 @@ class ModelInfo:
         return {"latenthash_version": self.version, "bits": str(self.bits), "feature_dim": str(self.feature_dim),
                 "input_height": str(self.height), "input_width": str(self.width),
                 "input_channels": str(self.channels), "class_names": json.dumps(list(self.class_names)),
-                "dataset": self.dataset, "precision": self.precision, "data_source": json.dumps(self.data_source)}
+                "dataset": self.dataset, "precision": self.precision, "data_source": json.dumps(self.data_source),
+                "copy_dim": str(self.copy_dim)}
 
     def to_dict(self) -> dict[str, Any]:
         return {"bits": self.bits, "feature_dim": self.feature_dim, "input_shape": [self.height, self.width,
                 self.channels], "class_names": list(self.class_names), "dataset": self.dataset,
-                "latenthash_version": self.version, "precision": self.precision}
+                "latenthash_version": self.version, "precision": self.precision, "copy_dim": self.copy_dim}
 
 
 class Encoder:
@@ -178,6 +181,20 @@ class Encoder:
             feats.append(f)
         p, f = np.concatenate(probs), np.concatenate(feats)
         return EncodeResult(threshold(p), f, p if return_probs else None)
+
+    def describe_copies(self, images) -> np.ndarray:
+        """Copy descriptors, float32 (N, copy_dim) L2-normalized, of a batch: an image and its altered copies
+        (re-encoded, rescaled, shifted, re-exposed) score high, other images lower (what `dedup` groups by).
+        ModelMismatch for a model without a copy head."""
+        if not self.info.copy_dim:
+            from latenthash.runtimes import no_copy_head
+
+            raise ModelMismatch(no_copy_head(self.path))
+        batch = self.to_array(images)
+        if not len(batch):
+            return np.zeros((0, self.info.copy_dim), np.float32)
+        return np.concatenate([self.runtime.run_copies(batch[i:i + self.batch_size])
+                               for i in range(0, len(batch), self.batch_size)])
 
 
 def _is_pil(obj) -> bool:

@@ -46,10 +46,11 @@ from latenthash.backend import (
 )
 from latenthash.buckets import SHELL_WIDEN, SKETCH_BITS, BucketCache, sketch_flips
 from latenthash.codes import check_bits, from_words, n_bytes, n_words, pack_codes, to_words
+from latenthash.copies import check_copies, copies_path, copy_groups, copy_index, open_copies, sign_codes
 from latenthash.dedup import DuplicateGroup, find_duplicates
 from latenthash.errors import IndexCorrupt, InvalidInput, NotFound, storage_error
 from latenthash.generations import read_generation, write_generation
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, MAX_POOL, pool_size
+from latenthash.limits import COPY_FLOOR, COPY_MARGINS, DEDUP_MIN_SCORE, DEDUP_RADIUS, MAX_K, MAX_POOL, pool_size
 from latenthash.storage import DirLock
 
 FEATURE_DTYPES = ("float32", "float16", "int8")
@@ -127,6 +128,8 @@ class HashIndex:
     Ids are caller-chosen 64-bit integers; adding an id that is already present replaces its item (it then ranks
     as the newest item in ties)."""
 
+    keeps_copies = True
+
     def __init__(self, *, bits: int, feature_dim: int | None = None, feature_dtype: str = "float16",
                  path: str | os.PathLike | None = None):
         self.bits = check_bits(bits)
@@ -147,6 +150,7 @@ class HashIndex:
         self._warmer: threading.Thread | None = None
         self.model_info: dict = {}  # free-form description of the encoder that made the codes (saved in header)
         self.max_k = MAX_K
+        self.copies: HashIndex | None = None  # the copy descriptors' index beside this one (copies.py), once any
         self._code_shape, self._feature_shape = (n_bytes(self.bits),), (self.feature_dim,)  # of `_one_query`
 
     # ------------------------------------------------------------------------------------------------ storage
@@ -209,15 +213,19 @@ class HashIndex:
 
     # ------------------------------------------------------------------------------------------------ writes
     def add(self, ids: IdsLike, codes: CodesLike, features: FeaturesLike | None = None,
-            metadata: Sequence[Any] | None = None) -> int:
+            metadata: Sequence[Any] | None = None, *, copies: FeaturesLike | None = None) -> int:
         """Add items; an id already present is replaced. codes: packed uint8 (N, ceil(bits/8)) or 0/1 (N, bits).
+        `copies`: the items' copy descriptors (`Encoder.describe_copies`), kept in the copy index beside this one
+        (copies.py); an item added without one (or with a zero row) has none, a replaced item's old one dropped.
         Returns how many of the ids were already present (replaced)."""
         ids, packed, meta = check_items(ids, codes, metadata, self.bits)
         n = len(ids)
         feats, scales = self._prepare_features(features, n)
+        described = None if copies is None else check_copies(copies, n, getattr(self.copies, "feature_dim", None))
         if n == 0:
             return 0
         with self._lock:
+            self._add_copies(ids, described)
             listed = ids.tolist()
             present = [i for i in listed if i in self._rows] if self._rows else []
             if present:
@@ -236,10 +244,24 @@ class HashIndex:
             self._snap = _Snapshot(hi, snap.words, snap.ids, snap.features, snap.scales, snap.metadata)
         return len(present)
 
+    def _add_copies(self, ids: np.ndarray, described: np.ndarray | None) -> None:
+        """Keep the items' copy descriptors; items without one (None, or a zero row) lose any they had."""
+        has = np.zeros(len(ids), bool) if described is None else described.any(axis=1)
+        if described is not None and self.copies is None:
+            self.copies = copy_index(described.shape[1])
+        if self.copies is None:
+            return
+        if not has.all():
+            self.copies.remove(ids[~has])
+        if has.any():
+            self.copies.add(ids[has], sign_codes(described[has]), described[has])
+
     def remove(self, ids: IdsLike) -> int:
         """Remove items by id; returns how many were present (unknown ids are ignored)."""
         ids = check_ids(ids)
         with self._lock:
+            if self.copies is not None:
+                self.copies.remove(ids)
             return self._remove_locked(ids)
 
     def _remove_locked(self, ids: np.ndarray) -> int:
@@ -456,13 +478,24 @@ class HashIndex:
             out_d[i, : found[i]] = dists[offsets[i]: offsets[i] + found[i]]
         return rows, out_d, found
 
-    def duplicates(self, *, radius: int = DEDUP_RADIUS, min_score: float = DEDUP_MIN_SCORE,
+    def duplicates(self, *, radius: int | None = None, min_score: float | None = None,
+                   margins: Sequence[float] | None = None, floor: float | None = None,
                    progress: bool = False) -> list[DuplicateGroup]:
-        """Groups of near-duplicates: items within Hamming `radius` whose features' cosine is at least `min_score`,
-        grouped transitively, largest first (see dedup.py). An index without features groups by codes alone."""
+        """Groups of near-duplicates, largest first. Where this index keeps copy descriptors and neither `radius`
+        nor `min_score` is given: groups of copies by them (copies.py; `margins` for groups of 2, 3, 4, `floor` the
+        cosine every link inside reaches). Otherwise
+        items within Hamming `radius` whose features' cosine is at least `min_score`, grouped transitively
+        (dedup.py; an index without features groups by codes alone). Defaults in limits.py."""
+        if self.copies is not None and radius is None and min_score is None:
+            return copy_groups(self.copies, margins=COPY_MARGINS if margins is None else margins,
+                               floor=COPY_FLOOR if floor is None else floor, progress=progress)
+        if margins is not None or floor is not None:
+            raise InvalidInput("margins and floor apply to copy groups, which need copy descriptors in the index "
+                               "(index with a model that has a copy head) and no radius or min_score")
         snap = self._snap
         return find_duplicates(snap.words[: snap.n], snap.features, snap.scales, snap.ids[: snap.n], bits=self.bits,
-                               radius=radius, min_score=min_score, progress=progress)
+                               radius=DEDUP_RADIUS if radius is None else radius,
+                               min_score=DEDUP_MIN_SCORE if min_score is None else min_score, progress=progress)
 
     def radius_counts(self, codes) -> np.ndarray:
         """How many items lie at each Hamming distance 0..bits from each query: int64 (Q, bits + 1)."""
@@ -565,7 +598,8 @@ class HashIndex:
         nbytes += sum(len(m) for m in snap.metadata[:n] if m)
         return {"count": n, "bits": self.bits, "feature_dim": self.feature_dim, "feature_dtype": self.feature_dtype,
                 "index_bytes": int(nbytes), "bytes_per_item": nbytes / n if n else 0.0,
-                "path": str(self.path) if self.path else None, "model": self.model_info}
+                "path": str(self.path) if self.path else None, "model": self.model_info,
+                "described_copies": len(self.copies) if self.copies is not None else 0}
 
     # ------------------------------------------------------------------------------------------------ persistence
     def ping(self, timeout: float = 2.0) -> None:
@@ -588,6 +622,8 @@ class HashIndex:
             except OSError as exc:
                 raise storage_error(exc, f"cannot save the index to {root}") from None
             self.path = root
+            if self.copies is not None:  # after the items: a crash between leaves some without a descriptor
+                self.copies.save(copies_path(root))
             return gen_dir
 
     def _write_generation(self, root: Path) -> Path:
@@ -625,6 +661,7 @@ class HashIndex:
         if scales is None and h["feature_dtype"] == "float16" and h["feature_dim"]:  # saved before row scales
             scales = _row_scales(a["features"])
         index._snap = _Snapshot(h["count"], a["codes"], a["ids"], a.get("features"), scales, gen.metadata)
+        index.copies = open_copies(root, verify=verify, mmap=mmap, warmup=warmup)
         if warmup:
             index.warmup(background=True)
         return index

@@ -17,6 +17,12 @@ MAX_MESSAGE_MB = 64  # one gRPC message, either way (server and client default)
 # altered copies of Fashion-MNIST images: benchmarks/bench_dedup.py, RESULTS.md)
 DEDUP_RADIUS = 2
 DEDUP_MIN_SCORE = 0.998
+# copy groups by copy descriptors (copies.py): the margins of groups of 2, 3, 4 over outsiders, the cosine every
+# link inside a group reaches, and each item's step-1 pool in the copy index (measured on planted altered copies:
+# benchmarks/bench_dedup.py, RESULTS.md)
+COPY_MARGINS = (0.01, 0.05, 0.08)
+COPY_FLOOR = 0.88
+COPY_POOL = 2000
 
 
 def pool_size(k: int, pool: int | None = None) -> int:

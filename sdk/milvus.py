@@ -115,6 +115,7 @@ def _errors(what: str):
 
 
 class MilvusIndex:
+    keeps_copies = False
     """Codes, features and metadata in a Milvus collection; same calls and result types as `HashIndex`."""
 
     def __init__(self, uri: str, *, bits: int | None = None, feature_dim: int | None = None, create: bool = False,
@@ -304,8 +305,12 @@ class MilvusIndex:
         return out
 
     def add(self, ids: seam.IdsLike, codes: seam.CodesLike, features: seam.FeaturesLike | None = None,
-            metadata: Sequence[Any] | None = None) -> int:
-        """Upsert items (an id already present is replaced); returns how many ids were already present."""
+            metadata: Sequence[Any] | None = None, *, copies: seam.FeaturesLike | None = None) -> int:
+        """Upsert items (an id already present is replaced); returns how many ids were already present. Copy
+        descriptors are not kept here (`keeps_copies`): copy groups run on embedded indexes."""
+        if copies is not None:
+            raise InvalidInput("a Milvus index keeps no copy descriptors: find copy groups on an embedded "
+                               "(directory) index")
         ids, packed, meta = seam.check_items(ids, codes, metadata, self.bits)
         n = len(ids)
         feats = seam.check_features(features, n, self.feature_dim)

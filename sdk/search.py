@@ -20,7 +20,7 @@ from latenthash.codes import pack_codes
 from latenthash.dedup import DuplicateGroup
 from latenthash.encoder import Encoder, EncodeResult
 from latenthash.errors import InvalidInput, LatentHashError, ModelMismatch
-from latenthash.limits import DEDUP_MIN_SCORE, DEDUP_RADIUS, pool_size
+from latenthash.limits import pool_size
 
 
 class Searcher:
@@ -48,19 +48,25 @@ class Searcher:
     def encode(self, images) -> EncodeResult:
         return self._require_encoder().encode(images)
 
-    def duplicates(self, *, radius: int | None = None, min_score: float | None = None, metadata: bool = True,
+    def duplicates(self, *, radius: int | None = None, min_score: float | None = None,
+                   margins: Sequence[float] | None = None, floor: float | None = None, metadata: bool = True,
                    progress: bool = False) -> list[DuplicateGroup]:
-        """Groups of near-duplicate items, largest first (see dedup.py; defaults in limits.py), with their metadata
-        unless `metadata=False`. Embedded (directory) indexes only."""
+        """Groups of near-duplicate items, largest first (`HashIndex.duplicates`: by copy descriptors where the index
+        keeps them and no radius or min_score is given, else by codes and features), with their metadata unless
+        `metadata=False`. Embedded (directory) indexes only."""
         find = getattr(self.index, "duplicates", None)
         if find is None:
             raise InvalidInput("near-duplicate groups run on embedded (directory) indexes: sync one from this "
                                "backend (docs/scale.md) and run them there")
-        groups = find(radius=DEDUP_RADIUS if radius is None else radius,
-                      min_score=DEDUP_MIN_SCORE if min_score is None else min_score, progress=progress)
+        groups = find(radius=radius, min_score=min_score, margins=margins, floor=floor, progress=progress)
         return [replace(g, metadata=self.index.metadata(g.ids)) for g in groups] if metadata else groups
 
     # ------------------------------------------------------------------------------------------ what it holds
+    @property
+    def describes_copies(self) -> bool:
+        """Whether items added by image get copy descriptors: the model has a copy head and the index keeps them."""
+        return self.encoder is not None and bool(self.encoder.info.copy_dim) and self.index.keeps_copies
+
     @property
     def bits(self) -> int:
         return self.index.bits
@@ -213,16 +219,22 @@ class Searcher:
                 break
         return keep[:k]
 
-    def upsert(self, ids, *, images=None, codes=None, features=None,
-               metadata: Sequence[Any] | None = None) -> tuple[int, int]:
-        """Add or replace items from images (encoded here) or codes; returns (upserted, replaced)."""
+    def upsert(self, ids, *, images=None, codes=None, features=None, metadata: Sequence[Any] | None = None,
+               copies=None) -> tuple[int, int]:
+        """Add or replace items from images (encoded here, with copy descriptors where the model and the index
+        have them) or codes (`copies`: their descriptors, if any); returns (upserted, replaced)."""
         ids = np.atleast_1d(np.asarray(ids))
         if (images is None) == (codes is None):
             raise InvalidInput("upsert needs exactly one of images= or codes=")
         if images is not None:
-            enc = self.encode(images)
+            encoder = self._require_encoder()
+            batch = encoder.to_array(images)
+            enc = encoder.encode(batch)
             codes, features = enc.codes, enc.features
-        replaced = self.index.add(ids, pack_codes(codes, self.index.bits), self._stored(features), metadata)
+            if self.describes_copies:
+                copies = encoder.describe_copies(batch)
+        replaced = self.index.add(ids, pack_codes(codes, self.index.bits), self._stored(features), metadata,
+                                  copies=copies)
         return len(ids), replaced
 
     def delete(self, ids) -> tuple[int, int]:

@@ -176,16 +176,21 @@ class HashSearchService(pb_grpc.HashSearchServicer):
         written: what was acknowledged can always be replayed."""
         s = self.searcher
         items = wire.from_upsert_items(request_iterator, s.bits, s.feature_dim)
+        copies = None
         if items.images:
-            enc = self._encode(s.decode(list(items.images.values())))
+            batch = s.decode(list(items.images.values()))
+            enc = self._encode(batch)
             for j, row in enumerate(items.images):
                 items.codes[row], items.features[row] = enc.codes[j], enc.features[j]
+            if s.describes_copies:  # items sent as codes get none (a zero row)
+                copies = np.zeros((len(items.ids), s.encoder.info.copy_dim), np.float32)
+                copies[list(items.images)] = s.encoder.describe_copies(batch)
         ids, codes, meta_texts = check_items(items.ids, np.stack(items.codes), items.metadata, s.bits)
         features = check_features(np.stack(items.features), len(ids), s.feature_dim) if s.feature_dim else None
         with self.write_lock:
             if self.wal is not None:  # durable before applied and acknowledged
-                self.wal.append_upsert(ids, codes, features, meta_texts)
-            _, replaced = s.upsert(ids, codes=codes, features=features, metadata=items.metadata)
+                self.wal.append_upsert(ids, codes, features, meta_texts, copies)
+            _, replaced = s.upsert(ids, codes=codes, features=features, metadata=items.metadata, copies=copies)
             if self.after_write is not None:
                 self.after_write()
         if self.metrics.enabled:  # len() of a remote index is a round trip: only when someone reads it

@@ -7,8 +7,9 @@ by id, deletes of absent ids do nothing), so a crash between a save and the trun
 
 File: an 8-byte magic, then frames. Frame: magic u32, payload length u32, crc32 of those 8 bytes u32, crc32 of the
 payload u32, payload. Payload (little-endian, no text parsing, so replaying it cannot fail on what was accepted):
-op u8 (1 upsert, 2 delete), n u32, ids int64[n]; an upsert adds code bytes u16, codes u8[n x bytes], feature dim
-u32, features f32[n x dim], then per item a metadata length u32 (0xFFFFFFFF: none) and its JSON text.
+op u8 (1 upsert, 2 delete, 3 upsert with copy descriptors), n u32, ids int64[n]; an upsert adds code bytes u16,
+codes u8[n x bytes], feature dim u32, features f32[n x dim], with op 3 copy dim u32 and copy descriptors
+f32[n x dim] (a zero row: none), then per item a metadata length u32 (0xFFFFFFFF: none) and its JSON text.
 
 What opening finds at the end of the file and in it:
 - a torn tail, the prefix of a frame that a crash or a full disk cut short (never acknowledged), is cut off;
@@ -40,7 +41,7 @@ log = logging.getLogger("latenthash.server")
 FILE_MAGIC = b"LHWAL2\r\n"
 FRAME_MAGIC = 0x4C485752  # "LHWR"
 FRAME = struct.Struct("<IIII")  # magic, length, header crc, payload crc
-UPSERT, DELETE = 1, 2
+UPSERT, DELETE, UPSERT_COPIES = 1, 2, 3
 NO_METADATA = 0xFFFFFFFF
 MAX_PAYLOAD = 1 << 31
 
@@ -52,6 +53,7 @@ class Record:
     codes: np.ndarray | None = None  # packed uint8 (n, bytes)
     features: np.ndarray | None = None  # float32 (n, dim)
     metadata: list[str | None] | None = None  # JSON text per item
+    copies: np.ndarray | None = None  # float32 (n, copy dim): copy descriptors (zero rows: none)
 
 
 @dataclass
@@ -65,14 +67,16 @@ class Scan:
     size: int = 0
 
 
-def encode_upsert(ids: np.ndarray, codes: np.ndarray, features: np.ndarray | None, metadata: list[str | None]) -> bytes:
+def encode_upsert(ids: np.ndarray, codes: np.ndarray, features: np.ndarray | None, metadata: list[str | None],
+                  copies: np.ndarray | None = None) -> bytes:
     n, nb = codes.shape
-    parts = [struct.pack("<BI", UPSERT, n), np.ascontiguousarray(ids, "<i8").tobytes(), struct.pack("<H", nb),
+    parts = [struct.pack("<BI", UPSERT if copies is None else UPSERT_COPIES, n),
+             np.ascontiguousarray(ids, "<i8").tobytes(), struct.pack("<H", nb),
              np.ascontiguousarray(codes, np.uint8).tobytes()]
-    dim = 0 if features is None else features.shape[1]
-    parts.append(struct.pack("<I", dim))
-    if features is not None:
-        parts.append(np.ascontiguousarray(features, "<f4").tobytes())
+    for rows in (features, copies) if copies is not None else (features,):
+        parts.append(struct.pack("<I", 0 if rows is None else rows.shape[1]))
+        if rows is not None:
+            parts.append(np.ascontiguousarray(rows, "<f4").tobytes())
     for text in metadata:
         if text is None:
             parts.append(struct.pack("<I", NO_METADATA))
@@ -94,17 +98,19 @@ def decode(payload: bytes) -> Record:
     pos += 8 * n
     if op == DELETE:
         rec = Record(DELETE, ids)
-    elif op == UPSERT:
+    elif op in (UPSERT, UPSERT_COPIES):
         (nb,) = struct.unpack_from("<H", payload, pos)
         pos += 2
         codes = np.frombuffer(payload, np.uint8, n * nb, pos).reshape(n, nb)
         pos += n * nb
-        (dim,) = struct.unpack_from("<I", payload, pos)
-        pos += 4
-        features = None
-        if dim:
-            features = np.frombuffer(payload, "<f4", n * dim, pos).astype(np.float32).reshape(n, dim)
+        blocks: list[np.ndarray | None] = []
+        for _ in range(2 if op == UPSERT_COPIES else 1):  # features, then copy descriptors
+            (dim,) = struct.unpack_from("<I", payload, pos)
+            pos += 4
+            blocks.append(np.frombuffer(payload, "<f4", n * dim, pos).astype(np.float32).reshape(n, dim)
+                          if dim else None)
             pos += 4 * n * dim
+        features, copies = blocks[0], blocks[1] if len(blocks) > 1 else None
         metadata: list[str | None] = []
         for _ in range(n):
             (size,) = struct.unpack_from("<I", payload, pos)
@@ -114,7 +120,7 @@ def decode(payload: bytes) -> Record:
                 continue
             metadata.append(payload[pos:pos + size].decode("utf-8"))
             pos += size
-        rec = Record(UPSERT, ids, codes, features, metadata)
+        rec = Record(UPSERT, ids, codes, features, metadata, copies)
     else:
         raise ValueError(f"unknown operation {op}")
     if pos != len(payload):
@@ -234,7 +240,7 @@ class WriteAheadLog:
             try:
                 if rec.op == UPSERT:
                     meta = [None if t is None else parse_metadata_json(t) for t in rec.metadata or []]
-                    index.add(rec.ids, rec.codes, rec.features, meta)
+                    index.add(rec.ids, rec.codes, rec.features, meta, copies=rec.copies)
                 else:
                     index.remove(rec.ids)
                 n += 1
@@ -244,9 +250,10 @@ class WriteAheadLog:
         return n
 
     def append_upsert(self, ids: np.ndarray, codes: np.ndarray, features: np.ndarray | None,
-                      metadata: list[str | None]) -> None:
-        """Durably log an upsert of already validated items (metadata as JSON text)."""
-        self._append(encode_upsert(ids, codes, features, metadata))
+                      metadata: list[str | None], copies: np.ndarray | None = None) -> None:
+        """Durably log an upsert of already validated items (metadata as JSON text; copy descriptors, zero rows
+        for none)."""
+        self._append(encode_upsert(ids, codes, features, metadata, copies))
 
     def append_delete(self, ids: np.ndarray) -> None:
         self._append(encode_delete(ids))

@@ -125,32 +125,44 @@ def test_compact_term_is_the_within_class_spread_of_the_codes(fashion, tmp_path)
               cfg=TrainConfig(epochs=1, compact=-0.5), progress=False)
 
 
-def test_copy_term_draws_altered_copies_to_their_originals(fashion, tmp_path):
+def test_copy_head_tells_altered_copies_apart_and_leaves_the_class_path_alone(fashion, tmp_path):
     """The copy term is NT-Xent over (image, altered copy) pairs: near zero when each pair agrees and differs from the
-    rest, log(2B - 1) when all features agree. A short real run with it ranks each altered copy's own original
-    above the other images more often than the same run without it."""
+    rest, log(2B - 1) when all descriptors agree. A short real run trains the copy head to rank each altered copy's
+    own original first far more often than the class features do, while the class path trains exactly as the same
+    run without a copy head."""
     from latenthash.export.copies import altered_copies
-    from latenthash.export.train import copy_loss
+    from latenthash.export.train import copy_loss, to_tensor
 
     pairs = torch.eye(8).repeat(2, 1)  # rows i and 8 + i equal, every other pair orthogonal
     assert float(copy_loss(pairs, 0.1)) < 1e-3
     assert float(copy_loss(torch.ones(16, 4), 0.1)) == pytest.approx(np.log(15), rel=1e-5)
     small = Dataset("fashion-mnist", fashion.train.subset(3000, seed=5), fashion.test.subset(64, seed=5),
                     fashion.class_names)
-    mc = default_model_config(small, bits=16, feature_dim=64)
     rng = np.random.default_rng(0)
     originals = small.train.images[:300]
     copies = altered_copies(originals, rng)
     assert copies.shape == originals.shape and copies.dtype == np.uint8 and not np.array_equal(copies, originals)
+    unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
+    own_first = lambda a, b: float(((unit(a) @ unit(b).T).argmax(1) == np.arange(len(a))).mean())  # noqa: E731
 
-    def own_first(copy: float) -> float:
-        model, _ = train(small, tmp_path / f"copy{copy}", model_config=mc,
-                         cfg=TrainConfig(epochs=2, batch_size=64, copy=copy), progress=False)
-        _, f_orig, _ = predict(model, originals)
-        _, f_copy, _ = predict(model, copies)
-        unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)  # noqa: E731
-        return float(((unit(f_copy) @ unit(f_orig).T).argmax(1) == np.arange(len(copies))).mean())
-
-    assert own_first(1.0) > own_first(0.0) + 0.1
+    runs = {}
+    for copy_dim in (0, 64):
+        mc = default_model_config(small, bits=16, feature_dim=64, copy_dim=copy_dim)
+        runs[copy_dim], _ = train(small, tmp_path / f"copy{copy_dim}", model_config=mc,
+                                  cfg=TrainConfig(epochs=2, batch_size=64), progress=False)
+    model = runs[64]
+    assert runs[0].copy_head is None
+    p0, f0, _ = predict(runs[0], originals)
+    p64, f_orig, _ = predict(model, originals)
+    np.testing.assert_allclose(p64, p0, atol=1e-4)  # the class path: as without a copy head
+    np.testing.assert_allclose(f_orig, f0, atol=1e-3)
+    _, f_copy, _ = predict(model, copies)
+    with torch.inference_mode():
+        d_orig, d_copy = (model.copy_head(to_tensor(x, model.config)).numpy() for x in (originals, copies))
+    assert own_first(d_copy, d_orig) > own_first(f_copy, f_orig) + 0.2
     with pytest.raises(InvalidInput, match="copy"):
         train(small, tmp_path / "bad", model_config=mc, cfg=TrainConfig(epochs=1, copy=-1.0), progress=False)
+    from latenthash.export.model import CopyHead
+
+    with pytest.raises(InvalidInput, match="copy-dim 0"):
+        CopyHead(1, (6, 6), 64)

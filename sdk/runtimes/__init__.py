@@ -1,6 +1,7 @@
 """Encoder runtimes: one small Protocol, implementations chosen by name.
 
-A runtime runs an exported latenthash ONNX model: `run(uint8 NHWC batch) -> (probs, features)`. Each lives in its
+A runtime runs an exported latenthash ONNX model: `run(uint8 NHWC batch) -> (probs, features)`, and
+`run_copies(batch) -> copy descriptors` where the model has a copy head. Each lives in its
 own module and imports its engine (onnxruntime, tensorrt) only when created, failing with what to install.
 """
 
@@ -30,6 +31,16 @@ class EncoderRuntime(Protocol):
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, C) -> (probs float32 (N, bits), features float32 (N, feature_dim), L2-normalized)."""
         ...
+
+    def run_copies(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, C) -> copy descriptors float32 (N, copy_dim), L2-normalized; ModelMismatch for a model
+        without a copy head."""
+        ...
+
+
+def no_copy_head(model: str) -> str:
+    return (f"{model} has no copy head, so it cannot describe copies: retrain it with `latenthash train` "
+            "(--copy-dim, default 64) and export it again")
 
 
 def create_runtime(name: str, model_path: str | os.PathLike, **options) -> EncoderRuntime:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from latenthash.errors import InvalidInput, ModelMismatch, require
+from latenthash.runtimes import no_copy_head
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # when ONNX Runtime's intra-op threads may busy-wait for work: within a run only (they stop as it returns), also
@@ -67,10 +68,15 @@ class OnnxRuntime:
             raise ModelMismatch(f"ONNX Runtime cannot load {model_path}: {exc}") from None
         self.providers = self.session.get_providers()
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        outputs = [o.name for o in self.session.get_outputs()]
-        if "probs" not in outputs or "features" not in outputs:
-            raise ModelMismatch(f"{model_path} is not a latenthash model: outputs {outputs} lack probs/features")
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        if "probs" not in self._outputs or "features" not in self._outputs:
+            raise ModelMismatch(f"{model_path} is not a latenthash model: outputs {self._outputs} lack probs/features")
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         probs, features = self.session.run(["probs", "features"], {"images": images})
         return probs, features
+
+    def run_copies(self, images: np.ndarray) -> np.ndarray:
+        if "copies" not in self._outputs:
+            raise ModelMismatch(no_copy_head(self.metadata.get("dataset", "this model")))
+        return self.session.run(["copies"], {"images": images})[0]

@@ -23,6 +23,7 @@ import numpy as np
 
 from latenthash.errors import LatentHashError, MissingDependency, ModelMismatch, require
 from latenthash.precision import fp16_copy, precision_of
+from latenthash.runtimes import no_copy_head
 
 PROFILE = (1, 32, 256)
 
@@ -149,6 +150,16 @@ class TensorRTRuntime:
         return ptr
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, features = self._execute(images, ("probs", "features"))
+        return probs, features
+
+    def run_copies(self, images: np.ndarray) -> np.ndarray:
+        if "copies" not in self.dtypes:
+            raise ModelMismatch(no_copy_head(self.metadata.get("dataset", "this model")))
+        return self._execute(images, ("copies",))[0]
+
+    def _execute(self, images: np.ndarray, wanted: tuple[str, ...]) -> list[np.ndarray]:
+        """Run the engine (every output bound, as TensorRT requires); the `wanted` outputs, float32."""
         cudart, ctx = self._cudart, self.context
         images = np.ascontiguousarray(images, dtype=self.dtypes[self.input])
         ctx.set_input_shape(self.input, images.shape)
@@ -157,18 +168,20 @@ class TensorRTRuntime:
                                       cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
         ctx.set_tensor_address(self.input, ptr)
         outputs = {}
-        for name in ("probs", "features", "logits"):
+        for name in self.dtypes:
+            if name == self.input:
+                continue
             out = np.empty(tuple(ctx.get_tensor_shape(name)), dtype=self.dtypes[name])
             outputs[name] = out
             ctx.set_tensor_address(name, self._buffer(name, out.nbytes))
         if not ctx.execute_async_v3(self.stream):
             raise LatentHashError("TensorRT execute_async_v3 failed")
-        for name in ("probs", "features"):
+        for name in wanted:
             out = outputs[name]
             _check(cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[name][0], out.nbytes,
                                           cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _check(cudart.cudaStreamSynchronize(self.stream))
-        return outputs["probs"].astype(np.float32), outputs["features"].astype(np.float32)
+        return [outputs[name].astype(np.float32) for name in wanted]
 
     def __del__(self):
         for ptr, _ in getattr(self, "_buffers", {}).values():
