@@ -215,7 +215,9 @@ def main() -> None:
               f"{len(codes):,} items: {seconds:.1f} s, {len(groups):,} groups, "
               f"{result['million']['grouped_items']:,} items grouped, largest {result['million']['largest']}")
     print(load_note("after"))
-    print("saved", save("dedup_photometric" if args.photometric else "dedup", result))
+    name = "dedup_photometric" if args.photometric else "dedup_unseen" if args.unseen else "dedup"
+    name += "_million" if args.million else ""
+    print("saved", save(name, result))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 A model with a copy head (export/model.py `CopyHead`) describes each image by a unit vector on which an image and its
 altered copies (re-encoded, rescaled, shifted, re-exposed) lie close and other images, near-twins of its class
-included, further apart. They live in a second `HashIndex` beside the main one (`<index>/copies/`): its codes are
-the descriptors' sign bits, its features the descriptors, so its own two-step search finds each item's nearest by
-descriptor without scanning all pairs, and it shares the main index's ids, storage and crash safety.
+included, further apart. They live in a second `HashIndex` beside the main one (`<index>/copies/`): its features
+are the descriptors, its codes CODE_BITS sign bits of them under a fixed random projection (SimHash), few enough
+that a large collection's codes share buckets, so its own two-step search (buckets, k-means cells, sketches) finds
+each item's nearest by descriptor without scanning all items; it shares the main index's ids, storage and crash
+safety.
 
 No fixed cosine separates copies from near-twins (a dense part of a class holds twins closer than a sparse part's
 copies), so the groups are found relative to each item's own neighbourhood (`group_links`): a group of 2, 3 or 4
@@ -15,6 +17,7 @@ neighbourhood stand apart from it too, but less close). Groups that share an ite
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from latenthash.errors import InvalidInput
 from latenthash.limits import COPY_FLOOR, COPY_MARGINS, COPY_POOL
 
 COPIES_DIR = "copies"  # the copy index's folder inside the main index's folder
+CODE_BITS = 12  # 4,096 codes: a million items share them (buckets.MIN_SHRINK), 60k items still collapse 8x
 NEIGHBOURS = 8  # each item's nearest kept for the rule (a group has at most 4 members, so 3 inside and the outsider)
 BLOCK = 8192  # items searched at a time (bounded memory, a progress bar that moves)
 
@@ -33,7 +37,7 @@ def copy_index(dim: int, path: str | os.PathLike | None = None):
     """An empty copy index for `dim`-d descriptors (saved at `path`)."""
     from latenthash.index import HashIndex
 
-    return HashIndex(bits=dim, feature_dim=dim, feature_dtype="float16", path=path)
+    return HashIndex(bits=CODE_BITS, feature_dim=dim, feature_dtype="float16", path=path)
 
 
 def copies_path(index_path: str | os.PathLike) -> Path:
@@ -67,8 +71,14 @@ def check_copies(copies, n: int, dim: int | None) -> np.ndarray:
 
 
 def sign_codes(descriptors: np.ndarray) -> np.ndarray:
-    """Packed sign bits of descriptors (N, dim) -> uint8 (N, dim / 8): the copy index's codes."""
-    return np.packbits(descriptors > 0, axis=1)
+    """The copy index's codes: packed sign bits of descriptors (N, dim) under the fixed projection, uint8 (N, 2)."""
+    return np.packbits(descriptors @ _projection(descriptors.shape[1]) > 0, axis=1)
+
+
+@functools.cache
+def _projection(dim: int) -> np.ndarray:
+    """A fixed Gaussian projection (dim, CODE_BITS): the same codes in every process and release."""
+    return np.random.default_rng(20261208).standard_normal((dim, CODE_BITS)).astype(np.float32)
 
 
 def check_margins(margins) -> tuple[float, ...]:
@@ -134,6 +144,7 @@ def copy_groups(index, *, margins=COPY_MARGINS, floor: float = COPY_FLOOR, pool:
     n = snap.n
     if n < 2:
         return []
+    index.warmup()  # kernels and buckets before the searches: they would scan every item meanwhile
     sims, rows = nearest(index, pool=pool, progress=progress)
     links = [group_links(sims, rows, size, m, floor) for size, m in enumerate(margins, start=2) if size <= n]
     a = np.concatenate([x for x, _ in links])
