@@ -22,7 +22,7 @@ DEDUP_MIN_SCORE = 0.998
 # benchmarks/bench_dedup.py, RESULTS.md)
 COPY_MARGINS = (0.01, 0.05, 0.08)
 COPY_FLOOR = 0.88
-COPY_POOL = 2000
+COPY_POOL = 10_000
 
 
 def pool_size(k: int, pool: int | None = None) -> int:

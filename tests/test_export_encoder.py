@@ -36,10 +36,12 @@ def test_onnx_is_self_describing_and_passed_its_checks(onnx_model):
     inp = model.graph.input[0]
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert inp.type.tensor_type.shape.dim[0].dim_param  # dynamic batch
-    assert [o.name for o in model.graph.output] == ["probs", "features", "logits"]
+    assert [o.name for o in model.graph.output] == ["probs", "features", "logits", "copies"]
+    assert meta["copy_dim"] == "64"
     report = json.loads(onnx_model.with_suffix(".export.json").read_text())
-    parity = report["checks"][1]
+    parity, copies = report["checks"][1:]
     assert parity["passed"] and parity["max_abs_diff_probs"] <= 1e-4 and parity["bit_agreement"] >= 0.999
+    assert copies["check"] == "copies" and copies["passed"] and copies["max_abs_diff"] <= 1e-4
 
 
 def test_onnx_runtime_matches_pytorch_on_real_images(onnx_model, trained_run, small_fashion):
