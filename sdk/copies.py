@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from latenthash.dedup import DuplicateGroup, groups_of
+from latenthash.dedup import DuplicateGroup, check_cosine, groups_of
 from latenthash.errors import InvalidInput
 from latenthash.limits import COPY_FLOOR, COPY_MARGINS, COPY_POOL
 
@@ -138,8 +138,7 @@ def copy_groups(index, *, margins=COPY_MARGINS, floor: float = COPY_FLOOR, pool:
     """Groups of copies in a copy index, largest first: the group rule (`group_links`) over each item's nearest,
     groups sharing an item joined. Each member's score is its best cosine to another member."""
     margins = check_margins(margins)
-    if isinstance(floor, bool) or not isinstance(floor, (int, float, np.floating)) or not -1.0 <= floor <= 1.0:
-        raise InvalidInput(f"floor must be a cosine from -1 to 1, got {floor!r}")
+    floor = check_cosine(floor, "floor")
     snap = index._snap
     n = snap.n
     if n < 2:

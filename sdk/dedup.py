@@ -39,10 +39,14 @@ class DuplicateGroup:
 def check_dedup(radius, min_score, bits: int) -> tuple[int, float]:
     if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or not 0 <= radius <= bits:
         raise InvalidInput(f"radius must be an integer from 0 to {bits}, got {radius!r}")
-    if isinstance(min_score, bool) or not isinstance(min_score, (int, float, np.floating)) \
-            or not -1.0 <= min_score <= 1.0:
-        raise InvalidInput(f"min_score must be a cosine from -1 to 1, got {min_score!r}")
-    return int(radius), float(min_score)
+    return int(radius), check_cosine(min_score, "min_score")
+
+
+def check_cosine(value, name: str) -> float:
+    """A cosine threshold from -1 to 1, as a float; else InvalidInput naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not -1.0 <= value <= 1.0:
+        raise InvalidInput(f"{name} must be a cosine from -1 to 1, got {value!r}")
+    return float(value)
 
 
 def find_duplicates(words: np.ndarray, features: np.ndarray | None, scales: np.ndarray | None, ids: np.ndarray, *,
